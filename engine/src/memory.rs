@@ -1,0 +1,142 @@
+//! A fault-injecting in-memory [`Storage`] for tests.
+//!
+//! It keeps two copies of the data: what was *written* (what reads see, like a page cache) and
+//! what was *synced* (what survives a power loss). A [`FaultPlan`] makes the Nth sync fail, or
+//! makes the power fail at the Nth sync; [`MemoryStorage::after_power_loss`] then gives the store
+//! a restarted process would find.
+
+use crate::storage::{Cf, Storage, StorageError, Visit, WriteSet};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+
+type Tables = HashMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>;
+
+/// Which sync goes wrong, counting syncing writes from 1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// This sync returns an I/O error; its puts are written but not durable (fsyncgate).
+    pub fail_sync_at: Option<u64>,
+    /// The power fails during this sync: its puts never become durable, the call errors, and
+    /// every later call errors too.
+    pub power_loss_at: Option<u64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    written: Tables,
+    synced: Tables,
+    syncs: u64,
+    powered_off: bool,
+}
+
+/// In-memory storage with injectable sync faults.
+#[derive(Default)]
+pub struct MemoryStorage {
+    inner: Mutex<Inner>,
+    plan: FaultPlan,
+}
+
+impl MemoryStorage {
+    pub fn new(plan: FaultPlan) -> Self {
+        Self { inner: Mutex::default(), plan }
+    }
+
+    /// The store as a restarted process finds it after power loss now: only what was synced.
+    pub fn after_power_loss(&self) -> MemoryStorage {
+        let inner = self.lock();
+        let synced = inner.synced.clone();
+        MemoryStorage {
+            inner: Mutex::new(Inner { written: synced.clone(), synced, ..Inner::default() }),
+            plan: FaultPlan::default(),
+        }
+    }
+
+    /// How many syncing writes were attempted.
+    pub fn syncs(&self) -> u64 {
+        self.lock().syncs
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock can only come from a test assertion; the data is
+        // still consistent (every mutation below is a plain insert), so keep going.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn powered(inner: &Inner) -> Result<(), StorageError> {
+        if inner.powered_off {
+            return Err(StorageError::Io("injected power loss: the device is gone".into()));
+        }
+        Ok(())
+    }
+}
+
+fn apply(tables: &mut Tables, set: &WriteSet) {
+    for (cf, key, value) in set.iter() {
+        tables.entry(cf).or_default().insert(key.to_vec(), value.to_vec());
+    }
+}
+
+impl Storage for MemoryStorage {
+    fn write(&self, set: &WriteSet, sync: bool) -> Result<(), StorageError> {
+        let mut inner = self.lock();
+        Self::powered(&inner)?;
+        if !sync {
+            apply(&mut inner.written, set);
+            return Ok(());
+        }
+        inner.syncs += 1;
+        let n = inner.syncs;
+        if self.plan.power_loss_at == Some(n) {
+            inner.powered_off = true;
+            return Err(StorageError::Io(format!("injected power loss at sync {n}")));
+        }
+        apply(&mut inner.written, set);
+        if self.plan.fail_sync_at == Some(n) {
+            return Err(StorageError::Io(format!("injected fsync failure at sync {n}")));
+        }
+        // A sync makes everything written so far durable, not only this set.
+        inner.synced = inner.written.clone();
+        Ok(())
+    }
+
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let inner = self.lock();
+        Self::powered(&inner)?;
+        Ok(inner.written.get(&cf).and_then(|t| t.get(key)).cloned())
+    }
+
+    fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StorageError> {
+        let inner = self.lock();
+        Self::powered(&inner)?;
+        let table = inner.written.get(&cf);
+        Ok(keys.iter().map(|k| table.and_then(|t| t.get(*k)).cloned()).collect())
+    }
+
+    fn scan(&self, cf: Cf, start: &[u8], visit: Visit<'_>) -> Result<(), StorageError> {
+        let inner = self.lock();
+        Self::powered(&inner)?;
+        if let Some(table) = inner.written.get(&cf) {
+            for (key, value) in table.range(start.to_vec()..) {
+                if !visit(key, value) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let inner = self.lock();
+        Self::powered(&inner)?;
+        Ok(inner
+            .written
+            .get(&cf)
+            .and_then(|t| t.last_key_value())
+            .map(|(k, v)| (k.clone(), v.clone())))
+    }
+
+    fn checkpoint(&self, _dir: &Path) -> Result<(), StorageError> {
+        Err(StorageError::Unsupported("checkpoint"))
+    }
+}

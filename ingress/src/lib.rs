@@ -1,0 +1,109 @@
+//! Keel's HTTP edge and the `keel` binary's commands.
+//!
+//! This is the only crate that knows HTTP and JSON: it parses and validates requests into the
+//! domain's envelopes ([`wire`]), hands them to the sequencer, and turns replies, rejections,
+//! overload and faults into JSON answers ([`http`]). It decides nothing and writes nothing
+//! itself; it never answers a batch before the sequencer says the batch is durable.
+
+pub mod config;
+pub mod http;
+pub mod wire;
+
+use anyhow::Context;
+use config::ServeConfig;
+use keel_sequencer::Sequencer;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// The process-wide Prometheus recorder (installed once; tests start several servers).
+pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let seconds = [
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512,
+        1.0, 2.0,
+    ];
+    let items = [1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
+        .set_buckets_for_metric(Matcher::Full("keel_batch_items".into()), &items)?
+        .set_buckets_for_metric(Matcher::Full("keel_batch_requests".into()), &items)?
+        .install_recorder()
+        .context("installing the Prometheus recorder")?;
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Opens the store, starts the writer and serves HTTP until SIGTERM or Ctrl-C; then stops
+/// accepting, lets in-flight requests finish, drains the writer and closes RocksDB.
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    tracing::info!(?config, "keel serve starting");
+    std::fs::create_dir_all(&config.data)
+        .with_context(|| format!("creating data directory {}", config.data.display()))?;
+    let engine = keel_engine::Engine::open_rocksdb(&config.data)
+        .with_context(|| format!("opening the store in {}", config.data.display()))?;
+    tracing::info!(tip = ?engine.tip(), "store opened");
+    let sequencer = Arc::new(Sequencer::start(engine, config.sequencer())?);
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let metrics = metrics_handle()?;
+    spawn_metrics_upkeep(metrics.clone());
+    let state = http::AppState {
+        sequencer: Arc::clone(&sequencer),
+        metrics,
+        body_bytes_max: config.body_bytes_max,
+        retry_after_secs: 1,
+    };
+    let local = listener.local_addr()?;
+    tracing::info!(listen = %local, "serving HTTP");
+    // One plain line on stdout for scripts and tests that listen on port 0.
+    println!("keel: listening on http://{local}");
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("HTTP stopped; draining the write queue");
+    let sequencer_for_drain = Arc::clone(&sequencer);
+    tokio::task::spawn_blocking(move || sequencer_for_drain.shutdown()).await?;
+    drop(sequencer);
+    tracing::info!("keel serve stopped cleanly");
+    Ok(())
+}
+
+fn spawn_metrics_upkeep(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received; shutting down"),
+        () = terminate => tracing::info!("SIGTERM received; shutting down"),
+    }
+}

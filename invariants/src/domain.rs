@@ -1,0 +1,190 @@
+//! The domain API every domain implements, and the values it speaks in.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// An aggregate's id, `<kind>:<name>` (`account:alice`, `sku:A-17`).
+///
+/// The kind prefix is part of the id so that one key space holds every domain's aggregates and a
+/// command can never address an aggregate of the wrong kind.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AggregateId(String);
+
+impl AggregateId {
+    /// Builds `<kind>:<name>`. The caller validated `name`; `kind` is a domain constant.
+    pub fn new(kind: &str, name: &str) -> Self {
+        let mut id = String::with_capacity(kind.len() + 1 + name.len());
+        id.push_str(kind);
+        id.push(':');
+        id.push_str(name);
+        Self(id)
+    }
+
+    /// Wraps an id that already has the `<kind>:<name>` form (read back from storage or a URL).
+    pub fn from_full(id: String) -> Self {
+        Self(id)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The part before the first `:`.
+    pub fn kind(&self) -> &str {
+        self.0.split_once(':').map_or("", |(kind, _)| kind)
+    }
+
+    /// The part after the first `:`.
+    pub fn name(&self) -> &str {
+        self.0.split_once(':').map_or(self.0.as_str(), |(_, name)| name)
+    }
+}
+
+impl fmt::Display for AggregateId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The aggregates one command touches: a primary one (where `expected_version` applies) and at
+/// most one more. Borrowed from the command, so asking costs no allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Targets<'a> {
+    pub primary: &'a AggregateId,
+    pub secondary: Option<&'a AggregateId>,
+}
+
+impl<'a> Targets<'a> {
+    pub fn one(primary: &'a AggregateId) -> Self {
+        Self { primary, secondary: None }
+    }
+
+    pub fn two(primary: &'a AggregateId, secondary: &'a AggregateId) -> Self {
+        Self { primary, secondary: Some(secondary) }
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = &'a AggregateId> {
+        std::iter::once(self.primary).chain(self.secondary)
+    }
+}
+
+/// Why a command was refused. The code is stable API; the message is for people.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub code: RejectCode,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(code: RejectCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+/// Every rejection code Keel can answer. Never renumber or rename: codes are stored in the
+/// command-id index and sent to clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RejectCode {
+    /// `expected_version` did not match the primary aggregate's version.
+    VersionConflict,
+    /// The item was valid, but another item of the same atomic request was rejected.
+    AtomicRollback,
+    /// An amount or quantity was zero (the edge rejects these too; the domain does not trust it).
+    InvalidAmount,
+    /// Arithmetic would leave the representable range.
+    Overflow,
+    /// The aggregate id names an aggregate of another kind (a corrupt or hostile store).
+    WrongKind,
+    AccountExists,
+    AccountNotFound,
+    AccountClosed,
+    InsufficientFunds,
+    SameAccount,
+    BalanceNotZero,
+    SkuExists,
+    SkuNotFound,
+    InsufficientStock,
+    ReservationExists,
+    ReservationNotFound,
+}
+
+impl RejectCode {
+    pub const ALL: [RejectCode; 16] = [
+        Self::VersionConflict,
+        Self::AtomicRollback,
+        Self::InvalidAmount,
+        Self::Overflow,
+        Self::WrongKind,
+        Self::AccountExists,
+        Self::AccountNotFound,
+        Self::AccountClosed,
+        Self::InsufficientFunds,
+        Self::SameAccount,
+        Self::BalanceNotZero,
+        Self::SkuExists,
+        Self::SkuNotFound,
+        Self::InsufficientStock,
+        Self::ReservationExists,
+        Self::ReservationNotFound,
+    ];
+
+    /// The stable snake_case code sent on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::VersionConflict => "version_conflict",
+            Self::AtomicRollback => "atomic_rollback",
+            Self::InvalidAmount => "invalid_amount",
+            Self::Overflow => "overflow",
+            Self::WrongKind => "wrong_kind",
+            Self::AccountExists => "account_exists",
+            Self::AccountNotFound => "account_not_found",
+            Self::AccountClosed => "account_closed",
+            Self::InsufficientFunds => "insufficient_funds",
+            Self::SameAccount => "same_account",
+            Self::BalanceNotZero => "balance_not_zero",
+            Self::SkuExists => "sku_exists",
+            Self::SkuNotFound => "sku_not_found",
+            Self::InsufficientStock => "insufficient_stock",
+            Self::ReservationExists => "reservation_exists",
+            Self::ReservationNotFound => "reservation_not_found",
+        }
+    }
+
+    /// Position in [`RejectCode::ALL`], for per-code counters kept in a fixed array.
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    }
+}
+
+/// A broken invariant found in a stored or replayed state (the audit's finding, never a
+/// decision outcome: decisions reject before an invariant can break).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub invariant: &'static str,
+    pub detail: String,
+}
+
+/// A domain: its commands, the events they produce, the state of its aggregates, and its rules.
+///
+/// `decide` sees the current state of every aggregate the command targets (in [`Targets`]
+/// order, `None` where it does not exist) and returns one event or a rejection. `apply` folds
+/// one event into one target's state and cannot fail: everything that could go wrong was
+/// refused in `decide`. `check` states the invariants so the audit can prove them.
+pub trait Domain {
+    type Command;
+    type Event;
+    type State;
+
+    fn targets(command: &Self::Command) -> Targets<'_>;
+    fn decide(
+        command: &Self::Command,
+        primary: Option<&Self::State>,
+        secondary: Option<&Self::State>,
+    ) -> Result<Self::Event, Rejection>;
+    fn event_targets(event: &Self::Event) -> Targets<'_>;
+    /// Folds `event` into the state of its target number `target` (0 = primary). Takes the
+    /// state by value so that large states (an SKU's open reservations) are not cloned.
+    fn apply(event: &Self::Event, target: usize, state: Option<Self::State>) -> Self::State;
+    fn check(state: &Self::State) -> Result<(), Violation>;
+}

@@ -1,0 +1,22 @@
+//! Keel's pure domain: commands, events, aggregate state and the invariants that guard them.
+//!
+//! This crate decides whether a command may happen and what it changed. It does no IO, owns no
+//! clock (time is a parameter where a rule needs it), spawns nothing and cannot fail except by
+//! returning a [`Rejection`]. It knows nothing of HTTP, JSON or RocksDB: the sequencer calls
+//! [`decide`] and [`apply`], the engine stores the bytes [`codec`] produces, and the audit
+//! replays events through [`apply`] to prove the stored state.
+//!
+//! A domain is a module implementing [`Domain`]; [`Command`], [`Event`] and [`State`] are the
+//! registry that routes to it. Two domains are built in: [`ledger`] and [`inventory`]. A third
+//! domain is a new module plus one variant in each registry enum.
+
+pub mod codec;
+mod domain;
+pub mod inventory;
+pub mod ledger;
+mod registry;
+
+pub use domain::{AggregateId, Domain, Rejection, RejectCode, Targets, Violation};
+pub use registry::{
+    Aggregate, Command, CommandOutcome, Envelope, Event, LoggedEvent, State, apply, check_invariants, decide,
+};

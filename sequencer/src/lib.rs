@@ -1,0 +1,277 @@
+//! Keel's single writer: takes submissions from a bounded queue, decides every command against
+//! the current state (including earlier commands of the same batch), commits the accepted ones
+//! with one write and one fsync per batch, and then answers every submission.
+//!
+//! This crate owns the write path's order and its bounds. It does not speak HTTP or JSON (that
+//! is ingress), does not know how bytes reach the disk (that is the engine), and does not know
+//! any domain's rules (that is invariants). Readers get [`Sequencer::aggregate`] and
+//! [`Sequencer::events`], served from the engine's durable view, never from the writer's cache.
+
+mod writer;
+
+use keel_engine::{Engine, EngineError, Reader};
+use keel_invariants::{Aggregate, AggregateId, Envelope, LoggedEvent, Rejection, codec};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// The writer's bounds. Every one of them is a promise that overload is refused, not queued.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Most items one batch (one fsync) holds, and most items one submission may carry.
+    pub batch_items_max: usize,
+    /// Most submissions waiting in the queue.
+    pub queue_depth_max: usize,
+    /// Most items waiting in the queue, summed over submissions.
+    pub queue_items_max: usize,
+    /// How long the writer waits for more submissions after the first one of a batch.
+    /// Zero: take what is queued and go (the fsync itself is what lets a queue build).
+    pub linger: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            batch_items_max: 10_000,
+            queue_depth_max: 1024,
+            queue_items_max: 100_000,
+            linger: Duration::ZERO,
+        }
+    }
+}
+
+/// The answer to one submission, sent only after its batch is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The batch that holds this submission's committed events; `None` when none committed.
+    pub batch: Option<u64>,
+    /// The batch's commit time, microseconds since the Unix epoch.
+    pub committed_at_us: u64,
+    /// One result per command, in submission order.
+    pub results: Vec<ItemResult>,
+}
+
+/// What happened to one command. `replayed` marks an answer repeated for a command id seen
+/// before: nothing was written for it this time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ItemResult {
+    Committed { seq: u64, replayed: bool },
+    Rejected { rejection: Rejection, replayed: bool },
+}
+
+/// Why a submission was not taken or not answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the submission has no commands")]
+    Empty,
+    #[error("the submission has {items} commands; at most {max} are allowed")]
+    TooManyItems { items: usize, max: usize },
+    #[error("the write queue is full; retry later")]
+    Overloaded,
+    #[error("the writer is shutting down")]
+    ShuttingDown,
+    #[error("the engine is poisoned by a failed commit and accepts no writes; restart it")]
+    Poisoned,
+}
+
+/// An error reading the committed state.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("stored record does not decode: {0}")]
+    Decode(#[from] codec::DecodeError),
+}
+
+impl ReadError {
+    /// True when the read was refused because the engine is poisoned.
+    pub fn is_poisoned(&self) -> bool {
+        matches!(self, ReadError::Engine(EngineError::Poisoned))
+    }
+}
+
+/// One committed event as read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedEvent {
+    pub seq: u64,
+    pub batch: u64,
+    pub committed_at_us: u64,
+    pub logged: LoggedEvent,
+}
+
+pub(crate) struct Submission {
+    commands: Vec<Envelope>,
+    atomic: bool,
+    reply: oneshot::Sender<Result<Reply, SubmitError>>,
+    enqueued_at: Instant,
+}
+
+pub(crate) enum Message {
+    Submit(Submission),
+    /// Answer what is queued, then stop.
+    Shutdown,
+}
+
+/// State shared between the handle and the writer thread.
+pub(crate) struct Shared {
+    queued_items: AtomicUsize,
+    poisoned: AtomicBool,
+    closing: AtomicBool,
+}
+
+/// The handle to the running writer. Cheap to share behind an `Arc`.
+pub struct Sequencer {
+    config: Config,
+    tx: SyncSender<Message>,
+    shared: Arc<Shared>,
+    reader: Reader,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Sequencer {
+    /// Loads every aggregate into the writer's cache and starts the writer thread.
+    pub fn start(engine: Engine, config: Config) -> Result<Self, ReadError> {
+        assert!(config.batch_items_max > 0 && config.queue_depth_max > 0);
+        let reader = engine.reader();
+        let cache = writer::load_cache(&engine)?;
+        let (tx, rx) = sync_channel(config.queue_depth_max);
+        let shared = Arc::new(Shared {
+            queued_items: AtomicUsize::new(0),
+            poisoned: AtomicBool::new(engine.is_poisoned()),
+            closing: AtomicBool::new(false),
+        });
+        let writer = writer::Writer::new(engine, cache, config.clone(), Arc::clone(&shared));
+        let thread = std::thread::Builder::new()
+            .name("keel-sequencer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| EngineError::Storage(keel_engine::StorageError::Io(e.to_string())))?;
+        Ok(Self { config, tx, shared, reader, thread: Mutex::new(Some(thread)) })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Queues `commands` for the writer, or refuses at once. The receiver yields the reply
+    /// after the batch holding them is durable.
+    pub fn submit(
+        &self,
+        commands: Vec<Envelope>,
+        atomic: bool,
+    ) -> Result<oneshot::Receiver<Result<Reply, SubmitError>>, SubmitError> {
+        let items = commands.len();
+        if items == 0 {
+            return Err(SubmitError::Empty);
+        }
+        if items > self.config.batch_items_max {
+            return Err(SubmitError::TooManyItems { items, max: self.config.batch_items_max });
+        }
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            return Err(SubmitError::Poisoned);
+        }
+        if self.shared.closing.load(Ordering::Acquire) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        self.reserve(items)?;
+        let (reply, rx) = oneshot::channel();
+        let submission = Submission { commands, atomic, reply, enqueued_at: Instant::now() };
+        match self.tx.try_send(Message::Submit(submission)) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                self.shared.queued_items.fetch_sub(items, Ordering::AcqRel);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::Overloaded,
+                    TrySendError::Disconnected(_) => SubmitError::ShuttingDown,
+                })
+            }
+        }
+    }
+
+    /// Counts `items` into the queue if they fit under `queue_items_max`.
+    fn reserve(&self, items: usize) -> Result<(), SubmitError> {
+        let max = self.config.queue_items_max;
+        self.shared
+            .queued_items
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (queued + items <= max).then_some(queued + items)
+            })
+            .map(|_| ())
+            .map_err(|_| SubmitError::Overloaded)
+    }
+
+    /// Items waiting in the queue now.
+    pub fn queued_items(&self) -> usize {
+        self.shared.queued_items.load(Ordering::Acquire)
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    /// True once [`Sequencer::shutdown`] began.
+    pub fn is_closing(&self) -> bool {
+        self.shared.closing.load(Ordering::Acquire)
+    }
+
+    /// Stops taking submissions, lets the writer answer everything queued, and waits for it
+    /// to close the engine. Idempotent.
+    pub fn shutdown(&self) {
+        self.shared.closing.store(true, Ordering::Release);
+        let thread = self.thread.lock().map(|mut t| t.take()).unwrap_or(None);
+        if let Some(thread) = thread {
+            // The queue may be full; a blocking send waits for the writer to make room.
+            let _ = self.tx.send(Message::Shutdown);
+            if thread.join().is_err() {
+                tracing::error!("the sequencer thread panicked");
+            }
+        }
+    }
+
+    /// The read handle on the committed store.
+    pub fn reader(&self) -> &Reader {
+        &self.reader
+    }
+
+    /// The committed state of aggregate `id`.
+    pub fn aggregate(&self, id: &AggregateId) -> Result<Option<Aggregate>, ReadError> {
+        match self.reader.state(id.as_str().as_bytes())? {
+            Some(bytes) => Ok(Some(codec::decode_aggregate(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` committed events after sequence `after`, and the last committed sequence.
+    pub fn events(&self, after: u64, limit: usize) -> Result<(Vec<CommittedEvent>, u64), ReadError> {
+        let tip = self.reader.tip()?;
+        let stored = self.reader.events(after, limit)?;
+        let mut events = Vec::with_capacity(stored.len());
+        let mut batch_time = (0, 0);
+        for event in stored {
+            if event.seq > tip.last_event {
+                break; // committed after the tip was read; the next page has it
+            }
+            if batch_time.0 != event.batch {
+                let header = self.reader.batch(event.batch)?.ok_or_else(|| {
+                    EngineError::Corrupt(format!("event {} names missing batch {}", event.seq, event.batch))
+                })?;
+                batch_time = (event.batch, header.committed_at_us);
+            }
+            events.push(CommittedEvent {
+                seq: event.seq,
+                batch: event.batch,
+                committed_at_us: batch_time.1,
+                logged: codec::decode_event(&event.payload)?,
+            });
+        }
+        Ok((events, tip.last_event))
+    }
+}
+
+impl Drop for Sequencer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

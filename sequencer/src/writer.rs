@@ -1,0 +1,403 @@
+//! The writer thread: group commit over the bounded queue.
+
+use crate::{ItemResult, Message, ReadError, Reply, Shared, SubmitError, Submission};
+use keel_engine::{Engine, PendingBatch};
+use keel_invariants::{
+    Aggregate, AggregateId, CommandOutcome, Envelope, LoggedEvent, RejectCode, Rejection, State,
+    apply, codec, decide,
+};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// The writer's view of every aggregate: the committed state plus, while a batch is being
+/// decided, the effects of its earlier commands.
+pub(crate) type Cache = HashMap<AggregateId, Aggregate>;
+
+pub(crate) fn load_cache(engine: &Engine) -> Result<Cache, ReadError> {
+    let mut cache = Cache::new();
+    let mut failure = None;
+    engine.scan_states(&mut |key, value| {
+        let id = AggregateId::from_full(String::from_utf8_lossy(key).into_owned());
+        match codec::decode_aggregate(value) {
+            Ok(aggregate) => {
+                cache.insert(id, aggregate);
+                true
+            }
+            Err(e) => {
+                failure = Some(e);
+                false
+            }
+        }
+    })?;
+    match failure {
+        Some(e) => Err(e.into()),
+        None => Ok(cache),
+    }
+}
+
+pub(crate) struct Writer {
+    engine: Engine,
+    cache: Cache,
+    config: crate::Config,
+    shared: Arc<Shared>,
+    pending: PendingBatch,
+    /// A submission taken from the queue that did not fit the previous batch.
+    carry: Option<Submission>,
+    scratch: Scratch,
+}
+
+/// Per-batch working memory, kept between batches for its allocations.
+#[derive(Default)]
+struct Scratch {
+    /// Outcomes decided in this batch, by command id (a repeat in the same batch replays it).
+    outcomes: HashMap<String, CommandOutcome>,
+    /// Aggregates changed in this batch.
+    dirty: HashSet<AggregateId>,
+    /// Undo records of the atomic submission being decided: the prior cache entries.
+    undo: Vec<(AggregateId, Option<Aggregate>)>,
+    /// Outcomes of earlier batches, looked up once per batch for every command id.
+    stored: HashMap<String, CommandOutcome>,
+    rejected_by_code: [u64; RejectCode::ALL.len()],
+}
+
+/// What the writer decided for one submission, waiting for the fsync.
+struct Decided {
+    reply: tokio::sync::oneshot::Sender<Result<Reply, SubmitError>>,
+    results: Vec<ItemResult>,
+    committed: usize,
+    enqueued_at: Instant,
+}
+
+impl Writer {
+    pub(crate) fn new(engine: Engine, cache: Cache, config: crate::Config, shared: Arc<Shared>) -> Self {
+        Self {
+            engine,
+            cache,
+            config,
+            shared,
+            pending: PendingBatch::default(),
+            carry: None,
+            scratch: Scratch::default(),
+        }
+    }
+
+    pub(crate) fn run(mut self, rx: Receiver<Message>) {
+        let mut closing = false;
+        let mut group = Vec::new();
+        while let Some(first) = self.next_submission(&rx, &mut closing) {
+            group.clear();
+            group.push(first);
+            self.fill(&rx, &mut group, &mut closing);
+            self.commit_group(&mut group);
+        }
+        tracing::info!(tip = ?self.engine.tip(), "sequencer stopped; engine closed");
+    }
+
+    /// The first submission of the next batch; `None` when it is time to stop.
+    fn next_submission(&mut self, rx: &Receiver<Message>, closing: &mut bool) -> Option<Submission> {
+        if let Some(carried) = self.carry.take() {
+            return Some(carried);
+        }
+        loop {
+            let message = if *closing { rx.try_recv().ok() } else { rx.recv().ok() };
+            match message? {
+                Message::Submit(s) => return Some(self.dequeued(s)),
+                Message::Shutdown => *closing = true,
+            }
+        }
+    }
+
+    /// Adds queued submissions to `group` up to `batch_items_max`, lingering if configured.
+    fn fill(&mut self, rx: &Receiver<Message>, group: &mut Vec<Submission>, closing: &mut bool) {
+        let mut items: usize = group.iter().map(|s| s.commands.len()).sum();
+        let deadline = Instant::now() + self.config.linger;
+        while items < self.config.batch_items_max {
+            let message = match rx.try_recv() {
+                Ok(m) => m,
+                Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) => {
+                    let wait = deadline.saturating_duration_since(Instant::now());
+                    if wait.is_zero() || *closing {
+                        return;
+                    }
+                    match rx.recv_timeout(wait) {
+                        Ok(m) => m,
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            };
+            let submission = match message {
+                Message::Submit(s) => self.dequeued(s),
+                Message::Shutdown => {
+                    *closing = true;
+                    continue;
+                }
+            };
+            if items + submission.commands.len() > self.config.batch_items_max {
+                self.carry = Some(submission);
+                return;
+            }
+            items += submission.commands.len();
+            group.push(submission);
+        }
+    }
+
+    fn dequeued(&self, submission: Submission) -> Submission {
+        self.shared.queued_items.fetch_sub(submission.commands.len(), Ordering::AcqRel);
+        submission
+    }
+
+    /// Decides, commits with one fsync, and answers every submission of `group`.
+    fn commit_group(&mut self, group: &mut Vec<Submission>) {
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            for s in group.drain(..) {
+                let _ = s.reply.send(Err(SubmitError::Poisoned));
+            }
+            return;
+        }
+        let decided = match self.decide_group(group) {
+            Ok(decided) => decided,
+            Err(error) => {
+                self.poison(&error.to_string());
+                for s in group.drain(..) {
+                    let _ = s.reply.send(Err(SubmitError::Poisoned));
+                }
+                return;
+            }
+        };
+        self.stage_states_and_outcomes();
+        let started = Instant::now();
+        let committed = self.engine.commit(&mut self.pending);
+        let fsync_seconds = started.elapsed().as_secs_f64();
+        match committed {
+            Ok(header) => {
+                let batch = header.map(|h| h.seq);
+                self.record_metrics(header.map_or(0, |h| h.count), fsync_seconds, decided.len());
+                let committed_at_us = self.pending.committed_at_us();
+                for d in decided {
+                    metrics::histogram!("keel_queue_wait_seconds")
+                        .record(d.enqueued_at.elapsed().as_secs_f64());
+                    let batch = if d.committed > 0 { batch } else { None };
+                    let _ = d.reply.send(Ok(Reply { batch, committed_at_us, results: d.results }));
+                }
+            }
+            Err(error) => {
+                // The cache now holds effects that are not durable. Nothing of this batch is
+                // acknowledged, and nothing is ever written again by this process.
+                self.poison(&error.to_string());
+                for d in decided {
+                    let _ = d.reply.send(Err(SubmitError::Poisoned));
+                }
+            }
+        }
+    }
+
+    fn poison(&self, error: &str) {
+        tracing::error!(error, "write path poisoned; refusing all further writes");
+        self.shared.poisoned.store(true, Ordering::Release);
+        metrics::gauge!("keel_poisoned").set(1.0);
+    }
+
+    fn record_metrics(&mut self, events: u32, fsync_seconds: f64, submissions: usize) {
+        metrics::counter!("keel_items_committed_total").increment(u64::from(events));
+        if events > 0 {
+            metrics::counter!("keel_batches_committed_total").increment(1);
+            metrics::histogram!("keel_batch_items").record(f64::from(events));
+        }
+        metrics::histogram!("keel_fsync_seconds").record(fsync_seconds);
+        metrics::histogram!("keel_batch_requests").record(submissions as f64);
+        metrics::gauge!("keel_queue_items").set(self.shared.queued_items.load(Ordering::Acquire) as f64);
+        for (code, count) in RejectCode::ALL.iter().zip(self.scratch.rejected_by_code.iter_mut()) {
+            if *count > 0 {
+                metrics::counter!("keel_items_rejected_total", "code" => code.as_str())
+                    .increment(*count);
+                *count = 0;
+            }
+        }
+    }
+
+    fn decide_group(&mut self, group: &mut Vec<Submission>) -> Result<Vec<Decided>, ReadError> {
+        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        self.engine.begin(&mut self.pending, now_us);
+        self.scratch.outcomes.clear();
+        self.scratch.dirty.clear();
+        self.load_stored_outcomes(group)?;
+        let mut decided = Vec::with_capacity(group.len());
+        for submission in group.drain(..) {
+            let (results, committed) = self.decide_submission(&submission.commands, submission.atomic);
+            decided.push(Decided {
+                reply: submission.reply,
+                results,
+                committed,
+                enqueued_at: submission.enqueued_at,
+            });
+        }
+        Ok(decided)
+    }
+
+    /// Looks up, in one multi-get, the stored outcome of every command id in the group.
+    fn load_stored_outcomes(&mut self, group: &[Submission]) -> Result<(), ReadError> {
+        self.scratch.stored.clear();
+        let ids: Vec<&[u8]> = group
+            .iter()
+            .flat_map(|s| s.commands.iter())
+            .filter_map(|c| c.id.as_deref().map(str::as_bytes))
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let found = self.engine.command_outcomes(&ids)?;
+        for (id, value) in ids.iter().zip(found) {
+            if let Some(bytes) = value {
+                let outcome = codec::decode_outcome(&bytes)?;
+                self.scratch.stored.insert(String::from_utf8_lossy(id).into_owned(), outcome);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides every command of one submission in order; rolls all of it back when it is atomic
+    /// and any command was rejected. Returns the results and how many committed.
+    fn decide_submission(&mut self, commands: &[Envelope], atomic: bool) -> (Vec<ItemResult>, usize) {
+        let mark = self.pending.event_count();
+        let mark_seq = self.pending.next_event_seq();
+        self.scratch.undo.clear();
+        let mut results = Vec::with_capacity(commands.len());
+        let mut committed = 0;
+        let mut fresh_rejections = 0;
+        for envelope in commands {
+            let result = self.decide_one(envelope, atomic);
+            match &result {
+                ItemResult::Committed { replayed: false, .. } => committed += 1,
+                ItemResult::Rejected { replayed: false, .. } => fresh_rejections += 1,
+                _ => {}
+            }
+            results.push(result);
+        }
+        if atomic && fresh_rejections > 0 {
+            self.roll_back(commands, &mut results, mark, mark_seq);
+            committed = 0;
+        }
+        for result in &results {
+            if let ItemResult::Rejected { rejection, replayed: false } = result {
+                self.scratch.rejected_by_code[rejection.code.index()] += 1;
+            }
+        }
+        (results, committed)
+    }
+
+    fn decide_one(&mut self, envelope: &Envelope, atomic: bool) -> ItemResult {
+        if let Some(outcome) = envelope.id.as_deref().and_then(|id| self.known_outcome(id)) {
+            return match outcome {
+                CommandOutcome::Committed { seq } => ItemResult::Committed { seq, replayed: true },
+                CommandOutcome::Rejected(rejection) => ItemResult::Rejected { rejection, replayed: true },
+            };
+        }
+        let targets = envelope.command.targets();
+        let primary = self.cache.get(targets.primary);
+        let secondary = targets.secondary.and_then(|id| self.cache.get(id));
+        let outcome = match decide(envelope, primary, secondary) {
+            Ok(event) => {
+                let logged = LoggedEvent { command_id: envelope.id.clone(), event };
+                let seq = self.pending.push_event(|out| codec::encode_event(&logged, out));
+                self.apply_to_cache(&logged, atomic);
+                CommandOutcome::Committed { seq }
+            }
+            Err(rejection) => CommandOutcome::Rejected(rejection),
+        };
+        if let Some(id) = &envelope.id {
+            self.scratch.outcomes.insert(id.clone(), outcome.clone());
+        }
+        match outcome {
+            CommandOutcome::Committed { seq } => ItemResult::Committed { seq, replayed: false },
+            CommandOutcome::Rejected(rejection) => ItemResult::Rejected { rejection, replayed: false },
+        }
+    }
+
+    /// The outcome of a command id decided earlier in this batch or in an earlier batch.
+    fn known_outcome(&self, id: &str) -> Option<CommandOutcome> {
+        self.scratch.outcomes.get(id).or_else(|| self.scratch.stored.get(id)).cloned()
+    }
+
+    fn apply_to_cache(&mut self, logged: &LoggedEvent, atomic: bool) {
+        for (index, id) in logged.event.targets().iter().enumerate() {
+            let previous = match self.cache.get_mut(id) {
+                Some(slot) => {
+                    // Take the aggregate out without cloning it; the placeholder is overwritten
+                    // below before anything can read it.
+                    let placeholder = Aggregate { version: 0, state: State::Account(Default::default()) };
+                    Some(std::mem::replace(slot, placeholder))
+                }
+                None => None,
+            };
+            if atomic {
+                self.scratch.undo.push((id.clone(), previous.clone()));
+            }
+            let next = apply(&logged.event, index, previous);
+            debug_assert!(keel_invariants::check_invariants(&next).is_ok(), "{next:?}");
+            match self.cache.get_mut(id) {
+                Some(slot) => *slot = next,
+                None => {
+                    self.cache.insert(id.clone(), next);
+                }
+            }
+            if !self.scratch.dirty.contains(id) {
+                self.scratch.dirty.insert(id.clone());
+            }
+        }
+    }
+
+    /// Undoes an atomic submission: cache entries back to their prior values, its events and
+    /// outcomes dropped, and every command it committed answered `atomic_rollback`.
+    /// `mark` is the submission's first event's index in the batch, `mark_seq` its sequence.
+    fn roll_back(&mut self, commands: &[Envelope], results: &mut [ItemResult], mark: usize, mark_seq: u64) {
+        for (id, previous) in self.scratch.undo.drain(..).rev() {
+            match previous {
+                Some(aggregate) => {
+                    self.cache.insert(id, aggregate);
+                }
+                None => {
+                    self.cache.remove(&id);
+                }
+            }
+        }
+        self.pending.truncate_events(mark);
+        for (envelope, result) in commands.iter().zip(results.iter_mut()) {
+            // Forget only what this submission decided: a replayed id's outcome belongs to an
+            // earlier submission and must still be written.
+            let fresh = matches!(result, ItemResult::Committed { replayed: false, .. } | ItemResult::Rejected { replayed: false, .. });
+            if let (true, Some(id)) = (fresh, &envelope.id) {
+                self.scratch.outcomes.remove(id);
+            }
+            // A repeat of an id committed earlier in this same submission is rolled back too.
+            let undone = matches!(result, ItemResult::Committed { replayed: false, .. })
+                || matches!(result, ItemResult::Committed { seq, replayed: true } if *seq >= mark_seq);
+            if undone {
+                *result = ItemResult::Rejected {
+                    rejection: Rejection::new(
+                        RejectCode::AtomicRollback,
+                        "rolled back: another command of this atomic request was rejected",
+                    ),
+                    replayed: false,
+                };
+            }
+        }
+    }
+
+    /// Adds the final state of every changed aggregate and every new command outcome to the
+    /// pending batch (after all events, so an atomic rollback only ever truncates events).
+    fn stage_states_and_outcomes(&mut self) {
+        for id in &self.scratch.dirty {
+            // An aggregate created by a rolled-back atomic submission is gone again.
+            if let Some(aggregate) = self.cache.get(id) {
+                self.pending.put_state(id.as_str().as_bytes(), |out| codec::encode_aggregate(aggregate, out));
+            }
+        }
+        for (id, outcome) in &self.scratch.outcomes {
+            self.pending.put_command(id.as_bytes(), |out| codec::encode_outcome(outcome, out));
+        }
+    }
+}
