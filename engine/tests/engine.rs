@@ -46,7 +46,7 @@ fn commits_chain_and_recover_over_rocksdb() {
     let events = reader.events(1, 10).unwrap();
     assert_eq!(events.len(), 2);
     assert_eq!((events[0].seq, events[0].batch, events[0].payload.as_slice()), (2, 1, &b"two"[..]));
-    assert_eq!(reader.state(b"account:a").unwrap(), Some(100u64.to_be_bytes().to_vec()));
+    assert_eq!(reader.state(b"account:a").unwrap(), Some(50u64.to_be_bytes().to_vec()), "the second batch wrote the state");
     let summary = verify_chain(reader.storage().unwrap(), &mut |_, _, _| {}).unwrap();
     assert_eq!((summary.batches, summary.events), (2, 3));
 }

@@ -5,6 +5,8 @@
 //! overload and faults into JSON answers ([`http`]). It decides nothing and writes nothing
 //! itself; it never answers a batch before the sequencer says the batch is durable.
 
+pub mod audit_cmd;
+pub mod batches_route;
 pub mod config;
 pub mod http;
 pub mod wire;
@@ -43,15 +45,18 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(?config, "keel serve starting");
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating data directory {}", config.data.display()))?;
-    let engine = keel_engine::Engine::open_rocksdb(&config.data)
+    let sequencer = Sequencer::open(&config.data, config.sequencer())
         .with_context(|| format!("opening the store in {}", config.data.display()))?;
-    tracing::info!(tip = ?engine.tip(), "store opened");
-    let sequencer = Arc::new(Sequencer::start(engine, config.sequencer())?);
+    let sequencer = Arc::new(sequencer);
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let metrics = metrics_handle()?;
     spawn_metrics_upkeep(metrics.clone());
+    let publisher = match config.publisher() {
+        Some(publisher) => Some(keel_projection::publisher::start(sequencer.reader().clone(), publisher).await?),
+        None => None,
+    };
     let state = http::AppState {
         sequencer: Arc::clone(&sequencer),
         metrics,
@@ -69,6 +74,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     tracing::info!("HTTP stopped; draining the write queue");
     let sequencer_for_drain = Arc::clone(&sequencer);
     tokio::task::spawn_blocking(move || sequencer_for_drain.shutdown()).await?;
+    if let Some(publisher) = publisher {
+        publisher.shutdown(Duration::from_secs(5)).await;
+    }
     drop(sequencer);
     tracing::info!("keel serve stopped cleanly");
     Ok(())

@@ -38,8 +38,14 @@ pub struct BatchRequest {
     pub atomic: bool,
 }
 
-/// The command list; parse errors name the item's index.
+/// The command list.
 pub struct Commands(pub Vec<RawCommand>);
+
+thread_local! {
+    /// The index of the command being parsed on this thread, so a parse error can name it
+    /// without wrapping (and so losing the category of) serde_json's error.
+    static PARSING_ITEM: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
 
 impl<'de> Deserialize<'de> for Commands {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -52,12 +58,14 @@ impl<'de> Deserialize<'de> for Commands {
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Commands, A::Error> {
                 let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(16_384));
                 loop {
-                    match seq.next_element::<RawCommand>() {
-                        Ok(Some(item)) => items.push(item),
-                        Ok(None) => return Ok(Commands(items)),
-                        Err(e) => return Err(de::Error::custom(format!("commands[{}]: {e}", items.len()))),
+                    PARSING_ITEM.set(Some(items.len()));
+                    match seq.next_element::<RawCommand>()? {
+                        Some(item) => items.push(item),
+                        None => break,
                     }
                 }
+                PARSING_ITEM.set(None);
+                Ok(Commands(items))
             }
         }
         deserializer.deserialize_seq(CommandsVisitor)
@@ -267,7 +275,9 @@ impl RawCommand {
 
 /// Parses and validates a whole `POST /v1/batches` body.
 pub fn parse_batch(body: &[u8], batch_items_max: usize) -> Result<(Vec<Envelope>, bool), WireError> {
-    let request: BatchRequest = serde_json::from_slice(body).map_err(json_error)?;
+    PARSING_ITEM.set(None);
+    let request: BatchRequest =
+        serde_json::from_slice(body).map_err(|e| json_error(e, PARSING_ITEM.take()))?;
     let items = request.commands.0.len();
     if items == 0 {
         return Err(WireError::new("empty_batch", "`commands` is empty; send at least one command"));
@@ -288,16 +298,20 @@ pub fn parse_batch(body: &[u8], batch_items_max: usize) -> Result<(Vec<Envelope>
     Ok((envelopes, request.atomic))
 }
 
-fn json_error(e: serde_json::Error) -> WireError {
+/// Classifies a parse error; `item` is the command being parsed when it happened.
+fn json_error(e: serde_json::Error, item: Option<usize>) -> WireError {
     use serde_json::error::Category;
     let message = e.to_string();
     let code = match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => "invalid_json",
-        Category::Data if message.contains("unknown field") => "unknown_field",
-        Category::Data if message.contains("missing field") => "missing_field",
+        Category::Syntax | Category::Eof | Category::Io => return WireError::new("invalid_json", message),
+        Category::Data if message.starts_with("unknown field") => "unknown_field",
+        Category::Data if message.starts_with("missing field") => "missing_field",
         Category::Data => "invalid_request",
     };
-    WireError::new(code, message)
+    match item {
+        Some(index) => WireError::new(code, format!("commands[{index}]: {message}")),
+        None => WireError::new(code, message),
+    }
 }
 
 /// RFC 3339 UTC with microseconds.

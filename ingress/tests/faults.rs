@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use tower::ServiceExt;
 
-fn app(storage: Arc<MemoryStorage>) -> (axum::Router, Arc<Sequencer>) {
+fn start_app(storage: Arc<MemoryStorage>) -> (axum::Router, Arc<Sequencer>) {
     let engine = Engine::open(storage).unwrap();
     let sequencer = Arc::new(Sequencer::start(engine, Config::default()).unwrap());
     let state = AppState {
@@ -40,7 +40,7 @@ fn deposit(n: u64) -> Value {
 async fn failed_fsync_poisons_the_engine_and_acknowledges_nothing() {
     // Sync 1 records the format version, sync 2 opens the account, sync 3 a deposit, sync 4 fails.
     let storage = Arc::new(MemoryStorage::new(FaultPlan { fail_sync_at: Some(4), power_loss_at: None }));
-    let (app, sequencer) = app(Arc::clone(&storage));
+    let (app, sequencer) = start_app(Arc::clone(&storage));
     let (status, _) = call(&app, "POST", "/v1/batches", Some(json!({"commands": [{"type": "open_account", "account": "a"}]}))).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(call(&app, "POST", "/v1/batches", Some(deposit(1))).await.0, StatusCode::OK);
@@ -64,7 +64,7 @@ async fn failed_fsync_poisons_the_engine_and_acknowledges_nothing() {
     // After a restart, exactly the acknowledged batches are there.
     drop(app);
     sequencer.shutdown();
-    let (app, _sequencer) = app(Arc::new(storage.after_power_loss()));
+    let (app, _sequencer) = start_app(Arc::new(storage.after_power_loss()));
     let (status, a) = call(&app, "GET", "/v1/aggregates/account:a", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!((a["version"].as_u64(), a["state"]["balance"].as_i64()), (Some(2), Some(1)));
@@ -79,7 +79,7 @@ async fn failed_fsync_poisons_the_engine_and_acknowledges_nothing() {
 async fn power_loss_during_commit_keeps_exactly_the_acknowledged_batches() {
     for loss_at in 2..=6 {
         let storage = Arc::new(MemoryStorage::new(FaultPlan { fail_sync_at: None, power_loss_at: Some(loss_at) }));
-        let (app, sequencer) = app(Arc::clone(&storage));
+        let (app, sequencer) = start_app(Arc::clone(&storage));
         let (status, _) = call(&app, "POST", "/v1/batches", Some(json!({"commands": [{"type": "open_account", "account": "a"}]}))).await;
         let mut acked_balance = 0;
         if status == StatusCode::OK {
@@ -94,7 +94,7 @@ async fn power_loss_during_commit_keeps_exactly_the_acknowledged_batches() {
         }
         drop(app);
         sequencer.shutdown();
-        let (app, _sequencer) = app(Arc::new(storage.after_power_loss()));
+        let (app, _sequencer) = start_app(Arc::new(storage.after_power_loss()));
         let (status, a) = call(&app, "GET", "/v1/aggregates/account:a", None).await;
         if loss_at == 2 {
             assert_eq!(status, StatusCode::NOT_FOUND, "the unacknowledged open is gone");

@@ -7,6 +7,7 @@
 //! any domain's rules (that is invariants). Readers get [`Sequencer::aggregate`] and
 //! [`Sequencer::events`], served from the engine's durable view, never from the writer's cache.
 
+pub mod audit;
 mod writer;
 
 use keel_engine::{Engine, EngineError, Reader};
@@ -151,6 +152,13 @@ impl Sequencer {
         Ok(Self { config, tx, shared, reader, thread: Mutex::new(Some(thread)) })
     }
 
+    /// Opens (or creates) the RocksDB store in `dir` and starts the writer over it.
+    pub fn open(dir: &std::path::Path, config: Config) -> Result<Self, ReadError> {
+        let engine = Engine::open_rocksdb(dir)?;
+        tracing::info!(tip = ?engine.tip(), "store opened");
+        Self::start(engine, config)
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -267,6 +275,12 @@ impl Sequencer {
             });
         }
         Ok((events, tip.last_event))
+    }
+
+    /// Committed batch `seq` as a hash-verified batch message (docs/PROJECTION.md), the source
+    /// a projector repairs gaps from; `None` when no such batch is committed.
+    pub fn batch_message(&self, seq: u64) -> Result<Option<Vec<u8>>, ReadError> {
+        Ok(self.reader.batch_message(seq)?)
     }
 }
 

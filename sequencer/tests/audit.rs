@@ -1,0 +1,404 @@
+//! The integrity audit against real RocksDB stores written by the real sequencer: a clean store
+//! after mixed load is intact; each kind of tampering is detected and located; a live store is
+//! audited through a secondary instance while the writer keeps committing.
+
+use keel_engine::format::{decode_seq_key, seq_key, split_event_value};
+use keel_engine::{BatchHeader, Cf, Engine, RocksStorage, Storage, WriteSet};
+use keel_invariants::{
+    Aggregate, AggregateId, Command, CommandOutcome, Envelope, LoggedEvent, State, codec, inventory, ledger,
+};
+use keel_sequencer::audit::{self, AuditError, AuditOptions, AuditReport, Check, Divergence, Snapshot, SnapshotMode};
+use keel_sequencer::{Config, ItemResult, Reply, Sequencer};
+use std::error::Error;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+type TestResult<T = ()> = Result<T, Box<dyn Error + Send + Sync>>;
+
+fn account(name: &str) -> AggregateId {
+    AggregateId::new(ledger::KIND, name)
+}
+
+fn sku(name: &str) -> AggregateId {
+    AggregateId::new(inventory::KIND, name)
+}
+
+fn plain(command: Command) -> Envelope {
+    Envelope { id: None, expected_version: None, command }
+}
+
+fn with_id(id: &str, command: Command) -> Envelope {
+    Envelope { id: Some(id.to_owned()), expected_version: None, command }
+}
+
+fn open_account(name: &str, overdraft_limit: u64) -> Command {
+    Command::Ledger(ledger::Command::OpenAccount { account: account(name), overdraft_limit })
+}
+
+fn deposit(name: &str, amount: u64) -> Command {
+    Command::Ledger(ledger::Command::Deposit { account: account(name), amount, memo: Some("pay".into()) })
+}
+
+fn withdraw(name: &str, amount: u64) -> Command {
+    Command::Ledger(ledger::Command::Withdraw { account: account(name), amount, memo: None })
+}
+
+fn transfer(from: &str, to: &str, amount: u64) -> Command {
+    Command::Ledger(ledger::Command::Transfer { from: account(from), to: account(to), amount, memo: None })
+}
+
+fn inventory(command: inventory::Command) -> Command {
+    Command::Inventory(command)
+}
+
+fn submit(sequencer: &Sequencer, commands: Vec<Envelope>, atomic: bool) -> TestResult<Reply> {
+    let receiver = sequencer.submit(commands, atomic)?;
+    Ok(receiver.blocking_recv()??)
+}
+
+fn committed(reply: &Reply) -> usize {
+    reply.results.iter().filter(|r| matches!(r, ItemResult::Committed { replayed: false, .. })).count()
+}
+
+/// Writes a store with both domains, rejections, atomic requests (committed and rolled back),
+/// idempotent retries and group-committed submissions, then closes it.
+fn load_mixed(dir: &Path) -> TestResult {
+    let sequencer = Sequencer::start(Engine::open_rocksdb(dir)?, Config::default())?;
+    let mut opens: Vec<Envelope> = (0..6)
+        .map(|i| with_id(&format!("open-a{i}"), open_account(&format!("a{i}"), if i == 0 { 50 } else { 0 })))
+        .collect();
+    for s in ["s0", "s1", "s2"] {
+        opens.push(plain(inventory(inventory::Command::CreateSku { sku: sku(s), on_hand: 20 })));
+    }
+    assert_eq!(committed(&submit(&sequencer, opens, false)?), 9);
+    let deposits = (0..6).map(|i| with_id(&format!("dep-{i}"), deposit(&format!("a{i}"), 100 * (i + 1)))).collect();
+    assert_eq!(committed(&submit(&sequencer, deposits, false)?), 6);
+    let mixed = vec![
+        with_id("tr-1", transfer("a1", "a2", 30)),
+        plain(withdraw("a3", 40)),
+        with_id("rej-1", withdraw("a1", 1_000_000)),
+        plain(deposit("ghost", 5)),
+        plain(transfer("a2", "a2", 1)),
+        plain(withdraw("a0", 150)),
+    ];
+    assert_eq!(committed(&submit(&sequencer, mixed, false)?), 3);
+    let atomic_ok = vec![
+        with_id("atomic-ok", transfer("a4", "a5", 10)),
+        plain(inventory(inventory::Command::Reserve { sku: sku("s0"), qty: 5, order: "o1".into() })),
+    ];
+    assert_eq!(committed(&submit(&sequencer, atomic_ok, true)?), 2);
+    let atomic_rolled_back = vec![
+        with_id("atomic-x", transfer("a3", "a4", 10)),
+        plain(withdraw("a4", 999_999)),
+    ];
+    assert_eq!(committed(&submit(&sequencer, atomic_rolled_back, true)?), 0);
+    // Retries of a committed and of a rejected id: answered from the index, nothing written.
+    let retries = vec![with_id("dep-0", deposit("a0", 100)), with_id("rej-1", withdraw("a1", 1_000_000))];
+    let reply = submit(&sequencer, retries, false)?;
+    assert!(reply.results.iter().all(|r| matches!(r, ItemResult::Committed { replayed: true, .. } | ItemResult::Rejected { replayed: true, .. })));
+    let stock = vec![
+        plain(inventory(inventory::Command::Restock { sku: sku("s1"), qty: 10 })),
+        plain(inventory(inventory::Command::Reserve { sku: sku("s1"), qty: 3, order: "o2".into() })),
+        plain(inventory(inventory::Command::Release { sku: sku("s1"), order: "o2".into() })),
+        plain(inventory(inventory::Command::Reserve { sku: sku("s1"), qty: 4, order: "o3".into() })),
+        plain(inventory(inventory::Command::Ship { sku: sku("s1"), order: "o3".into() })),
+        plain(inventory(inventory::Command::Reserve { sku: sku("s2"), qty: 1000, order: "o4".into() })),
+    ];
+    assert_eq!(committed(&submit(&sequencer, stock, false)?), 5);
+    let close = vec![with_id("open-a9", open_account("a9", 0)), plain(Command::Ledger(ledger::Command::CloseAccount { account: account("a9") }))];
+    assert_eq!(committed(&submit(&sequencer, close, false)?), 2);
+    // Several submissions in flight at once, so batches hold more than one request.
+    let mut receivers = Vec::new();
+    for i in 0..8u64 {
+        let commands = vec![with_id(&format!("grp-{i}"), transfer("a5", "a1", 1 + i)), plain(deposit("a2", 7))];
+        receivers.push(sequencer.submit(commands, false)?);
+    }
+    for receiver in receivers {
+        assert_eq!(committed(&receiver.blocking_recv()??), 2);
+    }
+    sequencer.shutdown();
+    Ok(())
+}
+
+fn audit_stopped(dir: &Path) -> TestResult<AuditReport> {
+    let snapshot = Snapshot::open(dir)?;
+    assert_eq!(snapshot.mode(), SnapshotMode::ReadOnly, "a stopped store opens read-only");
+    Ok(audit::audit_snapshot(&snapshot, &AuditOptions::default(), &mut |_| {})?)
+}
+
+/// A fresh store with the mixed load, opened read-write for tampering.
+fn tamper_target() -> TestResult<(tempfile::TempDir, RocksStorage)> {
+    let dir = tempfile::tempdir()?;
+    load_mixed(dir.path())?;
+    assert!(audit_stopped(dir.path())?.ok(), "the store is intact before tampering");
+    let storage = RocksStorage::open(dir.path())?;
+    Ok((dir, storage))
+}
+
+fn put(storage: &RocksStorage, cf: Cf, key: &[u8], value: &[u8]) -> TestResult {
+    let mut set = WriteSet::default();
+    set.put(cf, key, value);
+    Ok(storage.write(&set, true)?)
+}
+
+/// Every event as stored: (seq, batch, value, decoded).
+fn events(storage: &dyn Storage) -> TestResult<Vec<(u64, u64, Vec<u8>, LoggedEvent)>> {
+    let mut raw = Vec::new();
+    storage.scan(Cf::Events, &[], &mut |key, value| {
+        raw.push((key.to_vec(), value.to_vec()));
+        true
+    })?;
+    let mut out = Vec::new();
+    for (key, value) in raw {
+        let (batch, payload) = split_event_value(&value)?;
+        out.push((decode_seq_key(&key)?, batch, value.clone(), codec::decode_event(payload)?));
+    }
+    Ok(out)
+}
+
+/// The last event that touched `id`: (seq, batch).
+fn last_touch(storage: &dyn Storage, id: &AggregateId) -> TestResult<(u64, u64)> {
+    let touching = events(storage)?.into_iter().filter(|(_, _, _, e)| e.event.targets().iter().any(|t| t == id));
+    touching.last().map(|(seq, batch, _, _)| (seq, batch)).ok_or_else(|| "no event touches it".into())
+}
+
+/// A batch with at least two events that is neither the first nor the last: (batch, events).
+fn middle_batch(storage: &dyn Storage) -> TestResult<(u64, Vec<u64>)> {
+    let all = events(storage)?;
+    let last_batch = all.last().map_or(0, |e| e.1);
+    (2..last_batch)
+        .map(|b| (b, all.iter().filter(|e| e.1 == b).map(|e| e.0).collect::<Vec<_>>()))
+        .find(|(_, seqs)| seqs.len() >= 2)
+        .ok_or_else(|| "no middle batch with two events".into())
+}
+
+fn assert_found(report: &AuditReport, what: &str, matches: impl Fn(&Divergence) -> bool) {
+    assert!(!report.ok(), "{what}: the audit says intact");
+    assert!(report.divergences.iter().any(matches), "{what}: not located; divergences: {:#?}", report.divergences);
+}
+
+#[test]
+fn clean_store_after_mixed_load_is_intact() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    load_mixed(dir.path())?;
+    let report = audit_stopped(dir.path())?;
+    assert!(report.ok(), "{:#?}", report.divergences);
+    assert_eq!(report.aggregates, 10, "6 + 1 accounts, 3 SKUs");
+    assert_eq!(report.events, report.tip.last_event);
+    assert_eq!(report.batches, report.tip.last_batch);
+    assert_eq!(report.events, 9 + 6 + 3 + 2 + 5 + 2 + 16);
+    // Ids: 6 opens, 6 deposits, tr-1, rej-1, atomic-ok, open-a9, 8 grp (atomic-x rolled back).
+    assert_eq!(report.command_ids, 6 + 6 + 4 + 8);
+    assert_eq!(report.command_ids_rejected, 1);
+    // Restarting the writer on the store and committing more keeps it intact.
+    let sequencer = Sequencer::start(Engine::open_rocksdb(dir.path())?, Config::default())?;
+    assert_eq!(committed(&submit(&sequencer, vec![with_id("later", deposit("a3", 1))], false)?), 1);
+    drop(sequencer);
+    let report = audit_stopped(dir.path())?;
+    assert!(report.ok(), "{:#?}", report.divergences);
+    assert_eq!(report.events, 44);
+    Ok(())
+}
+
+#[test]
+fn flipped_byte_of_a_stored_state_is_located() -> TestResult {
+    let (dir, storage) = tamper_target()?;
+    let id = account("a2");
+    let (seq, batch) = last_touch(&storage, &id)?;
+    let mut value = storage.get(Cf::State, id.as_str().as_bytes())?.ok_or("a2 is stored")?;
+    let last = value.len() - 1;
+    value[last] ^= 0x01; // the `closed` flag: still decodes, now differs
+    put(&storage, Cf::State, id.as_str().as_bytes(), &value)?;
+    drop(storage);
+    let report = audit_stopped(dir.path())?;
+    assert_found(&report, "flipped state byte", |d| {
+        d.check == Check::State && d.aggregate.as_deref() == Some("account:a2") && d.seq == Some(seq) && d.batch == Some(batch)
+    });
+    Ok(())
+}
+
+#[test]
+fn flipped_byte_of_an_event_is_located() -> TestResult {
+    let (dir, storage) = tamper_target()?;
+    let (batch, seqs) = middle_batch(&storage)?;
+    let seq = seqs[1];
+    let mut value = storage.get(Cf::Events, &seq_key(seq))?.ok_or("event is stored")?;
+    let last = value.len() - 1;
+    value[last] ^= 0x01;
+    put(&storage, Cf::Events, &seq_key(seq), &value)?;
+    drop(storage);
+    let report = audit_stopped(dir.path())?;
+    // A hash covers a whole batch, so the chain names the batch and the events it covers.
+    let range = format!("covers events {}..{}", seqs[0], seqs[seqs.len() - 1]);
+    assert_found(&report, "flipped event byte", |d| {
+        d.check == Check::Chain && d.batch == Some(batch) && d.detail.contains(&range)
+    });
+    Ok(())
+}
+
+#[test]
+fn deleted_event_is_located() -> TestResult {
+    let (dir, storage) = tamper_target()?;
+    let (batch, seqs) = middle_batch(&storage)?;
+    storage.delete(Cf::Events, &seq_key(seqs[0]))?;
+    drop(storage);
+    let report = audit_stopped(dir.path())?;
+    assert_found(&report, "deleted event", |d| {
+        d.check == Check::Chain && d.seq == Some(seqs[0]) && d.batch == Some(batch)
+    });
+    Ok(())
+}
+
+#[test]
+fn swapped_events_are_located() -> TestResult {
+    let (dir, storage) = tamper_target()?;
+    let (batch, seqs) = middle_batch(&storage)?;
+    let first = storage.get(Cf::Events, &seq_key(seqs[0]))?.ok_or("first event")?;
+    let second = storage.get(Cf::Events, &seq_key(seqs[1]))?.ok_or("second event")?;
+    assert_ne!(first, second);
+    let mut set = WriteSet::default();
+    set.put(Cf::Events, &seq_key(seqs[0]), &second);
+    set.put(Cf::Events, &seq_key(seqs[1]), &first);
+    storage.write(&set, true)?;
+    drop(storage);
+    let report = audit_stopped(dir.path())?;
+    assert_found(&report, "swapped events", |d| d.check == Check::Chain && d.batch == Some(batch));
+    Ok(())
+}
+
+#[test]
+fn deleted_batch_header_is_located() -> TestResult {
+    let (dir, storage) = tamper_target()?;
+    let (batch, _) = middle_batch(&storage)?;
+    storage.delete(Cf::Batches, &seq_key(batch))?;
+    drop(storage);
+    let report = audit_stopped(dir.path())?;
+    assert_found(&report, "deleted header", |d| d.check == Check::Chain && d.batch == Some(batch));
+    // The replay still covers the whole log: nothing else diverges.
+    assert_eq!(report.divergences_total(), 1, "{:#?}", report.divergences);
+    Ok(())
+}
+
+#[test]
+fn repointed_command_id_is_located() -> TestResult {
+    let (dir, storage) = tamper_target()?;
+    let all = events(&storage)?;
+    let (seq, batch) = all
+        .iter()
+        .find(|e| e.3.command_id.as_deref() == Some("dep-3"))
+        .map(|e| (e.0, e.1))
+        .ok_or("dep-3 committed")?;
+    let other = seq + 1;
+    let mut value = Vec::new();
+    codec::encode_outcome(&CommandOutcome::Committed { seq: other }, &mut value);
+    put(&storage, Cf::CommandIds, b"dep-3", &value)?;
+    drop(storage);
+    let report = audit_stopped(dir.path())?;
+    assert_found(&report, "repointed command id", |d| {
+        d.check == Check::CommandIndex
+            && d.seq == Some(seq)
+            && d.batch == Some(batch)
+            && d.detail.contains("dep-3")
+            && d.found.as_deref() == Some(format!("committed at seq {other}").as_str())
+    });
+    Ok(())
+}
+
+#[test]
+fn decodable_state_that_breaks_an_invariant_is_located() -> TestResult {
+    let (dir, storage) = tamper_target()?;
+    let id = account("a1");
+    let stored = storage.get(Cf::State, id.as_str().as_bytes())?.ok_or("a1 is stored")?;
+    let version = codec::decode_aggregate(&stored)?.version;
+    let broken = Aggregate {
+        version,
+        state: State::Account(ledger::Account { balance: -1000, overdraft_limit: 0, closed: false }),
+    };
+    let mut value = Vec::new();
+    codec::encode_aggregate(&broken, &mut value);
+    put(&storage, Cf::State, id.as_str().as_bytes(), &value)?;
+    drop(storage);
+    let report = audit_stopped(dir.path())?;
+    assert_found(&report, "invariant", |d| d.check == Check::Invariant && d.aggregate.as_deref() == Some("account:a1"));
+    assert_found(&report, "ledger conservation", |d| d.check == Check::Conservation);
+    Ok(())
+}
+
+#[test]
+fn header_with_zero_events_is_a_finding_not_a_panic() -> TestResult {
+    let (dir, storage) = tamper_target()?;
+    let (batch, _) = middle_batch(&storage)?;
+    let value = storage.get(Cf::Batches, &seq_key(batch))?.ok_or("header")?;
+    let mut header = BatchHeader::decode(batch, &value)?;
+    header.first_event = 0;
+    header.count = 0;
+    put(&storage, Cf::Batches, &seq_key(batch), &header.encode())?;
+    drop(storage);
+    let report = audit_stopped(dir.path())?;
+    assert_found(&report, "zero-event header", |d| d.check == Check::Chain && d.batch == Some(batch));
+    Ok(())
+}
+
+#[test]
+fn missing_directory_and_foreign_directory_are_errors_not_verdicts() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("nope");
+    assert!(matches!(Snapshot::open(&missing), Err(AuditError::NotAStore(_))));
+    assert!(!missing.exists(), "opening must not create the directory");
+    std::fs::write(dir.path().join("hello.txt"), "not a store")?;
+    assert!(matches!(Snapshot::open(dir.path()), Err(AuditError::NotAStore(_))));
+    Ok(())
+}
+
+#[test]
+fn live_store_is_audited_through_a_secondary_while_writes_continue() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    load_mixed(dir.path())?;
+    let sequencer = Sequencer::start(Engine::open_rocksdb(dir.path())?, Config::default())?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let committed_during = std::thread::scope(|scope| -> TestResult<(AuditReport, u64)> {
+        let writer = scope.spawn(|| -> TestResult<u64> {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut items = 0;
+            for i in 0..20_000u64 {
+                if stop.load(std::sync::atomic::Ordering::Acquire) || Instant::now() > deadline {
+                    break;
+                }
+                let commands = (0..20).map(|j| with_id(&format!("live-{i}-{j}"), transfer("a5", "a2", 1))).collect::<Vec<_>>();
+                let reply = submit(&sequencer, commands, false)?;
+                let back = submit(&sequencer, vec![plain(transfer("a2", "a5", 20))], false)?;
+                items += (committed(&reply) + committed(&back)) as u64;
+            }
+            Ok(items)
+        });
+        wait_for_tip_past(&sequencer, 43)?;
+        let snapshot = Snapshot::open(dir.path())?;
+        assert_eq!(snapshot.mode(), SnapshotMode::Secondary { holder_pid: Some(std::process::id()) });
+        let report = audit::audit_snapshot(&snapshot, &AuditOptions::default(), &mut |_| {})?;
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let items = writer.join().map_err(|_| "writer panicked")??;
+        Ok((report, items))
+    })?;
+    let (report, items) = committed_during;
+    assert!(report.ok(), "{:#?}", report.divergences);
+    assert!(report.events > 43, "the snapshot includes some live writes");
+    let tip_after = sequencer.reader().tip()?;
+    assert!(items > 0 && tip_after.last_event > report.tip.last_event, "writes continued past the snapshot");
+    drop(sequencer);
+    let report = audit_stopped(dir.path())?;
+    assert!(report.ok(), "{:#?}", report.divergences);
+    Ok(())
+}
+
+/// Waits (bounded) until the writer committed past event `seq`.
+fn wait_for_tip_past(sequencer: &Sequencer, seq: u64) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sequencer.reader().tip()?.last_event <= seq {
+        if Instant::now() > deadline {
+            return Err("the writer made no progress in 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
