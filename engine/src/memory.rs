@@ -5,7 +5,7 @@
 //! makes the power fail at the Nth sync; [`MemoryStorage::after_power_loss`] then gives the store
 //! a restarted process would find.
 
-use crate::storage::{Cf, Storage, StorageError, Visit, WriteSet};
+use crate::storage::{Cf, Entry, Storage, StorageError, Visit, WriteSet};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
@@ -126,7 +126,7 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
-    fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn last(&self, cf: Cf) -> Result<Option<Entry>, StorageError> {
         let inner = self.lock();
         Self::powered(&inner)?;
         Ok(inner

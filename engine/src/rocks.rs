@@ -1,6 +1,6 @@
 //! [`Storage`] over RocksDB: one column family per [`Cf`], every write a single `WriteBatch`.
 
-use crate::storage::{Cf, Storage, StorageError, Visit, WriteSet};
+use crate::storage::{Cf, Entry, Storage, StorageError, Visit, WriteSet};
 use rocksdb::{
     BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Options,
     WriteBatch, WriteOptions, checkpoint::Checkpoint,
@@ -52,8 +52,13 @@ impl RocksStorage {
         std::fs::create_dir_all(secondary)
             .map_err(|e| StorageError::Io(format!("creating {}: {e}", secondary.display())))?;
         let descriptors = Cf::ALL.map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf)));
-        let db = DB::open_cf_descriptors_as_secondary(&reader_options(), primary, secondary, descriptors)
-            .map_err(io)?;
+        let db = DB::open_cf_descriptors_as_secondary(
+            &reader_options(),
+            primary,
+            secondary,
+            descriptors,
+        )
+        .map_err(io)?;
         Ok(Self { db })
     }
 
@@ -82,7 +87,11 @@ impl RocksStorage {
         let lock = path.join("LOCK");
         let Ok(meta) = std::fs::metadata(&lock) else {
             // RocksDB creates LOCK on its first read-write open; no file, no holder.
-            return if path.join("CURRENT").is_file() { LockProbe::Free } else { LockProbe::Unknown };
+            return if path.join("CURRENT").is_file() {
+                LockProbe::Free
+            } else {
+                LockProbe::Unknown
+            };
         };
         match std::fs::read_to_string("/proc/locks") {
             Ok(table) => lock_holder(&table, meta.dev(), meta.ino()),
@@ -116,7 +125,8 @@ fn lock_holder(table: &str, dev: u64, ino: u64) -> LockProbe {
     let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
     for line in table.lines() {
         let fields: Vec<&str> = line.split_whitespace().filter(|f| *f != "->").collect();
-        let (Some(kind), Some(pid), Some(place)) = (fields.get(1), fields.get(4), fields.get(5)) else {
+        let (Some(kind), Some(pid), Some(place)) = (fields.get(1), fields.get(4), fields.get(5))
+        else {
             continue;
         };
         if *kind != "POSIX" && *kind != "OFDLCK" {
@@ -129,7 +139,9 @@ fn lock_holder(table: &str, dev: u64, ino: u64) -> LockProbe {
             parts.next().and_then(|p| p.parse::<u64>().ok()),
         );
         if parsed == (Some(major), Some(minor), Some(ino)) {
-            return LockProbe::Held { pid: pid.parse().unwrap_or(0) };
+            return LockProbe::Held {
+                pid: pid.parse().unwrap_or(0),
+            };
         }
     }
     LockProbe::Free
@@ -159,17 +171,27 @@ fn reader_options() -> Options {
     options
 }
 
-/// Per column family tuning. Point-lookup families (state, command ids) get bloom filters so a
-/// miss (a new command id, a new aggregate) rarely touches a data block.
+/// Per column family tuning.
+///
+/// The write path inserts into the memtables of `events` (sequential keys, cheap), `state` and
+/// `command_ids` (random keys: a skiplist insert each, the writer's largest CPU cost). Smaller
+/// memtables for the random-key families keep those skiplists shallow and cache-resident, and
+/// a memtable bloom filter makes the per-batch command-id lookups (almost always misses) cheap.
+/// Point-lookup families get table bloom filters so a miss rarely touches a data block.
 fn cf_options(cf: Cf) -> Options {
     let mut options = Options::default();
     options.set_compression_type(DBCompressionType::Lz4);
-    options.set_write_buffer_size(64 << 20);
-    if matches!(cf, Cf::State | Cf::CommandIds) {
-        let mut table = BlockBasedOptions::default();
-        table.set_bloom_filter(10.0, false);
-        table.set_whole_key_filtering(true);
-        options.set_block_based_table_factory(&table);
+    match cf {
+        Cf::State | Cf::CommandIds => {
+            options.set_write_buffer_size(16 << 20);
+            options.set_memtable_whole_key_filtering(true);
+            options.set_memtable_prefix_bloom_ratio(0.1);
+            let mut table = BlockBasedOptions::default();
+            table.set_bloom_filter(10.0, false);
+            table.set_whole_key_filtering(true);
+            options.set_block_based_table_factory(&table);
+        }
+        Cf::Events | Cf::Batches | Cf::Meta => options.set_write_buffer_size(64 << 20),
     }
     options
 }
@@ -217,7 +239,7 @@ impl Storage for RocksStorage {
         it.status().map_err(io)
     }
 
-    fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn last(&self, cf: Cf) -> Result<Option<Entry>, StorageError> {
         let mut it = self.db.raw_iterator_cf(self.handle(cf)?);
         it.seek_to_last();
         let found = match (it.key(), it.value()) {
@@ -243,9 +265,20 @@ mod tests {
         let table = "1: FLOCK  ADVISORY  WRITE 2618 fe:00:10117129 0 EOF\n\
                      2: POSIX  ADVISORY  WRITE 4242 fe:00:777 0 EOF\n\
                      2: -> POSIX  ADVISORY  WRITE 4343 fe:00:777 0 EOF\n";
-        assert_eq!(lock_holder(table, 0xfe00, 777), LockProbe::Held { pid: 4242 });
-        assert_eq!(lock_holder(table, 0xfe00, 10117129), LockProbe::Free, "flock is not RocksDB's lock");
-        assert_eq!(lock_holder(table, 0xfe01, 777), LockProbe::Free, "another device");
+        assert_eq!(
+            lock_holder(table, 0xfe00, 777),
+            LockProbe::Held { pid: 4242 }
+        );
+        assert_eq!(
+            lock_holder(table, 0xfe00, 10117129),
+            LockProbe::Free,
+            "flock is not RocksDB's lock"
+        );
+        assert_eq!(
+            lock_holder(table, 0xfe01, 777),
+            LockProbe::Free,
+            "another device"
+        );
         assert_eq!(lock_holder("", 0xfe00, 777), LockProbe::Free);
     }
 }

@@ -112,6 +112,9 @@ impl WriteSet {
     }
 }
 
+/// A key and its value, owned.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// Continue or stop a scan.
 pub type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> bool;
 
@@ -127,7 +130,7 @@ pub trait Storage: Send + Sync {
     /// Visits the keys `>= start` in order while `visit` returns true.
     fn scan(&self, cf: Cf, start: &[u8], visit: Visit<'_>) -> Result<(), StorageError>;
     /// The greatest key and its value.
-    fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn last(&self, cf: Cf) -> Result<Option<Entry>, StorageError>;
     /// Writes a consistent, openable copy of the store into `dir` (which must not exist).
     fn checkpoint(&self, dir: &Path) -> Result<(), StorageError>;
 }
