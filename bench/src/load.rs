@@ -74,7 +74,9 @@ impl Recorder {
     fn lock(&self) -> MutexGuard<'_, RecorderState> {
         // A worker that panicked while holding the lock left consistent counters behind (each
         // update is a few additions), so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn record_ok(&self, latency: Duration, tally: &Tally, designed_rejects: usize) {
@@ -154,7 +156,10 @@ pub async fn check_health(base_url: &Url) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("no Keel server answers at {base_url} (GET {url})"))?;
     if !response.status().is_success() {
-        bail!("GET {url} answered HTTP {}: the server is not healthy", response.status());
+        bail!(
+            "GET {url} answered HTTP {}: the server is not healthy",
+            response.status()
+        );
     }
     Ok(())
 }
@@ -175,15 +180,24 @@ pub async fn run_setup(config: &LoadConfig) -> anyhow::Result<SetupOutcome> {
             .await
             .with_context(|| format!("setup: POST {url}"))?;
         let status = response.status();
-        let bytes = response.bytes().await.with_context(|| format!("setup: reading the answer of {url}"))?;
+        let bytes = response
+            .bytes()
+            .await
+            .with_context(|| format!("setup: reading the answer of {url}"))?;
         if status != StatusCode::OK {
             let code = answer::error_code(&bytes).unwrap_or_default();
-            bail!("setup: POST {url} answered HTTP {status} {code}: {}", String::from_utf8_lossy(&bytes));
+            bail!(
+                "setup: POST {url} answered HTTP {status} {code}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
         }
-        let tally = answer::tally_batch_answer(&bytes, items).map_err(|e| anyhow::anyhow!("setup: {e}"))?;
+        let tally =
+            answer::tally_batch_answer(&bytes, items).map_err(|e| anyhow::anyhow!("setup: {e}"))?;
         for (code, n) in &tally.rejected_by_code {
             if !workload::is_benign_setup_rejection(code) {
-                bail!("setup: {n} items were rejected with `{code}`; the store is not fit for this workload");
+                bail!(
+                    "setup: {n} items were rejected with `{code}`; the store is not fit for this workload"
+                );
             }
             outcome.already_existed += n;
         }
@@ -232,10 +246,20 @@ pub async fn run_load(config: Arc<LoadConfig>, setup: SetupOutcome) -> anyhow::R
     let _ = stop_tx.send(true);
     let timeline = progress.await.unwrap_or_default();
     if let Some(first) = failures.first() {
-        bail!("{} of {} workers could not run: {first}", failures.len(), config.workers);
+        bail!(
+            "{} of {} workers could not run: {first}",
+            failures.len(),
+            config.workers
+        );
     }
     let (counters, latency) = recorder.finish();
-    Ok(LoadOutcome { setup, counters, latency, elapsed, timeline })
+    Ok(LoadOutcome {
+        setup,
+        counters,
+        latency,
+        elapsed,
+        timeline,
+    })
 }
 
 /// Worker `worker`'s share of `requests_max`.
@@ -289,7 +313,11 @@ async fn worker_loop(
                         recorder.record_ok(latency, &tally, designed_rejects);
                         None
                     }
-                    Answered::Failed { kind, status, pause } => {
+                    Answered::Failed {
+                        kind,
+                        status,
+                        pause,
+                    } => {
                         recorder.record_error(&kind, status);
                         pause
                     }
@@ -299,7 +327,9 @@ async fn worker_loop(
                 transport_errors_in_a_row += 1;
                 recorder.record_error(transport_error_kind(&error), None);
                 if transport_errors_in_a_row >= TRANSPORT_ERRORS_IN_A_ROW_MAX {
-                    eprintln!("worker {worker}: {transport_errors_in_a_row} transport errors in a row, stopping: {error}");
+                    eprintln!(
+                        "worker {worker}: {transport_errors_in_a_row} transport errors in a row, stopping: {error}"
+                    );
                     break;
                 }
                 Some(BACKOFF_DEFAULT)
@@ -319,10 +349,18 @@ fn intended_time(open: OpenLoop, started: Instant, worker: usize, n: u64) -> Ins
 
 enum Answered {
     Ok(Tally),
-    Failed { kind: String, status: Option<StatusCode>, pause: Option<Duration> },
+    Failed {
+        kind: String,
+        status: Option<StatusCode>,
+        pause: Option<Duration>,
+    },
 }
 
-async fn handle_response(response: reqwest::Response, items: usize, generator: &mut Generator) -> Answered {
+async fn handle_response(
+    response: reqwest::Response,
+    items: usize,
+    generator: &mut Generator,
+) -> Answered {
     let status = response.status();
     let retry_after = response
         .headers()
@@ -333,22 +371,37 @@ async fn handle_response(response: reqwest::Response, items: usize, generator: &
     let bytes = match response.bytes().await {
         Ok(bytes) => bytes,
         Err(error) => {
-            return Answered::Failed { kind: transport_error_kind(&error).to_owned(), status: Some(status), pause: None };
+            return Answered::Failed {
+                kind: transport_error_kind(&error).to_owned(),
+                status: Some(status),
+                pause: None,
+            };
         }
     };
     if status == StatusCode::OK {
         return match answer::tally_batch_answer(&bytes, items) {
             Ok(tally) => {
-                generator.confirm(|position| tally.committed_mask.get(position).copied().unwrap_or(false));
+                generator.confirm(|position| {
+                    tally.committed_mask.get(position).copied().unwrap_or(false)
+                });
                 Answered::Ok(tally)
             }
-            Err(_) => Answered::Failed { kind: "bad_answer".into(), status: Some(status), pause: None },
+            Err(_) => Answered::Failed {
+                kind: "bad_answer".into(),
+                status: Some(status),
+                pause: None,
+            },
         };
     }
     let code = answer::error_code(&bytes).unwrap_or_else(|| "no_code".into());
-    let overload = status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS;
+    let overload =
+        status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS;
     let pause = overload.then(|| retry_after.unwrap_or(BACKOFF_DEFAULT).min(BACKOFF_MAX));
-    Answered::Failed { kind: format!("http_{}_{code}", status.as_u16()), status: Some(status), pause }
+    Answered::Failed {
+        kind: format!("http_{}_{code}", status.as_u16()),
+        status: Some(status),
+        pause,
+    }
 }
 
 fn transport_error_kind(error: &reqwest::Error) -> &'static str {
@@ -375,7 +428,10 @@ async fn progress_loop(
     let mut timeline = Vec::new();
     let mut previous = Counters::default();
     let mut previous_at = started;
-    let mut ticker = tokio::time::interval_at((started + Duration::from_secs(1)).into(), Duration::from_secs(1));
+    let mut ticker = tokio::time::interval_at(
+        (started + Duration::from_secs(1)).into(),
+        Duration::from_secs(1),
+    );
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ticks_max = duration.as_secs() + 3600;
     for _ in 0..ticks_max {
@@ -385,12 +441,20 @@ async fn progress_loop(
         } || *stop.borrow();
         let now = Instant::now();
         let (counters, window) = recorder.take_window();
-        let point = timeline_point(&previous, &counters, &window, now - previous_at, now - started);
-        if print {
-            eprintln!("{}", progress_line(&point, &counters));
-        }
-        // A final fraction of a second is kept only when something happened in it.
-        if !stopping || point.batches_per_sec > 0.0 || point.errors > 0 {
+        let point = timeline_point(
+            &previous,
+            &counters,
+            &window,
+            now - previous_at,
+            now - started,
+        );
+        // The last fraction of a second at the stop is too short for a meaningful rate (its
+        // items are in the totals); a full second always makes a point.
+        let meaningful = !stopping || now - previous_at >= Duration::from_millis(500);
+        if meaningful {
+            if print {
+                eprintln!("{}", progress_line(&point, &counters));
+            }
             timeline.push(point);
         }
         previous = counters;
@@ -418,7 +482,11 @@ fn timeline_point(
         batches_per_sec: per_sec(now.requests_ok, previous.requests_ok),
         p50_ms: us_to_ms(window.quantile_us(0.5) as f64),
         p99_ms: us_to_ms(window.quantile_us(0.99) as f64),
-        max_ms: us_to_ms(if window.is_empty() { 0.0 } else { window.max_us() as f64 }),
+        max_ms: us_to_ms(if window.is_empty() {
+            0.0
+        } else {
+            window.max_us() as f64
+        }),
         errors: now.requests_failed.saturating_sub(previous.requests_failed),
         http_503: now.http_503.saturating_sub(previous.http_503),
     }
@@ -439,13 +507,16 @@ fn progress_line(point: &TimelinePoint, total: &Counters) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn request_budget_is_split_exactly() {
         for (max, workers) in [(10u64, 3usize), (1, 4), (0, 2), (1_000_003, 64)] {
-            let shares: Vec<u64> = (0..workers).map(|w| requests_for_worker(max, workers, w)).collect();
+            let shares: Vec<u64> = (0..workers)
+                .map(|w| requests_for_worker(max, workers, w))
+                .collect();
             assert_eq!(shares.iter().sum::<u64>(), max);
             assert!(shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1);
         }
@@ -454,13 +525,26 @@ mod tests {
     #[test]
     fn recorder_counts_and_windows() {
         let r = Recorder::default();
-        let mut tally = Tally { committed: 90, rejected: 10, ..Tally::default() };
-        tally.rejected_by_code.insert("insufficient_funds".into(), 10);
+        let mut tally = Tally {
+            committed: 90,
+            rejected: 10,
+            ..Tally::default()
+        };
+        tally
+            .rejected_by_code
+            .insert("insufficient_funds".into(), 10);
         r.record_ok(Duration::from_millis(3), &tally, 10);
         r.record_error("http_503_overloaded", Some(StatusCode::SERVICE_UNAVAILABLE));
         let (counters, window) = r.take_window();
         assert_eq!(window.len(), 1);
-        assert_eq!((counters.items_committed, counters.items_rejected, counters.http_503), (90, 10, 1));
+        assert_eq!(
+            (
+                counters.items_committed,
+                counters.items_rejected,
+                counters.http_503
+            ),
+            (90, 10, 1)
+        );
         assert_eq!(counters.errors_by_kind["http_503_overloaded"], 1);
         assert_eq!(r.take_window().1.len(), 0, "the window resets");
         assert_eq!(r.finish().1.len(), 1, "the total does not");
@@ -468,11 +552,26 @@ mod tests {
 
     #[test]
     fn timeline_points_are_rates_over_their_interval() {
-        let before = Counters { items_committed: 1000, requests_ok: 1, ..Counters::default() };
-        let after = Counters { items_committed: 3000, requests_ok: 3, requests_failed: 1, ..Counters::default() };
+        let before = Counters {
+            items_committed: 1000,
+            requests_ok: 1,
+            ..Counters::default()
+        };
+        let after = Counters {
+            items_committed: 3000,
+            requests_ok: 3,
+            requests_failed: 1,
+            ..Counters::default()
+        };
         let mut window = LatencyHistogram::new();
         window.record(Duration::from_millis(4));
-        let p = timeline_point(&before, &after, &window, Duration::from_millis(500), Duration::from_secs(3));
+        let p = timeline_point(
+            &before,
+            &after,
+            &window,
+            Duration::from_millis(500),
+            Duration::from_secs(3),
+        );
         assert_eq!(p.items_per_sec, 4000.0);
         assert_eq!(p.batches_per_sec, 4.0);
         assert_eq!(p.errors, 1);

@@ -65,7 +65,11 @@ fn parse_sample_line(line: &str) -> Option<Sample> {
         "-Inf" => f64::NEG_INFINITY,
         other => other.parse().ok()?,
     };
-    Some(Sample { name, labels, value })
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
 }
 
 /// Parses `a="x",b="y\"z"}` and returns the labels and what follows the `}`.
@@ -115,7 +119,11 @@ impl Exposition {
         let mut buckets: Vec<(f64, f64)> = Vec::new();
         for s in self.samples.iter().filter(|s| s.name == bucket_name) {
             let le = s.labels.iter().find(|(k, _)| k == "le")?;
-            let bound = if le.1 == "+Inf" { f64::INFINITY } else { le.1.parse().ok()? };
+            let bound = if le.1 == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.1.parse().ok()?
+            };
             match buckets.iter_mut().find(|(b, _)| *b == bound) {
                 Some(bucket) => bucket.1 += s.value,
                 None => buckets.push((bound, s.value)),
@@ -137,7 +145,12 @@ impl Exposition {
     pub fn summary_quantile(&self, name: &str, quantile: &str) -> Option<f64> {
         self.samples
             .iter()
-            .find(|s| s.name == name && s.labels.iter().any(|(k, v)| k == "quantile" && v == quantile))
+            .find(|s| {
+                s.name == name
+                    && s.labels
+                        .iter()
+                        .any(|(k, v)| k == "quantile" && v == quantile)
+            })
             .map(|s| s.value)
     }
 }
@@ -155,7 +168,11 @@ impl HistogramSnapshot {
             .zip(&earlier.buckets)
             .map(|(now, then)| (now.0, (now.1 - then.1).max(0.0)))
             .collect();
-        HistogramSnapshot { buckets, sum: self.sum - earlier.sum, count: self.count - earlier.count }
+        HistogramSnapshot {
+            buckets,
+            sum: self.sum - earlier.sum,
+            count: self.count - earlier.count,
+        }
     }
 
     /// The `q` quantile, interpolated linearly inside its bucket as Prometheus'
@@ -178,7 +195,9 @@ impl HistogramSnapshot {
                 if in_bucket <= 0.0 {
                     return Some(bound);
                 }
-                return Some(lower_bound + (bound - lower_bound) * (rank - lower_count) / in_bucket);
+                return Some(
+                    lower_bound + (bound - lower_bound) * (rank - lower_count) / in_bucket,
+                );
             }
             lower_bound = bound;
             lower_count = count;
@@ -220,7 +239,10 @@ pub fn parse_proc_status_rss(status: &str) -> Option<u64> {
 pub fn read_proc(pid: &str) -> Option<ProcSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    Some(ProcSample { cpu_ticks: parse_proc_stat_ticks(&stat)?, rss_bytes: parse_proc_status_rss(&status)? })
+    Some(ProcSample {
+        cpu_ticks: parse_proc_stat_ticks(&stat)?,
+        rss_bytes: parse_proc_status_rss(&status)?,
+    })
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`; 100 on every mainstream Linux).
@@ -308,12 +330,19 @@ pub fn row_from_scrape(
     ticks_per_sec: f64,
     previous: &mut Previous,
 ) -> SampleRow {
-    let elapsed_since_prev = previous.at.map(|at| now.duration_since(at).as_secs_f64()).filter(|s| *s > 0.0);
+    let elapsed_since_prev = previous
+        .at
+        .map(|at| now.duration_since(at).as_secs_f64())
+        .filter(|s| *s > 0.0);
     let rate = |now_v: Option<f64>, then: Option<f64>| match (now_v, then, elapsed_since_prev) {
         (Some(n), Some(t), Some(secs)) if n >= t => Some((n - t) / secs),
         _ => None,
     };
-    let cpu = |now_p: Option<ProcSample>, then: Option<ProcSample>| match (now_p, then, elapsed_since_prev) {
+    let cpu = |now_p: Option<ProcSample>, then: Option<ProcSample>| match (
+        now_p,
+        then,
+        elapsed_since_prev,
+    ) {
         (Some(n), Some(t), Some(secs)) if n.cpu_ticks >= t.cpu_ticks => {
             Some((n.cpu_ticks - t.cpu_ticks) as f64 / ticks_per_sec / secs * 100.0)
         }
@@ -323,11 +352,12 @@ pub fn row_from_scrape(
     let items = exposition.sum("keel_items_committed_total");
     let fsync = exposition.histogram("keel_fsync_seconds");
     let batch_items = exposition.histogram("keel_batch_items");
-    let interval = |now_h: &Option<HistogramSnapshot>, then: &Option<HistogramSnapshot>| match (now_h, then) {
-        (Some(n), Some(t)) => Some(n.since(t)),
-        (Some(n), None) => Some(n.clone()),
-        _ => None,
-    };
+    let interval =
+        |now_h: &Option<HistogramSnapshot>, then: &Option<HistogramSnapshot>| match (now_h, then) {
+            (Some(n), Some(t)) => Some(n.since(t)),
+            (Some(n), None) => Some(n.clone()),
+            _ => None,
+        };
     let fsync_interval = interval(&fsync, &previous.fsync);
     let fsync_quantile = |q: f64, label: &str| {
         fsync_interval
@@ -351,7 +381,15 @@ pub fn row_from_scrape(
         server_rss_mb: server.map(|p| p.rss_bytes as f64 / (1024.0 * 1024.0)),
         bench_cpu_percent: cpu(bench, previous.bench),
     };
-    *previous = Previous { at: Some(now), batches, items, fsync, batch_items, server, bench };
+    *previous = Previous {
+        at: Some(now),
+        batches,
+        items,
+        fsync,
+        batch_items,
+        server,
+        bench,
+    };
     row
 }
 
@@ -375,7 +413,10 @@ pub struct SamplerConfig {
 
 /// Scrapes until `stop` turns true (or `samples_max`), one last time at the stop, and returns
 /// the rows it wrote.
-pub async fn run(config: SamplerConfig, mut stop: watch::Receiver<bool>) -> anyhow::Result<Vec<SampleRow>> {
+pub async fn run(
+    config: SamplerConfig,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<Vec<SampleRow>> {
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(5))
@@ -395,6 +436,15 @@ pub async fn run(config: SamplerConfig, mut stop: watch::Receiver<bool>) -> anyh
             _ = ticker.tick() => false,
             _ = stop.changed() => true,
         } || *stop.borrow();
+        // A last scrape right after a regular one would compute rates over a sliver of time.
+        let last_row_s = rows
+            .last()
+            .map_or(f64::NEG_INFINITY, |r: &SampleRow| r.elapsed_s);
+        if stopping
+            && started.elapsed().as_secs_f64() - last_row_s < config.interval.as_secs_f64() / 2.0
+        {
+            break;
+        }
         let exposition = match scrape(&client, &metrics_url).await {
             Ok(exposition) => exposition,
             Err(error) => {
@@ -403,9 +453,19 @@ pub async fn run(config: SamplerConfig, mut stop: watch::Receiver<bool>) -> anyh
             }
         };
         let server = server_pid.as_deref().and_then(read_proc);
-        let row = row_from_scrape(&exposition, server, read_proc("self"), Instant::now(), started, ticks, &mut previous);
-        writeln!(file, "{}", row.to_csv()).with_context(|| format!("writing {}", config.csv.display()))?;
-        file.flush().with_context(|| format!("writing {}", config.csv.display()))?;
+        let row = row_from_scrape(
+            &exposition,
+            server,
+            read_proc("self"),
+            Instant::now(),
+            started,
+            ticks,
+            &mut previous,
+        );
+        writeln!(file, "{}", row.to_csv())
+            .with_context(|| format!("writing {}", config.csv.display()))?;
+        file.flush()
+            .with_context(|| format!("writing {}", config.csv.display()))?;
         rows.push(row);
         if stopping {
             break;
@@ -415,22 +475,31 @@ pub async fn run(config: SamplerConfig, mut stop: watch::Receiver<bool>) -> anyh
 }
 
 fn create_csv(path: &Path) -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut file = std::io::BufWriter::new(file);
     writeln!(file, "{CSV_HEADER}").with_context(|| format!("writing {}", path.display()))?;
     Ok(file)
 }
 
 async fn scrape(client: &reqwest::Client, url: &Url) -> anyhow::Result<Exposition> {
-    let response = client.get(url.clone()).send().await.with_context(|| format!("GET {url}"))?;
+    let response = client
+        .get(url.clone())
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
     if !response.status().is_success() {
         anyhow::bail!("GET {url}: HTTP {}", response.status());
     }
-    let text = response.text().await.with_context(|| format!("reading {url}"))?;
+    let text = response
+        .text()
+        .await
+        .with_context(|| format!("reading {url}"))?;
     Ok(parse_exposition(&text))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -466,35 +535,61 @@ keel_request_seconds{route="/v1/batches",outcome="a \"quoted\", value",quantile=
         assert_eq!(e.sum("keel_items_rejected_total"), Some(10.0));
         assert_eq!(e.sum("keel_queue_items"), Some(2000.0));
         assert_eq!(e.sum("keel_missing"), None);
-        let quoted = e.samples.iter().find(|s| s.name == "keel_request_seconds").unwrap();
-        assert_eq!(quoted.labels[1], ("outcome".to_owned(), "a \"quoted\", value".to_owned()));
-        assert_eq!(e.summary_quantile("keel_request_seconds", "0.99"), Some(0.5));
+        let quoted = e
+            .samples
+            .iter()
+            .find(|s| s.name == "keel_request_seconds")
+            .unwrap();
+        assert_eq!(
+            quoted.labels[1],
+            ("outcome".to_owned(), "a \"quoted\", value".to_owned())
+        );
+        assert_eq!(
+            e.summary_quantile("keel_request_seconds", "0.99"),
+            Some(0.5)
+        );
     }
 
     #[test]
     fn histogram_quantiles_interpolate_inside_buckets() {
-        let h = parse_exposition(SAMPLE).histogram("keel_fsync_seconds").unwrap();
+        let h = parse_exposition(SAMPLE)
+            .histogram("keel_fsync_seconds")
+            .unwrap();
         assert_eq!(h.count, 120.0);
         // p50: rank 60 is the top of the (1 ms, 2 ms] bucket.
         assert!((h.quantile(0.5).unwrap() - 0.002).abs() < 1e-9);
         // p99: rank 118.8 is 8.8/10 into the (4 ms, 8 ms] bucket.
         assert!((h.quantile(0.99).unwrap() - (0.004 + 0.004 * 0.88)).abs() < 1e-9);
         assert!((h.mean().unwrap() - 0.0025).abs() < 1e-9);
-        let items = parse_exposition(SAMPLE).histogram("keel_batch_items").unwrap();
+        let items = parse_exposition(SAMPLE)
+            .histogram("keel_batch_items")
+            .unwrap();
         assert_eq!(items.mean(), Some(1000.0));
     }
 
     #[test]
     fn quantile_in_the_inf_bucket_answers_the_last_finite_bound() {
-        let h = HistogramSnapshot { buckets: vec![(1.0, 1.0), (f64::INFINITY, 10.0)], sum: 0.0, count: 10.0 };
+        let h = HistogramSnapshot {
+            buckets: vec![(1.0, 1.0), (f64::INFINITY, 10.0)],
+            sum: 0.0,
+            count: 10.0,
+        };
         assert_eq!(h.quantile(0.99), Some(1.0));
         assert_eq!(HistogramSnapshot::default().quantile(0.5), None);
     }
 
     #[test]
     fn interval_histogram_is_the_difference() {
-        let before = HistogramSnapshot { buckets: vec![(1.0, 10.0), (f64::INFINITY, 10.0)], sum: 5.0, count: 10.0 };
-        let after = HistogramSnapshot { buckets: vec![(1.0, 10.0), (f64::INFINITY, 15.0)], sum: 20.0, count: 15.0 };
+        let before = HistogramSnapshot {
+            buckets: vec![(1.0, 10.0), (f64::INFINITY, 10.0)],
+            sum: 5.0,
+            count: 10.0,
+        };
+        let after = HistogramSnapshot {
+            buckets: vec![(1.0, 10.0), (f64::INFINITY, 15.0)],
+            sum: 20.0,
+            count: 15.0,
+        };
         let d = after.since(&before);
         assert_eq!(d.buckets, vec![(1.0, 0.0), (f64::INFINITY, 5.0)]);
         assert_eq!(d.mean(), Some(3.0));
@@ -518,23 +613,54 @@ keel_request_seconds{route="/v1/batches",outcome="a \"quoted\", value",quantile=
         let started = Instant::now();
         let mut previous = Previous::default();
         let first = parse_exposition(SAMPLE);
-        let server0 = Some(ProcSample { cpu_ticks: 1000, rss_bytes: 64 << 20 });
-        let row0 = row_from_scrape(&first, server0, None, started, started, 100.0, &mut previous);
+        let server0 = Some(ProcSample {
+            cpu_ticks: 1000,
+            rss_bytes: 64 << 20,
+        });
+        let row0 = row_from_scrape(
+            &first,
+            server0,
+            None,
+            started,
+            started,
+            100.0,
+            &mut previous,
+        );
         assert_eq!(row0.items_per_sec, None);
         assert_eq!(row0.queue_items, Some(2000.0));
         assert_eq!(row0.server_rss_mb, Some(64.0));
         let later = SAMPLE
-            .replace("keel_items_committed_total 120000", "keel_items_committed_total 320000")
-            .replace("keel_batches_committed_total 120", "keel_batches_committed_total 320");
-        let server1 = Some(ProcSample { cpu_ticks: 1150, rss_bytes: 64 << 20 });
+            .replace(
+                "keel_items_committed_total 120000",
+                "keel_items_committed_total 320000",
+            )
+            .replace(
+                "keel_batches_committed_total 120",
+                "keel_batches_committed_total 320",
+            );
+        let server1 = Some(ProcSample {
+            cpu_ticks: 1150,
+            rss_bytes: 64 << 20,
+        });
         let at = started + Duration::from_secs(2);
-        let row1 = row_from_scrape(&parse_exposition(&later), server1, None, at, started, 100.0, &mut previous);
+        let row1 = row_from_scrape(
+            &parse_exposition(&later),
+            server1,
+            None,
+            at,
+            started,
+            100.0,
+            &mut previous,
+        );
         assert_eq!(row1.items_per_sec, Some(100_000.0));
         assert_eq!(row1.batches_per_sec, Some(100.0));
         assert_eq!(row1.server_cpu_percent, Some(75.0));
         assert_eq!(row1.elapsed_s, 2.0);
         let csv = row1.to_csv();
         assert_eq!(csv.split(',').count(), CSV_HEADER.split(',').count());
-        assert!(csv.ends_with(','), "missing bench cpu is an empty cell: {csv}");
+        assert!(
+            csv.ends_with(','),
+            "missing bench cpu is an empty cell: {csv}"
+        );
     }
 }

@@ -27,7 +27,10 @@ impl OpenLoop {
     /// `rate_items_per_sec` over all workers; each request carries `batch` items.
     /// `None` when the rate is not a positive finite number or the interval would round to 0.
     pub fn new(rate_items_per_sec: f64, batch: usize, workers: usize) -> Option<Self> {
-        if !(rate_items_per_sec.is_finite() && rate_items_per_sec > 0.0) || batch == 0 || workers == 0 {
+        if !(rate_items_per_sec.is_finite() && rate_items_per_sec > 0.0)
+            || batch == 0
+            || workers == 0
+        {
             return None;
         }
         let interval_secs = batch as f64 / rate_items_per_sec;
@@ -35,7 +38,10 @@ impl OpenLoop {
         if interval.is_zero() {
             return None;
         }
-        Some(Self { interval, workers: workers as u64 })
+        Some(Self {
+            interval,
+            workers: workers as u64,
+        })
     }
 
     pub fn interval(&self) -> Duration {
@@ -56,7 +62,9 @@ impl OpenLoop {
 
     /// Requests the schedule holds within `duration` (those due strictly before its end).
     pub fn requests_within(&self, duration: Duration) -> u64 {
-        let n = duration.as_nanos().div_ceil(self.interval.as_nanos().max(1));
+        let n = duration
+            .as_nanos()
+            .div_ceil(self.interval.as_nanos().max(1));
         u64::try_from(n).unwrap_or(u64::MAX)
     }
 }
@@ -68,6 +76,7 @@ pub fn latency_from_intended(intended: Duration, answered: Duration) -> Duration
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -87,7 +96,10 @@ mod tests {
             .map(|(w, n)| s.request_index(w, n))
             .collect();
         assert_eq!(due, vec![0, 1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(s.intended_offset(s.request_index(2, 1)), Duration::from_millis(50));
+        assert_eq!(
+            s.intended_offset(s.request_index(2, 1)),
+            Duration::from_millis(50)
+        );
     }
 
     #[test]
@@ -97,7 +109,7 @@ mod tests {
         let s = OpenLoop::new(3.0, 1, 1).unwrap();
         let at = s.intended_offset(3_000_000);
         let expected = Duration::from_secs(1_000_000);
-        let diff = if at > expected { at - expected } else { expected - at };
+        let diff = at.abs_diff(expected);
         assert!(diff < Duration::from_millis(2), "drift {diff:?}");
     }
 
@@ -106,7 +118,10 @@ mod tests {
         // Due at 100 ms; the worker was stuck until 900 ms, sent then, answer at 905 ms.
         let latency = latency_from_intended(Duration::from_millis(100), Duration::from_millis(905));
         assert_eq!(latency, Duration::from_millis(805));
-        assert_eq!(latency_from_intended(Duration::from_millis(5), Duration::from_millis(1)), Duration::ZERO);
+        assert_eq!(
+            latency_from_intended(Duration::from_millis(5), Duration::from_millis(1)),
+            Duration::ZERO
+        );
     }
 
     #[test]

@@ -37,14 +37,16 @@ impl LatencyHistogram {
     }
 
     pub fn record_us(&mut self, us: u64) {
-        self.histogram.saturating_record(us.clamp(1, LATENCY_US_MAX));
+        self.histogram
+            .saturating_record(us.clamp(1, LATENCY_US_MAX));
     }
 
     pub fn add(&mut self, other: &LatencyHistogram) {
         // Same bounds on both sides, so adding cannot fail; saturate rather than panic anyway.
         if self.histogram.add(&other.histogram).is_err() {
             for v in other.histogram.iter_recorded() {
-                self.histogram.saturating_record_n(v.value_iterated_to(), v.count_at_value());
+                self.histogram
+                    .saturating_record_n(v.value_iterated_to(), v.count_at_value());
             }
         }
     }
@@ -93,7 +95,11 @@ impl LatencyHistogram {
             p90: us_to_ms(self.quantile_us(0.90) as f64),
             p99: us_to_ms(self.quantile_us(0.99) as f64),
             p999: us_to_ms(self.quantile_us(0.999) as f64),
-            max: us_to_ms(if self.is_empty() { 0.0 } else { self.max_us() as f64 }),
+            max: us_to_ms(if self.is_empty() {
+                0.0
+            } else {
+                self.max_us() as f64
+            }),
         }
     }
 }
@@ -116,6 +122,7 @@ pub struct LatencySummaryMs {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -13,7 +13,8 @@ use std::net::IpAddr;
 
 /// Parses `url` (the server's base URL) and refuses non-loopback hosts unless `allow_remote`.
 pub fn checked_base_url(url: &str, allow_remote: bool) -> anyhow::Result<Url> {
-    let parsed = Url::parse(url).with_context(|| format!("`{url}` is not a URL (e.g. http://127.0.0.1:8080)"))?;
+    let parsed = Url::parse(url)
+        .with_context(|| format!("`{url}` is not a URL (e.g. http://127.0.0.1:8080)"))?;
     if parsed.scheme() != "http" {
         bail!("`{url}`: only http:// is supported (the bench measures the server, not TLS)");
     }
@@ -51,19 +52,30 @@ pub fn is_loopback_host(host: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn loopback_targets_pass() {
-        for url in ["http://127.0.0.1:8080", "http://localhost:1", "http://127.3.2.1/", "http://[::1]:9000"] {
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://127.3.2.1/",
+            "http://[::1]:9000",
+        ] {
             assert!(checked_base_url(url, false).is_ok(), "{url}");
         }
     }
 
     #[test]
     fn other_targets_are_refused_unless_allowed() {
-        for url in ["http://10.0.0.1:8080", "http://192.168.1.5", "http://example.com", "http://0.0.0.0:8080"] {
+        for url in [
+            "http://10.0.0.1:8080",
+            "http://192.168.1.5",
+            "http://example.com",
+            "http://0.0.0.0:8080",
+        ] {
             let error = checked_base_url(url, false).unwrap_err().to_string();
             assert!(error.contains("only loopback"), "{url}: {error}");
         }
@@ -81,8 +93,14 @@ mod tests {
     #[test]
     fn endpoints_keep_a_path_prefix() {
         let base = checked_base_url("http://127.0.0.1:8080/keel/", false).unwrap();
-        assert_eq!(endpoint(&base, "/v1/batches").as_str(), "http://127.0.0.1:8080/keel/v1/batches");
+        assert_eq!(
+            endpoint(&base, "/v1/batches").as_str(),
+            "http://127.0.0.1:8080/keel/v1/batches"
+        );
         let base = checked_base_url("http://127.0.0.1:8080", false).unwrap();
-        assert_eq!(endpoint(&base, "/metrics").as_str(), "http://127.0.0.1:8080/metrics");
+        assert_eq!(
+            endpoint(&base, "/metrics").as_str(),
+            "http://127.0.0.1:8080/metrics"
+        );
     }
 }

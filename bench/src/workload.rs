@@ -94,7 +94,10 @@ impl Body {
             self.text.push(',');
         }
         self.items += 1;
-        let _ = write!(self.text, "{{\"type\":\"{kind}\",\"id\":\"{run}-{tag}-{n}\"");
+        let _ = write!(
+            self.text,
+            "{{\"type\":\"{kind}\",\"id\":\"{run}-{tag}-{n}\""
+        );
     }
 
     fn field_str(&mut self, key: &str, value: &str) {
@@ -110,7 +113,11 @@ impl Body {
     }
 
     pub fn finish(&mut self, atomic: bool) -> &str {
-        self.text.push_str(if atomic { "],\"atomic\":true}" } else { "],\"atomic\":false}" });
+        self.text.push_str(if atomic {
+            "],\"atomic\":true}"
+        } else {
+            "],\"atomic\":false}"
+        });
         &self.text
     }
 
@@ -127,7 +134,7 @@ pub fn setup_bodies(workload: &Workload) -> Vec<String> {
     let mut body = Body::default();
     body.begin();
     let run = workload.run_id.as_str();
-    let mut flush = |body: &mut Body, bodies: &mut Vec<String>, force: bool| {
+    let flush = |body: &mut Body, bodies: &mut Vec<String>, force: bool| {
         if body.items() > 0 && (force || body.items() + 2 > SETUP_BATCH_ITEMS) {
             bodies.push(body.finish(false).to_owned());
             body.begin();
@@ -184,7 +191,10 @@ pub struct Generator {
 
 impl Generator {
     pub fn new(workload: &Workload, worker: usize) -> Self {
-        let seed = workload.seed ^ (worker as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let seed = workload.seed
+            ^ (worker as u64)
+                .wrapping_add(1)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
         Self {
             memo: "x".repeat(workload.payload_bytes.min(MEMO_BYTES_MAX)),
             workload: workload.clone(),
@@ -211,7 +221,8 @@ impl Generator {
                 Mix::Inventory => false,
                 Mix::Mixed => self.rng.random_bool(0.5),
             };
-            let reject = self.workload.reject_ratio > 0.0 && self.rng.random_bool(self.workload.reject_ratio);
+            let reject = self.workload.reject_ratio > 0.0
+                && self.rng.random_bool(self.workload.reject_ratio);
             self.designed_rejects += usize::from(reject);
             if ledger {
                 self.transfer(reject);
@@ -252,9 +263,14 @@ impl Generator {
         if to >= from {
             to += 1;
         }
-        let amount = if reject { REJECT_AMOUNT } else { self.rng.random_range(1..=100) };
+        let amount = if reject {
+            REJECT_AMOUNT
+        } else {
+            self.rng.random_range(1..=100)
+        };
         let n = self.next_id();
-        self.body.command("transfer", &self.workload.run_id, &self.tag, n);
+        self.body
+            .command("transfer", &self.workload.run_id, &self.tag, n);
         self.body.field_str("from", &account_name(from));
         self.body.field_str("to", &account_name(to));
         self.body.field_u64("amount", amount);
@@ -269,23 +285,30 @@ impl Generator {
             && !self.open.is_empty()
             && (self.open.len() >= OPEN_RESERVATIONS_MAX || self.rng.random_bool(0.5));
         let n = self.next_id();
-        if settle {
-            if let Some((sku, order)) = self.open.pop_front() {
-                let kind = if self.rng.random_bool(0.5) { "ship" } else { "release" };
-                let order = self.order_name(order);
-                self.body.command(kind, &self.workload.run_id, &self.tag, n);
-                self.body.field_str("sku", &sku_name(sku));
-                self.body.field_str("order", &order);
-                self.body.end_command();
-                return;
-            }
+        if settle && let Some((sku, order)) = self.open.pop_front() {
+            let kind = if self.rng.random_bool(0.5) {
+                "ship"
+            } else {
+                "release"
+            };
+            let order = self.order_name(order);
+            self.body.command(kind, &self.workload.run_id, &self.tag, n);
+            self.body.field_str("sku", &sku_name(sku));
+            self.body.field_str("order", &order);
+            self.body.end_command();
+            return;
         }
         let sku = self.rng.random_range(0..self.workload.skus.max(1));
-        let qty = if reject { REJECT_AMOUNT } else { self.rng.random_range(1..=10) };
+        let qty = if reject {
+            REJECT_AMOUNT
+        } else {
+            self.rng.random_range(1..=10)
+        };
         let order = self.next_order;
         self.next_order += 1;
         let order_name = self.order_name(order);
-        self.body.command("reserve", &self.workload.run_id, &self.tag, n);
+        self.body
+            .command("reserve", &self.workload.run_id, &self.tag, n);
         self.body.field_str("sku", &sku_name(sku));
         self.body.field_u64("qty", qty);
         self.body.field_str("order", &order_name);
@@ -317,6 +340,7 @@ pub fn run_id_from_millis(millis: u128) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::Value;
@@ -356,7 +380,10 @@ mod tests {
         let second = parse(g.next_body(100, true));
         assert_eq!(second["atomic"], true);
         for c in second["commands"].as_array().unwrap() {
-            assert!(ids.insert(c["id"].as_str().unwrap().to_owned()), "ids repeat across requests");
+            assert!(
+                ids.insert(c["id"].as_str().unwrap().to_owned()),
+                "ids repeat across requests"
+            );
         }
     }
 
@@ -390,7 +417,13 @@ mod tests {
     fn inventory_ships_or_releases_only_confirmed_reservations() {
         let mut g = Generator::new(&workload(Mix::Inventory), 0);
         let first = parse(g.next_body(20, false));
-        assert!(first["commands"].as_array().unwrap().iter().all(|c| c["type"] == "reserve"));
+        assert!(
+            first["commands"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["type"] == "reserve")
+        );
         // Only items 0 and 1 committed: at most those two orders may be settled later.
         g.confirm(|position| position < 2);
         let orders: Vec<String> = first["commands"].as_array().unwrap()[..2]

@@ -1,0 +1,98 @@
+# Benchmark targets (issue 5). Included by the top-level Makefile (`include bench/bench.mk`);
+# run them from the repository root. docs/BENCHMARKING.md is the guide.
+#
+# Each HTTP scenario runs bench/run-scenario.sh: fio preflight -> fresh `keel serve` on a
+# temporary data directory and a free loopback port -> load -> SIGTERM -> `keel audit`, and
+# fails unless the audit ends with INTEGRITY_OK. Results: bench/results/<UTC date>-<scenario>/.
+#
+# Every knob is a make or environment variable; empty means "the scenario's default":
+#   make bench-dense BENCH_DURATION=2m BENCH_PAYLOAD_BYTES=256 FSYNC_MAX_LAT_US=2000
+
+BENCH_MK_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
+REPO_ROOT_FROM_BENCH := $(abspath $(BENCH_MK_DIR)/..)
+
+CARGO ?= cargo
+CARGO_TARGET_DIR ?= $(HOME)/.cache/keel-target
+export CARGO_TARGET_DIR
+KEEL_BIN ?= $(CARGO_TARGET_DIR)/release/keel
+KEEL_BENCH_BIN ?= $(CARGO_TARGET_DIR)/release/keel-bench
+export KEEL_BIN KEEL_BENCH_BIN
+
+BENCH_WORKERS ?=
+BENCH_BATCH ?=
+BENCH_DURATION ?=
+BENCH_ACCOUNTS ?=
+BENCH_SKUS ?=
+BENCH_MIX ?=
+BENCH_PAYLOAD_BYTES ?=
+BENCH_RATE ?=
+BENCH_ATOMIC ?=
+BENCH_REJECT_RATIO ?=
+BENCH_SEED ?=
+BENCH_SAMPLE_INTERVAL ?=
+BENCH_MAX_REQUESTS ?=
+BENCH_IN_FLIGHT ?=
+BENCH_CEILING_BATCHES ?=
+BENCH_PREFLIGHT ?= 1
+BENCH_KEEP_DATA ?= 0
+BENCH_DATA_ROOT ?= $(or $(TMPDIR),/tmp)
+FSYNC_MAX_LAT_US ?= 5000
+FIO_RUNTIME ?= 10s
+KEEL_SERVE_ARGS ?=
+export BENCH_ACCOUNTS BENCH_SKUS BENCH_MIX BENCH_PAYLOAD_BYTES BENCH_RATE BENCH_ATOMIC
+export BENCH_REJECT_RATIO BENCH_SEED BENCH_SAMPLE_INTERVAL BENCH_MAX_REQUESTS BENCH_IN_FLIGHT
+export BENCH_CEILING_BATCHES BENCH_PREFLIGHT BENCH_KEEP_DATA BENCH_DATA_ROOT FSYNC_MAX_LAT_US
+export FIO_RUNTIME KEEL_SERVE_ARGS
+
+RUN_SCENARIO := $(BENCH_MK_DIR)/run-scenario.sh
+BENCH_STAMP = $(shell date -u +%Y%m%dT%H%M%SZ)
+
+.PHONY: bench-build preflight bench bench-broker bench-ceiling bench-dense bench-engine \
+	cloud-bench-broker cloud-bench-dense bench-test
+
+## Build the release binaries the benchmarks use (keel and keel-bench).
+bench-build:
+	$(CARGO) build --release -p keel-ingress -p keel-bench
+
+## fio fsync preflight of BENCH_DATA_ROOT's disk; fails when p99 > FSYNC_MAX_LAT_US.
+preflight: bench-build
+	@$(BENCH_MK_DIR)/ensure-fio.sh
+	@mkdir -p $(BENCH_MK_DIR)/results
+	$(KEEL_BENCH_BIN) --preflight --dir "$(BENCH_DATA_ROOT)" --fsync-max-lat-us $(FSYNC_MAX_LAT_US) \
+		--fio-runtime $(FIO_RUNTIME) --json $(BENCH_MK_DIR)/results/preflight-$(BENCH_STAMP).json
+
+## Short smoke run (< 1 minute): 1 worker x batch 1000 for 15 s.
+bench: bench-build
+	BENCH_WORKERS=$(or $(BENCH_WORKERS),1) BENCH_BATCH=$(or $(BENCH_BATCH),1000) \
+	BENCH_DURATION=$(or $(BENCH_DURATION),15s) $(RUN_SCENARIO) bench
+
+## Sustained broker-style run: 1 worker x batch 1000 for 10 minutes.
+bench-broker: bench-build
+	BENCH_WORKERS=$(or $(BENCH_WORKERS),1) BENCH_BATCH=$(or $(BENCH_BATCH),1000) \
+	BENCH_DURATION=$(or $(BENCH_DURATION),10m) $(RUN_SCENARIO) broker
+
+## Ceiling: batch 1000 vs batch 2000, one minute each, side by side.
+bench-ceiling: bench-build
+	BENCH_WORKERS=$(or $(BENCH_WORKERS),1) BENCH_DURATION=$(or $(BENCH_DURATION),1m) \
+	$(BENCH_MK_DIR)/run-ceiling.sh
+
+## Dense: 64 workers x batch 100 (many small concurrent requests, group commit).
+bench-dense: bench-build
+	BENCH_WORKERS=$(or $(BENCH_WORKERS),64) BENCH_BATCH=$(or $(BENCH_BATCH),100) \
+	BENCH_DURATION=$(or $(BENCH_DURATION),1m) $(RUN_SCENARIO) dense
+
+## In-process engine ceiling (no HTTP): batch 1000, 4 submissions in flight, 30 s.
+bench-engine: bench-build
+	BENCH_KIND=engine BENCH_BATCH=$(or $(BENCH_BATCH),1000) \
+	BENCH_DURATION=$(or $(BENCH_DURATION),30s) $(RUN_SCENARIO) engine
+
+## The same scenarios on a VM over ssh (KEEL_VM_HOST, KEEL_VM_USER, KEEL_VM_KEY).
+cloud-bench-broker:
+	$(REPO_ROOT_FROM_BENCH)/deploy/cloud/bench.sh bench-broker
+
+cloud-bench-dense:
+	$(REPO_ROOT_FROM_BENCH)/deploy/cloud/bench.sh bench-dense
+
+## keel-bench's own tests (unit, script and config checks, smoke against a real keel serve).
+bench-test: bench-build
+	$(CARGO) test --release -p keel-bench
