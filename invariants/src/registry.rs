@@ -103,6 +103,16 @@ pub fn decide(
             ));
         }
     }
+    let kind = match &envelope.command {
+        Command::Ledger(_) => ledger::KIND,
+        Command::Inventory(_) => inventory::KIND,
+    };
+    if let Some(id) = envelope.command.targets().iter().find(|id| id.kind() != kind) {
+        return Err(Rejection::new(
+            RejectCode::WrongKind,
+            format!("{id} is not a `{kind}` aggregate id"),
+        ));
+    }
     match &envelope.command {
         Command::Ledger(c) => {
             let targets = Ledger::targets(c);
