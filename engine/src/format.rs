@@ -41,7 +41,10 @@ pub fn decode_seq_key(key: &[u8]) -> Result<u64, FormatError> {
 /// Splits an event value into its batch sequence and the domain payload.
 pub fn split_event_value(value: &[u8]) -> Result<(u64, &[u8]), FormatError> {
     if value.len() < 8 {
-        return Err(FormatError(format!("event value of {} bytes, shorter than 8", value.len())));
+        return Err(FormatError(format!(
+            "event value of {} bytes, shorter than 8",
+            value.len()
+        )));
     }
     let (batch, payload) = value.split_at(8);
     Ok((decode_seq_key(batch)?, payload))
@@ -119,7 +122,13 @@ impl BatchHeader {
 pub struct BatchHasher(blake3::Hasher);
 
 impl BatchHasher {
-    pub fn new(seq: u64, first_event: u64, count: u32, committed_at_us: u64, prev: &[u8; 32]) -> Self {
+    pub fn new(
+        seq: u64,
+        first_event: u64,
+        count: u32,
+        committed_at_us: u64,
+        prev: &[u8; 32],
+    ) -> Self {
         let mut h = blake3::Hasher::new();
         h.update(HASH_CONTEXT);
         h.update(&seq.to_be_bytes());
@@ -167,7 +176,10 @@ impl ChainTip {
 
     pub fn decode(value: &[u8]) -> Result<Self, FormatError> {
         if value.len() != Self::ENCODED_LEN {
-            return Err(FormatError(format!("chain tip of {} bytes, expected 56", value.len())));
+            return Err(FormatError(format!(
+                "chain tip of {} bytes, expected 56",
+                value.len()
+            )));
         }
         let u64_at = |at: usize| {
             let mut b = [0u8; 8];

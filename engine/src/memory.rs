@@ -39,7 +39,10 @@ pub struct MemoryStorage {
 
 impl MemoryStorage {
     pub fn new(plan: FaultPlan) -> Self {
-        Self { inner: Mutex::default(), plan }
+        Self {
+            inner: Mutex::default(),
+            plan,
+        }
     }
 
     /// The store as a restarted process finds it after power loss now: only what was synced.
@@ -47,7 +50,11 @@ impl MemoryStorage {
         let inner = self.lock();
         let synced = inner.synced.clone();
         MemoryStorage {
-            inner: Mutex::new(Inner { written: synced.clone(), synced, ..Inner::default() }),
+            inner: Mutex::new(Inner {
+                written: synced.clone(),
+                synced,
+                ..Inner::default()
+            }),
             plan: FaultPlan::default(),
         }
     }
@@ -60,12 +67,16 @@ impl MemoryStorage {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock can only come from a test assertion; the data is
         // still consistent (every mutation below is a plain insert), so keep going.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn powered(inner: &Inner) -> Result<(), StorageError> {
         if inner.powered_off {
-            return Err(StorageError::Io("injected power loss: the device is gone".into()));
+            return Err(StorageError::Io(
+                "injected power loss: the device is gone".into(),
+            ));
         }
         Ok(())
     }
@@ -73,7 +84,10 @@ impl MemoryStorage {
 
 fn apply(tables: &mut Tables, set: &WriteSet) {
     for (cf, key, value) in set.iter() {
-        tables.entry(cf).or_default().insert(key.to_vec(), value.to_vec());
+        tables
+            .entry(cf)
+            .or_default()
+            .insert(key.to_vec(), value.to_vec());
     }
 }
 
@@ -93,7 +107,9 @@ impl Storage for MemoryStorage {
         }
         apply(&mut inner.written, set);
         if self.plan.fail_sync_at == Some(n) {
-            return Err(StorageError::Io(format!("injected fsync failure at sync {n}")));
+            return Err(StorageError::Io(format!(
+                "injected fsync failure at sync {n}"
+            )));
         }
         // A sync makes everything written so far durable, not only this set.
         inner.synced = inner.written.clone();
@@ -110,7 +126,10 @@ impl Storage for MemoryStorage {
         let inner = self.lock();
         Self::powered(&inner)?;
         let table = inner.written.get(&cf);
-        Ok(keys.iter().map(|k| table.and_then(|t| t.get(*k)).cloned()).collect())
+        Ok(keys
+            .iter()
+            .map(|k| table.and_then(|t| t.get(*k)).cloned())
+            .collect())
     }
 
     fn scan(&self, cf: Cf, start: &[u8], visit: Visit<'_>) -> Result<(), StorageError> {

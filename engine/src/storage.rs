@@ -93,7 +93,12 @@ impl WriteSet {
         let value_start = self.bytes.len();
         value(&mut self.bytes);
         let value_end = self.bytes.len();
-        self.puts.push(Put { cf, key_start, value_start, value_end });
+        self.puts.push(Put {
+            cf,
+            key_start,
+            value_start,
+            value_end,
+        });
         self.puts.len() - 1
     }
 
@@ -104,7 +109,11 @@ impl WriteSet {
     /// The put number `index`: its column family, key and value.
     pub fn get(&self, index: usize) -> (Cf, &[u8], &[u8]) {
         let p = self.puts[index];
-        (p.cf, &self.bytes[p.key_start..p.value_start], &self.bytes[p.value_start..p.value_end])
+        (
+            p.cf,
+            &self.bytes[p.key_start..p.value_start],
+            &self.bytes[p.value_start..p.value_end],
+        )
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (Cf, &[u8], &[u8])> {

@@ -1,9 +1,7 @@
 //! JSON wire types of the HTTP API (docs/API.md) and their translation to and from the domain.
 //! Only this module knows the JSON shape; the domain types are not `Serialize` for its sake.
 
-use keel_invariants::{
-    Aggregate, AggregateId, Command, Envelope, Event, State, inventory, ledger,
-};
+use keel_invariants::{Aggregate, AggregateId, Command, Envelope, Event, State, inventory, ledger};
 use keel_sequencer::{CommittedEvent, ItemResult, Reply};
 use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -25,7 +23,10 @@ pub struct WireError {
 
 impl WireError {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -118,7 +119,10 @@ struct Item<'a> {
 
 impl Item<'_> {
     fn error(&self, code: &'static str, detail: impl fmt::Display) -> WireError {
-        WireError::new(code, format!("commands[{}] ({}): {detail}", self.index, self.kind))
+        WireError::new(
+            code,
+            format!("commands[{}] ({}): {detail}", self.index, self.kind),
+        )
     }
 
     fn required<T>(&self, field: &str, value: Option<T>) -> Result<T, WireError> {
@@ -127,11 +131,17 @@ impl Item<'_> {
 
     fn name(&self, field: &str, value: Option<String>) -> Result<String, WireError> {
         let value = self.required(field, value)?;
-        check_name(&value).map_err(|why| self.error("invalid_name", format!("field `{field}` {why}")))?;
+        check_name(&value)
+            .map_err(|why| self.error("invalid_name", format!("field `{field}` {why}")))?;
         Ok(value)
     }
 
-    fn aggregate(&self, kind: &str, field: &str, value: Option<String>) -> Result<AggregateId, WireError> {
+    fn aggregate(
+        &self,
+        kind: &str,
+        field: &str,
+        value: Option<String>,
+    ) -> Result<AggregateId, WireError> {
         Ok(AggregateId::new(kind, &self.name(field, value)?))
     }
 
@@ -139,7 +149,10 @@ impl Item<'_> {
     fn positive(&self, field: &str, value: Option<Number>) -> Result<u64, WireError> {
         let n = self.count(field, value)?;
         if n == 0 {
-            return Err(self.error("invalid_amount", format!("field `{field}` must be greater than 0")));
+            return Err(self.error(
+                "invalid_amount",
+                format!("field `{field}` must be greater than 0"),
+            ));
         }
         Ok(n)
     }
@@ -151,7 +164,10 @@ impl Item<'_> {
             Some(n) if i64::try_from(n).is_ok() => Ok(n),
             _ => Err(self.error(
                 "invalid_amount",
-                format!("field `{field}` is {number}; it must be an integer from 0 to {}", i64::MAX),
+                format!(
+                    "field `{field}` is {number}; it must be an integer from 0 to {}",
+                    i64::MAX
+                ),
             )),
         }
     }
@@ -160,7 +176,10 @@ impl Item<'_> {
         match memo {
             Some(m) if m.len() > MEMO_BYTES_MAX => Err(self.error(
                 "invalid_memo",
-                format!("field `memo` has {} bytes; at most {MEMO_BYTES_MAX} are allowed", m.len()),
+                format!(
+                    "field `memo` has {} bytes; at most {MEMO_BYTES_MAX} are allowed",
+                    m.len()
+                ),
             )),
             other => Ok(other),
         }
@@ -170,10 +189,15 @@ impl Item<'_> {
 /// Names (aggregate names, orders, command ids): 1 to 128 bytes, printable ASCII, no spaces.
 fn check_name(value: &str) -> Result<(), String> {
     if value.is_empty() || value.len() > NAME_BYTES_MAX {
-        return Err(format!("must have 1 to {NAME_BYTES_MAX} bytes, has {}", value.len()));
+        return Err(format!(
+            "must have 1 to {NAME_BYTES_MAX} bytes, has {}",
+            value.len()
+        ));
     }
     if let Some(c) = value.chars().find(|c| !c.is_ascii_graphic()) {
-        return Err(format!("contains {c:?}; only printable ASCII without spaces is allowed"));
+        return Err(format!(
+            "contains {c:?}; only printable ASCII without spaces is allowed"
+        ));
     }
     Ok(())
 }
@@ -199,7 +223,10 @@ impl RawCommand {
     /// Validates the command at `index` and builds its envelope.
     pub fn into_envelope(mut self, index: usize) -> Result<Envelope, WireError> {
         let kind = self.kind.take().ok_or_else(|| {
-            WireError::new("missing_field", format!("commands[{index}]: field `type` is required"))
+            WireError::new(
+                "missing_field",
+                format!("commands[{index}]: field `type` is required"),
+            )
         })?;
         let item = Item { index, kind: &kind };
         let allowed = fields_of(&kind).ok_or_else(|| {
@@ -209,18 +236,26 @@ impl RawCommand {
             )
         })?;
         if let Some(extra) = self.present().find(|f| !allowed.contains(f)) {
-            return Err(item.error("unexpected_field", format!("field `{extra}` does not belong to this command type")));
+            return Err(item.error(
+                "unexpected_field",
+                format!("field `{extra}` does not belong to this command type"),
+            ));
         }
         let id = match self.id.take() {
             Some(id) => {
-                check_name(&id).map_err(|why| item.error("invalid_name", format!("field `id` {why}")))?;
+                check_name(&id)
+                    .map_err(|why| item.error("invalid_name", format!("field `id` {why}")))?;
                 Some(id)
             }
             None => None,
         };
         let expected_version = self.expected_version;
         let command = self.command(&item)?;
-        Ok(Envelope { id, expected_version, command })
+        Ok(Envelope {
+            id,
+            expected_version,
+            command,
+        })
     }
 
     fn command(self, item: &Item<'_>) -> Result<Command, WireError> {
@@ -252,7 +287,9 @@ impl RawCommand {
                 amount: item.positive("amount", self.amount)?,
                 memo: item.memo(self.memo)?,
             }),
-            "close_account" => Command::Ledger(L::CloseAccount { account: account(self.account)? }),
+            "close_account" => Command::Ledger(L::CloseAccount {
+                account: account(self.account)?,
+            }),
             "create_sku" => Command::Inventory(I::CreateSku {
                 sku: sku(self.sku)?,
                 on_hand: item.count("on_hand", self.on_hand)?,
@@ -266,26 +303,45 @@ impl RawCommand {
                 qty: item.positive("qty", self.qty)?,
                 order: item.name("order", self.order)?,
             }),
-            "release" => Command::Inventory(I::Release { sku: sku(self.sku)?, order: item.name("order", self.order)? }),
-            "ship" => Command::Inventory(I::Ship { sku: sku(self.sku)?, order: item.name("order", self.order)? }),
-            other => return Err(item.error("unknown_command_type", format!("unknown command type `{other}`"))),
+            "release" => Command::Inventory(I::Release {
+                sku: sku(self.sku)?,
+                order: item.name("order", self.order)?,
+            }),
+            "ship" => Command::Inventory(I::Ship {
+                sku: sku(self.sku)?,
+                order: item.name("order", self.order)?,
+            }),
+            other => {
+                return Err(item.error(
+                    "unknown_command_type",
+                    format!("unknown command type `{other}`"),
+                ));
+            }
         })
     }
 }
 
 /// Parses and validates a whole `POST /v1/batches` body.
-pub fn parse_batch(body: &[u8], batch_items_max: usize) -> Result<(Vec<Envelope>, bool), WireError> {
+pub fn parse_batch(
+    body: &[u8],
+    batch_items_max: usize,
+) -> Result<(Vec<Envelope>, bool), WireError> {
     PARSING_ITEM.set(None);
     let request: BatchRequest =
         serde_json::from_slice(body).map_err(|e| json_error(e, PARSING_ITEM.take()))?;
     let items = request.commands.0.len();
     if items == 0 {
-        return Err(WireError::new("empty_batch", "`commands` is empty; send at least one command"));
+        return Err(WireError::new(
+            "empty_batch",
+            "`commands` is empty; send at least one command",
+        ));
     }
     if items > batch_items_max {
         return Err(WireError::new(
             "too_many_items",
-            format!("`commands` has {items} items; at most {batch_items_max} are allowed per request"),
+            format!(
+                "`commands` has {items} items; at most {batch_items_max} are allowed per request"
+            ),
         ));
     }
     let envelopes = request
@@ -303,7 +359,9 @@ fn json_error(e: serde_json::Error, item: Option<usize>) -> WireError {
     use serde_json::error::Category;
     let message = e.to_string();
     let code = match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => return WireError::new("invalid_json", message),
+        Category::Syntax | Category::Eof | Category::Io => {
+            return WireError::new("invalid_json", message);
+        }
         Category::Data if message.starts_with("unknown field") => "unknown_field",
         Category::Data if message.starts_with("missing field") => "missing_field",
         Category::Data => "invalid_request",
@@ -349,14 +407,21 @@ impl From<Reply> for BatchResponse {
             .into_iter()
             .map(|r| match r {
                 ItemResult::Committed { seq, replayed } => ItemDto::Committed { seq, replayed },
-                ItemResult::Rejected { rejection, replayed } => ItemDto::Rejected {
+                ItemResult::Rejected {
+                    rejection,
+                    replayed,
+                } => ItemDto::Rejected {
                     code: rejection.code.as_str(),
                     message: rejection.message,
                     replayed,
                 },
             })
             .collect();
-        Self { batch: reply.batch, committed_at: timestamp(reply.committed_at_us), results }
+        Self {
+            batch: reply.batch,
+            committed_at: timestamp(reply.committed_at_us),
+            results,
+        }
     }
 }
 
@@ -404,19 +469,44 @@ fn event_data(event: &Event) -> Value {
     use inventory::Event as I;
     use ledger::Event as L;
     match event {
-        Event::Ledger(L::AccountOpened { account, overdraft_limit }) => {
+        Event::Ledger(L::AccountOpened {
+            account,
+            overdraft_limit,
+        }) => {
             json!({"account": account.name(), "overdraft_limit": overdraft_limit})
         }
-        Event::Ledger(L::Deposited { account, amount, memo } | L::Withdrew { account, amount, memo }) => {
+        Event::Ledger(
+            L::Deposited {
+                account,
+                amount,
+                memo,
+            }
+            | L::Withdrew {
+                account,
+                amount,
+                memo,
+            },
+        ) => {
             json!({"account": account.name(), "amount": amount, "memo": memo})
         }
-        Event::Ledger(L::Transferred { from, to, amount, memo }) => {
+        Event::Ledger(L::Transferred {
+            from,
+            to,
+            amount,
+            memo,
+        }) => {
             json!({"from": from.name(), "to": to.name(), "amount": amount, "memo": memo})
         }
         Event::Ledger(L::AccountClosed { account }) => json!({"account": account.name()}),
-        Event::Inventory(I::SkuCreated { sku, on_hand }) => json!({"sku": sku.name(), "on_hand": on_hand}),
+        Event::Inventory(I::SkuCreated { sku, on_hand }) => {
+            json!({"sku": sku.name(), "on_hand": on_hand})
+        }
         Event::Inventory(I::Restocked { sku, qty }) => json!({"sku": sku.name(), "qty": qty}),
-        Event::Inventory(I::Reserved { sku, qty, order } | I::Released { sku, qty, order } | I::Shipped { sku, qty, order }) => {
+        Event::Inventory(
+            I::Reserved { sku, qty, order }
+            | I::Released { sku, qty, order }
+            | I::Shipped { sku, qty, order },
+        ) => {
             json!({"sku": sku.name(), "qty": qty, "order": order})
         }
     }

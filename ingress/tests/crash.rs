@@ -34,22 +34,35 @@ async fn load(url: String, worker: usize, round: usize, acked: Acked) {
         let items: Vec<(String, usize, u64)> = (0..ITEMS_PER_REQUEST)
             .map(|i| {
                 let n = request * ITEMS_PER_REQUEST + i;
-                (format!("r{round}-w{worker}-{n}"), (worker * 7 + n) % ACCOUNTS, (n % 9 + 1) as u64)
+                (
+                    format!("r{round}-w{worker}-{n}"),
+                    (worker * 7 + n) % ACCOUNTS,
+                    (n % 9 + 1) as u64,
+                )
             })
             .collect();
         let commands: Vec<Value> = items
             .iter()
             .map(|(id, account, amount)| json!({"type": "deposit", "id": id, "account": format!("acc-{account}"), "amount": amount}))
             .collect();
-        let Ok(response) = c.post(format!("{url}/v1/batches")).json(&json!({"commands": commands})).send().await else {
+        let Ok(response) = c
+            .post(format!("{url}/v1/batches"))
+            .json(&json!({"commands": commands}))
+            .send()
+            .await
+        else {
             return; // the server died: this request is unacknowledged
         };
         if response.status() != 200 {
             return;
         }
-        let Ok(body) = response.json::<Value>().await else { return };
+        let Ok(body) = response.json::<Value>().await else {
+            return;
+        };
         let mut acked = acked.lock().unwrap();
-        for ((id, account, amount), result) in items.into_iter().zip(body["results"].as_array().unwrap()) {
+        for ((id, account, amount), result) in
+            items.into_iter().zip(body["results"].as_array().unwrap())
+        {
             assert_eq!(result["status"], "committed", "{result}");
             acked.insert(id, (result["seq"].as_u64().unwrap(), account, amount));
         }
@@ -59,13 +72,24 @@ async fn load(url: String, worker: usize, round: usize, acked: Acked) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_never_loses_an_acknowledged_item() {
     let dir = tempfile::tempdir().unwrap();
-    let mut seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
     eprintln!("crash test seed {seed}");
     let acked: Acked = Arc::default();
     {
         let keel = KeelProcess::start(dir.path(), &[]);
-        let opens: Vec<Value> = (0..ACCOUNTS).map(|i| json!({"type": "open_account", "account": format!("acc-{i}")})).collect();
-        let r = client().post(format!("{}/v1/batches", keel.url)).json(&json!({"commands": opens})).send().await.unwrap();
+        let opens: Vec<Value> = (0..ACCOUNTS)
+            .map(|i| json!({"type": "open_account", "account": format!("acc-{i}")}))
+            .collect();
+        let r = client()
+            .post(format!("{}/v1/batches", keel.url))
+            .json(&json!({"commands": opens}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         keel.kill9();
     }
@@ -78,18 +102,29 @@ async fn kill_9_under_load_never_loses_an_acknowledged_item() {
         tokio::time::sleep(Duration::from_millis(delay)).await;
         keel.kill9();
         for task in tasks {
-            tokio::time::timeout(Duration::from_secs(30), task).await.expect("load stops").unwrap();
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("load stops")
+                .unwrap();
         }
-        eprintln!("round {round}: killed after {delay} ms; {} items acknowledged so far", acked.lock().unwrap().len());
+        eprintln!(
+            "round {round}: killed after {delay} ms; {} items acknowledged so far",
+            acked.lock().unwrap().len()
+        );
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= ROUNDS * ITEMS_PER_REQUEST, "the load made progress: {}", acked.len());
+    assert!(
+        acked.len() >= ROUNDS * ITEMS_PER_REQUEST,
+        "the load made progress: {}",
+        acked.len()
+    );
     verify_store(dir.path(), &acked);
 }
 
 fn verify_store(dir: &std::path::Path, acked: &HashMap<String, (u64, usize, u64)>) {
     // Opening runs recovery, which refuses a store with a tail past the last batch header.
-    let engine = keel_engine::Engine::open_rocksdb(dir).expect("the store reopens after every crash");
+    let engine =
+        keel_engine::Engine::open_rocksdb(dir).expect("the store reopens after every crash");
     drop(engine);
     let storage = RocksStorage::open(dir).unwrap();
     let mut events: BTreeMap<u64, Event> = BTreeMap::new();
@@ -97,36 +132,69 @@ fn verify_store(dir: &std::path::Path, acked: &HashMap<String, (u64, usize, u64)
     let summary = verify_chain(&storage, &mut |seq, _batch, payload| {
         let logged = codec::decode_event(payload).expect("event decodes");
         if let Some(id) = logged.command_id {
-            assert!(ids.insert(id, seq).is_none(), "a command id committed twice");
+            assert!(
+                ids.insert(id, seq).is_none(),
+                "a command id committed twice"
+            );
         }
         events.insert(seq, logged.event);
     })
     .expect("hash chain verifies, batches and events are gapless, no event outside a batch");
     assert_eq!(summary.events, events.len() as u64);
-    assert_eq!(events.keys().copied().collect::<Vec<_>>(), (1..=summary.events).collect::<Vec<_>>());
+    assert_eq!(
+        events.keys().copied().collect::<Vec<_>>(),
+        (1..=summary.events).collect::<Vec<_>>()
+    );
 
     for (id, (seq, account, amount)) in acked {
-        assert_eq!(ids.get(id), Some(seq), "acknowledged {id} is in the log at its acknowledged seq");
-        let Some(Event::Ledger(ledger::Event::Deposited { account: a, amount: m, .. })) = events.get(seq) else {
+        assert_eq!(
+            ids.get(id),
+            Some(seq),
+            "acknowledged {id} is in the log at its acknowledged seq"
+        );
+        let Some(Event::Ledger(ledger::Event::Deposited {
+            account: a,
+            amount: m,
+            ..
+        })) = events.get(seq)
+        else {
             panic!("event {seq} of {id} is not the acknowledged deposit");
         };
         assert_eq!((a.name(), *m), (format!("acc-{account}").as_str(), *amount));
-        let outcome = storage.get(Cf::CommandIds, id.as_bytes()).unwrap().expect("acknowledged id is indexed");
-        assert_eq!(codec::decode_outcome(&outcome).unwrap(), CommandOutcome::Committed { seq: *seq });
+        let outcome = storage
+            .get(Cf::CommandIds, id.as_bytes())
+            .unwrap()
+            .expect("acknowledged id is indexed");
+        assert_eq!(
+            codec::decode_outcome(&outcome).unwrap(),
+            CommandOutcome::Committed { seq: *seq }
+        );
     }
 
     // State equals the log: every balance is the sum of the deposits the log holds for it.
     let mut balances: HashMap<String, i64> = HashMap::new();
     for event in events.values() {
-        if let Event::Ledger(ledger::Event::Deposited { account, amount, .. }) = event {
+        if let Event::Ledger(ledger::Event::Deposited {
+            account, amount, ..
+        }) = event
+        {
             *balances.entry(account.as_str().to_string()).or_default() += *amount as i64;
         }
     }
     for i in 0..ACCOUNTS {
         let id = format!("account:acc-{i}");
-        let stored = storage.get(Cf::State, id.as_bytes()).unwrap().expect("account exists");
+        let stored = storage
+            .get(Cf::State, id.as_bytes())
+            .unwrap()
+            .expect("account exists");
         let aggregate = codec::decode_aggregate(&stored).unwrap();
-        let keel_invariants::State::Account(account) = aggregate.state else { panic!("{id} is an account") };
-        assert_eq!(account.balance, balances.get(&id).copied().unwrap_or(0), "{id} balance equals its logged deposits");
+        let keel_invariants::State::Account(account) = aggregate.state else {
+            panic!("{id} is an account")
+        };
+        assert_eq!(
+            account.balance,
+            balances.get(&id).copied().unwrap_or(0),
+            "{id} balance equals its logged deposits"
+        );
     }
 }

@@ -23,13 +23,28 @@ fn start_app(storage: Arc<MemoryStorage>) -> (axum::Router, Arc<Sequencer>) {
     (router(state), sequencer)
 }
 
-async fn call(app: &axum::Router, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
-    let request = Request::builder().method(method).uri(uri).header("content-type", "application/json");
-    let request = request.body(body.map_or(Body::empty(), |b| Body::from(b.to_string()))).unwrap();
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json");
+    let request = request
+        .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+        .unwrap();
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 fn deposit(n: u64) -> Value {
@@ -39,11 +54,23 @@ fn deposit(n: u64) -> Value {
 #[tokio::test]
 async fn failed_fsync_poisons_the_engine_and_acknowledges_nothing() {
     // Sync 1 records the format version, sync 2 opens the account, sync 3 a deposit, sync 4 fails.
-    let storage = Arc::new(MemoryStorage::new(FaultPlan { fail_sync_at: Some(4), power_loss_at: None }));
+    let storage = Arc::new(MemoryStorage::new(FaultPlan {
+        fail_sync_at: Some(4),
+        power_loss_at: None,
+    }));
     let (app, sequencer) = start_app(Arc::clone(&storage));
-    let (status, _) = call(&app, "POST", "/v1/batches", Some(json!({"commands": [{"type": "open_account", "account": "a"}]}))).await;
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/v1/batches",
+        Some(json!({"commands": [{"type": "open_account", "account": "a"}]})),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(call(&app, "POST", "/v1/batches", Some(deposit(1))).await.0, StatusCode::OK);
+    assert_eq!(
+        call(&app, "POST", "/v1/batches", Some(deposit(1))).await.0,
+        StatusCode::OK
+    );
 
     let (status, body) = call(&app, "POST", "/v1/batches", Some(deposit(2))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -53,13 +80,29 @@ async fn failed_fsync_poisons_the_engine_and_acknowledges_nothing() {
     // Everything afterwards is refused at once, reads included: the failed batch may sit in the
     // page cache, and a read must never show what was not durable.
     let (status, body) = call(&app, "POST", "/v1/batches", Some(deposit(3))).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("engine_poisoned")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("engine_poisoned"))
+    );
     let (status, _) = call(&app, "GET", "/v1/aggregates/account:a", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(call(&app, "GET", "/v1/events", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(call(&app, "GET", "/healthz", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(call(&app, "GET", "/readyz", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(storage.syncs(), 4, "no retry of the failed sync, no later write");
+    assert_eq!(
+        call(&app, "GET", "/v1/events", None).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        call(&app, "GET", "/healthz", None).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        call(&app, "GET", "/readyz", None).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        storage.syncs(),
+        4,
+        "no retry of the failed sync, no later write"
+    );
 
     // After a restart, exactly the acknowledged batches are there.
     drop(app);
@@ -67,20 +110,35 @@ async fn failed_fsync_poisons_the_engine_and_acknowledges_nothing() {
     let (app, _sequencer) = start_app(Arc::new(storage.after_power_loss()));
     let (status, a) = call(&app, "GET", "/v1/aggregates/account:a", None).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!((a["version"].as_u64(), a["state"]["balance"].as_i64()), (Some(2), Some(1)));
+    assert_eq!(
+        (a["version"].as_u64(), a["state"]["balance"].as_i64()),
+        (Some(2), Some(1))
+    );
     let (_, events) = call(&app, "GET", "/v1/events", None).await;
     assert_eq!(events["last_seq"], 2);
     // The unacknowledged deposit was never recorded, so its retry is decided afresh.
     let (_, retry) = call(&app, "POST", "/v1/batches", Some(deposit(2))).await;
-    assert_eq!(retry["results"][0], json!({"status": "committed", "seq": 3}));
+    assert_eq!(
+        retry["results"][0],
+        json!({"status": "committed", "seq": 3})
+    );
 }
 
 #[tokio::test]
 async fn power_loss_during_commit_keeps_exactly_the_acknowledged_batches() {
     for loss_at in 2..=6 {
-        let storage = Arc::new(MemoryStorage::new(FaultPlan { fail_sync_at: None, power_loss_at: Some(loss_at) }));
+        let storage = Arc::new(MemoryStorage::new(FaultPlan {
+            fail_sync_at: None,
+            power_loss_at: Some(loss_at),
+        }));
         let (app, sequencer) = start_app(Arc::clone(&storage));
-        let (status, _) = call(&app, "POST", "/v1/batches", Some(json!({"commands": [{"type": "open_account", "account": "a"}]}))).await;
+        let (status, _) = call(
+            &app,
+            "POST",
+            "/v1/batches",
+            Some(json!({"commands": [{"type": "open_account", "account": "a"}]})),
+        )
+        .await;
         let mut acked_balance = 0;
         if status == StatusCode::OK {
             for n in 1..=5 {
@@ -97,9 +155,17 @@ async fn power_loss_during_commit_keeps_exactly_the_acknowledged_batches() {
         let (app, _sequencer) = start_app(Arc::new(storage.after_power_loss()));
         let (status, a) = call(&app, "GET", "/v1/aggregates/account:a", None).await;
         if loss_at == 2 {
-            assert_eq!(status, StatusCode::NOT_FOUND, "the unacknowledged open is gone");
+            assert_eq!(
+                status,
+                StatusCode::NOT_FOUND,
+                "the unacknowledged open is gone"
+            );
         } else {
-            assert_eq!(a["state"]["balance"].as_i64(), Some(acked_balance), "power loss at sync {loss_at}");
+            assert_eq!(
+                a["state"]["balance"].as_i64(),
+                Some(acked_balance),
+                "power loss at sync {loss_at}"
+            );
         }
     }
 }

@@ -39,7 +39,10 @@ fn encode_into<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) {
     // Serializing these types into a Vec cannot fail: no map with non-string keys, no
     // unsupported types, and a Vec grows as needed. A failure is a programming error.
     let result = postcard::to_io(value, &mut *out);
-    assert!(result.is_ok(), "postcard encoding into a Vec failed: {result:?}");
+    assert!(
+        result.is_ok(),
+        "postcard encoding into a Vec failed: {result:?}"
+    );
 }
 
 fn decode_exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {

@@ -37,7 +37,9 @@ impl AggregateId {
 
     /// The part after the first `:`.
     pub fn name(&self) -> &str {
-        self.0.split_once(':').map_or(self.0.as_str(), |(_, name)| name)
+        self.0
+            .split_once(':')
+            .map_or(self.0.as_str(), |(_, name)| name)
     }
 }
 
@@ -57,11 +59,17 @@ pub struct Targets<'a> {
 
 impl<'a> Targets<'a> {
     pub fn one(primary: &'a AggregateId) -> Self {
-        Self { primary, secondary: None }
+        Self {
+            primary,
+            secondary: None,
+        }
     }
 
     pub fn two(primary: &'a AggregateId, secondary: &'a AggregateId) -> Self {
-        Self { primary, secondary: Some(secondary) }
+        Self {
+            primary,
+            secondary: Some(secondary),
+        }
     }
 
     pub fn iter(self) -> impl Iterator<Item = &'a AggregateId> {
@@ -78,7 +86,10 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(code: RejectCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 

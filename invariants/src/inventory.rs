@@ -13,11 +13,27 @@ pub const KIND: &str = "sku";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    CreateSku { sku: AggregateId, on_hand: u64 },
-    Restock { sku: AggregateId, qty: u64 },
-    Reserve { sku: AggregateId, qty: u64, order: String },
-    Release { sku: AggregateId, order: String },
-    Ship { sku: AggregateId, order: String },
+    CreateSku {
+        sku: AggregateId,
+        on_hand: u64,
+    },
+    Restock {
+        sku: AggregateId,
+        qty: u64,
+    },
+    Reserve {
+        sku: AggregateId,
+        qty: u64,
+        order: String,
+    },
+    Release {
+        sku: AggregateId,
+        order: String,
+    },
+    Ship {
+        sku: AggregateId,
+        order: String,
+    },
 }
 
 /// Never reorder or remove variants: the position is the stored encoding (docs/FORMAT.md).
@@ -25,11 +41,29 @@ pub enum Command {
 /// lookup and projections can show it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
-    SkuCreated { sku: AggregateId, on_hand: u64 },
-    Restocked { sku: AggregateId, qty: u64 },
-    Reserved { sku: AggregateId, qty: u64, order: String },
-    Released { sku: AggregateId, qty: u64, order: String },
-    Shipped { sku: AggregateId, qty: u64, order: String },
+    SkuCreated {
+        sku: AggregateId,
+        on_hand: u64,
+    },
+    Restocked {
+        sku: AggregateId,
+        qty: u64,
+    },
+    Reserved {
+        sku: AggregateId,
+        qty: u64,
+        order: String,
+    },
+    Released {
+        sku: AggregateId,
+        qty: u64,
+        order: String,
+    },
+    Shipped {
+        sku: AggregateId,
+        qty: u64,
+        order: String,
+    },
 }
 
 impl Event {
@@ -71,13 +105,23 @@ impl Domain for Inventory {
         }
     }
 
-    fn decide(command: &Command, primary: Option<&Sku>, _: Option<&Sku>) -> Result<Event, Rejection> {
+    fn decide(
+        command: &Command,
+        primary: Option<&Sku>,
+        _: Option<&Sku>,
+    ) -> Result<Event, Rejection> {
         match command {
             Command::CreateSku { sku, on_hand } => {
                 if primary.is_some() {
-                    return Err(Rejection::new(RejectCode::SkuExists, format!("{sku} already exists")));
+                    return Err(Rejection::new(
+                        RejectCode::SkuExists,
+                        format!("{sku} already exists"),
+                    ));
                 }
-                Ok(Event::SkuCreated { sku: sku.clone(), on_hand: *on_hand })
+                Ok(Event::SkuCreated {
+                    sku: sku.clone(),
+                    on_hand: *on_hand,
+                })
             }
             Command::Restock { sku, qty } => {
                 let current = existing(sku, primary)?;
@@ -88,7 +132,10 @@ impl Domain for Inventory {
                         format!("restocking {qty} overflows {sku}'s on_hand"),
                     ));
                 }
-                Ok(Event::Restocked { sku: sku.clone(), qty: *qty })
+                Ok(Event::Restocked {
+                    sku: sku.clone(),
+                    qty: *qty,
+                })
             }
             Command::Reserve { sku, qty, order } => {
                 let current = existing(sku, primary)?;
@@ -106,15 +153,27 @@ impl Domain for Inventory {
                         format!("{sku} has {available} available; cannot reserve {qty}"),
                     ));
                 }
-                Ok(Event::Reserved { sku: sku.clone(), qty: *qty, order: order.clone() })
+                Ok(Event::Reserved {
+                    sku: sku.clone(),
+                    qty: *qty,
+                    order: order.clone(),
+                })
             }
             Command::Release { sku, order } => {
                 let qty = reservation(sku, existing(sku, primary)?, order)?;
-                Ok(Event::Released { sku: sku.clone(), qty, order: order.clone() })
+                Ok(Event::Released {
+                    sku: sku.clone(),
+                    qty,
+                    order: order.clone(),
+                })
             }
             Command::Ship { sku, order } => {
                 let qty = reservation(sku, existing(sku, primary)?, order)?;
-                Ok(Event::Shipped { sku: sku.clone(), qty, order: order.clone() })
+                Ok(Event::Shipped {
+                    sku: sku.clone(),
+                    qty,
+                    order: order.clone(),
+                })
             }
         }
     }
@@ -135,7 +194,11 @@ impl Domain for Inventory {
         // fail. The audit's invariant check catches a state only a corrupt log could produce.
         match event {
             Event::SkuCreated { on_hand, .. } => {
-                sku = Sku { on_hand: *on_hand, reserved: 0, reservations: BTreeMap::new() };
+                sku = Sku {
+                    on_hand: *on_hand,
+                    reserved: 0,
+                    reservations: BTreeMap::new(),
+                };
             }
             Event::Restocked { qty, .. } => sku.on_hand = sku.on_hand.wrapping_add(*qty),
             Event::Reserved { qty, order, .. } => {
@@ -159,14 +222,23 @@ impl Domain for Inventory {
         if state.reserved > state.on_hand {
             return Err(Violation {
                 invariant: "reserved <= on_hand",
-                detail: format!("reserved {} exceeds on_hand {}", state.reserved, state.on_hand),
+                detail: format!(
+                    "reserved {} exceeds on_hand {}",
+                    state.reserved, state.on_hand
+                ),
             });
         }
-        let sum = state.reservations.values().try_fold(0u64, |acc, q| acc.checked_add(*q));
+        let sum = state
+            .reservations
+            .values()
+            .try_fold(0u64, |acc, q| acc.checked_add(*q));
         if sum != Some(state.reserved) {
             return Err(Violation {
                 invariant: "reserved == sum(reservations)",
-                detail: format!("reserved {} but reservations sum to {sum:?}", state.reserved),
+                detail: format!(
+                    "reserved {} but reservations sum to {sum:?}",
+                    state.reserved
+                ),
             });
         }
         if let Some((order, _)) = state.reservations.iter().find(|(_, q)| **q == 0) {
@@ -185,7 +257,10 @@ fn existing<'a>(id: &AggregateId, state: Option<&'a Sku>) -> Result<&'a Sku, Rej
 
 fn positive(qty: u64) -> Result<(), Rejection> {
     if qty == 0 {
-        return Err(Rejection::new(RejectCode::InvalidAmount, "qty must be greater than 0"));
+        return Err(Rejection::new(
+            RejectCode::InvalidAmount,
+            "qty must be greater than 0",
+        ));
     }
     Ok(())
 }

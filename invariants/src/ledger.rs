@@ -11,21 +11,57 @@ pub const KIND: &str = "account";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    OpenAccount { account: AggregateId, overdraft_limit: u64 },
-    Deposit { account: AggregateId, amount: u64, memo: Option<String> },
-    Withdraw { account: AggregateId, amount: u64, memo: Option<String> },
-    Transfer { from: AggregateId, to: AggregateId, amount: u64, memo: Option<String> },
-    CloseAccount { account: AggregateId },
+    OpenAccount {
+        account: AggregateId,
+        overdraft_limit: u64,
+    },
+    Deposit {
+        account: AggregateId,
+        amount: u64,
+        memo: Option<String>,
+    },
+    Withdraw {
+        account: AggregateId,
+        amount: u64,
+        memo: Option<String>,
+    },
+    Transfer {
+        from: AggregateId,
+        to: AggregateId,
+        amount: u64,
+        memo: Option<String>,
+    },
+    CloseAccount {
+        account: AggregateId,
+    },
 }
 
 /// Never reorder or remove variants: the position is the stored encoding (docs/FORMAT.md).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
-    AccountOpened { account: AggregateId, overdraft_limit: u64 },
-    Deposited { account: AggregateId, amount: u64, memo: Option<String> },
-    Withdrew { account: AggregateId, amount: u64, memo: Option<String> },
-    Transferred { from: AggregateId, to: AggregateId, amount: u64, memo: Option<String> },
-    AccountClosed { account: AggregateId },
+    AccountOpened {
+        account: AggregateId,
+        overdraft_limit: u64,
+    },
+    Deposited {
+        account: AggregateId,
+        amount: u64,
+        memo: Option<String>,
+    },
+    Withdrew {
+        account: AggregateId,
+        amount: u64,
+        memo: Option<String>,
+    },
+    Transferred {
+        from: AggregateId,
+        to: AggregateId,
+        amount: u64,
+        memo: Option<String>,
+    },
+    AccountClosed {
+        account: AggregateId,
+    },
 }
 
 impl Event {
@@ -72,7 +108,10 @@ impl Domain for Ledger {
         secondary: Option<&Account>,
     ) -> Result<Event, Rejection> {
         match command {
-            Command::OpenAccount { account, overdraft_limit } => {
+            Command::OpenAccount {
+                account,
+                overdraft_limit,
+            } => {
                 if primary.is_some() {
                     return Err(Rejection::new(
                         RejectCode::AccountExists,
@@ -90,17 +129,38 @@ impl Domain for Ledger {
                     overdraft_limit: *overdraft_limit,
                 })
             }
-            Command::Deposit { account, amount, memo } => {
+            Command::Deposit {
+                account,
+                amount,
+                memo,
+            } => {
                 let current = open(account, primary)?;
                 credited(account, current, *amount)?;
-                Ok(Event::Deposited { account: account.clone(), amount: *amount, memo: memo.clone() })
+                Ok(Event::Deposited {
+                    account: account.clone(),
+                    amount: *amount,
+                    memo: memo.clone(),
+                })
             }
-            Command::Withdraw { account, amount, memo } => {
+            Command::Withdraw {
+                account,
+                amount,
+                memo,
+            } => {
                 let current = open(account, primary)?;
                 debited(account, current, *amount)?;
-                Ok(Event::Withdrew { account: account.clone(), amount: *amount, memo: memo.clone() })
+                Ok(Event::Withdrew {
+                    account: account.clone(),
+                    amount: *amount,
+                    memo: memo.clone(),
+                })
             }
-            Command::Transfer { from, to, amount, memo } => {
+            Command::Transfer {
+                from,
+                to,
+                amount,
+                memo,
+            } => {
                 if from == to {
                     return Err(Rejection::new(
                         RejectCode::SameAccount,
@@ -123,10 +183,15 @@ impl Domain for Ledger {
                 if current.balance != 0 {
                     return Err(Rejection::new(
                         RejectCode::BalanceNotZero,
-                        format!("{account} has balance {}; only a zero balance closes", current.balance),
+                        format!(
+                            "{account} has balance {}; only a zero balance closes",
+                            current.balance
+                        ),
                     ));
                 }
-                Ok(Event::AccountClosed { account: account.clone() })
+                Ok(Event::AccountClosed {
+                    account: account.clone(),
+                })
             }
         }
     }
@@ -146,8 +211,14 @@ impl Domain for Ledger {
         // Wrapping arithmetic: `decide` refused every overflow, and `apply` must not fail. The
         // audit's invariant check catches a state that only a corrupt log could produce.
         match event {
-            Event::AccountOpened { overdraft_limit, .. } => {
-                account = Account { balance: 0, overdraft_limit: *overdraft_limit, closed: false };
+            Event::AccountOpened {
+                overdraft_limit, ..
+            } => {
+                account = Account {
+                    balance: 0,
+                    overdraft_limit: *overdraft_limit,
+                    closed: false,
+                };
             }
             Event::Deposited { amount, .. } => {
                 account.balance = account.balance.wrapping_add_unsigned(*amount);
@@ -197,20 +268,30 @@ impl Domain for Ledger {
 /// The account, which must exist and be open.
 fn open<'a>(id: &AggregateId, state: Option<&'a Account>) -> Result<&'a Account, Rejection> {
     match state {
-        None => Err(Rejection::new(RejectCode::AccountNotFound, format!("{id} does not exist"))),
-        Some(account) if account.closed => {
-            Err(Rejection::new(RejectCode::AccountClosed, format!("{id} is closed")))
-        }
+        None => Err(Rejection::new(
+            RejectCode::AccountNotFound,
+            format!("{id} does not exist"),
+        )),
+        Some(account) if account.closed => Err(Rejection::new(
+            RejectCode::AccountClosed,
+            format!("{id} is closed"),
+        )),
         Some(account) => Ok(account),
     }
 }
 
 fn positive(amount: u64) -> Result<i64, Rejection> {
     if amount == 0 {
-        return Err(Rejection::new(RejectCode::InvalidAmount, "amount must be greater than 0"));
+        return Err(Rejection::new(
+            RejectCode::InvalidAmount,
+            "amount must be greater than 0",
+        ));
     }
     i64::try_from(amount).map_err(|_| {
-        Rejection::new(RejectCode::Overflow, format!("amount {amount} exceeds {}", i64::MAX))
+        Rejection::new(
+            RejectCode::Overflow,
+            format!("amount {amount} exceeds {}", i64::MAX),
+        )
     })
 }
 
@@ -218,7 +299,10 @@ fn positive(amount: u64) -> Result<i64, Rejection> {
 fn credited(id: &AggregateId, account: &Account, amount: u64) -> Result<i64, Rejection> {
     let amount = positive(amount)?;
     account.balance.checked_add(amount).ok_or_else(|| {
-        Rejection::new(RejectCode::Overflow, format!("crediting {amount} overflows {id}'s balance"))
+        Rejection::new(
+            RejectCode::Overflow,
+            format!("crediting {amount} overflows {id}'s balance"),
+        )
     })
 }
 
@@ -237,6 +321,9 @@ fn debited(id: &AggregateId, account: &Account, amount: u64) -> Result<i64, Reje
         ));
     }
     i64::try_from(after).map_err(|_| {
-        Rejection::new(RejectCode::Overflow, format!("debiting {amount} overflows {id}'s balance"))
+        Rejection::new(
+            RejectCode::Overflow,
+            format!("debiting {amount} overflows {id}'s balance"),
+        )
     })
 }

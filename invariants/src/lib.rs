@@ -16,7 +16,8 @@ pub mod inventory;
 pub mod ledger;
 mod registry;
 
-pub use domain::{AggregateId, Domain, Rejection, RejectCode, Targets, Violation};
+pub use domain::{AggregateId, Domain, RejectCode, Rejection, Targets, Violation};
 pub use registry::{
-    Aggregate, Command, CommandOutcome, Envelope, Event, LoggedEvent, State, apply, check_invariants, decide,
+    Aggregate, Command, CommandOutcome, Envelope, Event, LoggedEvent, State, apply,
+    check_invariants, decide,
 };

@@ -107,7 +107,12 @@ pub fn decide(
         Command::Ledger(_) => ledger::KIND,
         Command::Inventory(_) => inventory::KIND,
     };
-    if let Some(id) = envelope.command.targets().iter().find(|id| id.kind() != kind) {
+    if let Some(id) = envelope
+        .command
+        .targets()
+        .iter()
+        .find(|id| id.kind() != kind)
+    {
         return Err(Rejection::new(
             RejectCode::WrongKind,
             format!("{id} is not a `{kind}` aggregate id"),
@@ -185,5 +190,8 @@ fn sku<'a>(
 }
 
 fn wrong_kind(id: &AggregateId) -> Rejection {
-    Rejection::new(RejectCode::WrongKind, format!("{id} holds an aggregate of another kind"))
+    Rejection::new(
+        RejectCode::WrongKind,
+        format!("{id} holds an aggregate of another kind"),
+    )
 }

@@ -1265,10 +1265,17 @@ fn command_with_an_id_of_another_kind_is_wrong_kind() {
             amount: 1,
             memo: None,
         }),
-        Command::Inventory(inventory::Command::CreateSku { sku: AggregateId::new(ledger::KIND, "s"), on_hand: 1 }),
+        Command::Inventory(inventory::Command::CreateSku {
+            sku: AggregateId::new(ledger::KIND, "s"),
+            on_hand: 1,
+        }),
     ];
     for command in cases {
-        let envelope = Envelope { id: None, expected_version: None, command };
+        let envelope = Envelope {
+            id: None,
+            expected_version: None,
+            command,
+        };
         let rejection = decide(&envelope, None, None).expect_err("wrong kind must be rejected");
         assert_eq!(rejection.code, RejectCode::WrongKind, "{envelope:?}");
     }

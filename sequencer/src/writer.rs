@@ -1,6 +1,6 @@
 //! The writer thread: group commit over the bounded queue.
 
-use crate::{ItemResult, Message, ReadError, Reply, Shared, SubmitError, Submission};
+use crate::{ItemResult, Message, ReadError, Reply, Shared, Submission, SubmitError};
 use keel_engine::{Engine, PendingBatch};
 use keel_invariants::{
     Aggregate, AggregateId, CommandOutcome, Envelope, LoggedEvent, RejectCode, Rejection, State,
@@ -72,7 +72,12 @@ struct Decided {
 }
 
 impl Writer {
-    pub(crate) fn new(engine: Engine, cache: Cache, config: crate::Config, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(
+        engine: Engine,
+        cache: Cache,
+        config: crate::Config,
+        shared: Arc<Shared>,
+    ) -> Self {
         Self {
             engine,
             cache,
@@ -97,12 +102,20 @@ impl Writer {
     }
 
     /// The first submission of the next batch; `None` when it is time to stop.
-    fn next_submission(&mut self, rx: &Receiver<Message>, closing: &mut bool) -> Option<Submission> {
+    fn next_submission(
+        &mut self,
+        rx: &Receiver<Message>,
+        closing: &mut bool,
+    ) -> Option<Submission> {
         if let Some(carried) = self.carry.take() {
             return Some(carried);
         }
         loop {
-            let message = if *closing { rx.try_recv().ok() } else { rx.recv().ok() };
+            let message = if *closing {
+                rx.try_recv().ok()
+            } else {
+                rx.recv().ok()
+            };
             match message? {
                 Message::Submit(s) => return Some(self.dequeued(s)),
                 Message::Shutdown => *closing = true,
@@ -146,7 +159,9 @@ impl Writer {
     }
 
     fn dequeued(&self, submission: Submission) -> Submission {
-        self.shared.queued_items.fetch_sub(submission.commands.len(), Ordering::AcqRel);
+        self.shared
+            .queued_items
+            .fetch_sub(submission.commands.len(), Ordering::AcqRel);
         submission
     }
 
@@ -181,7 +196,11 @@ impl Writer {
                     metrics::histogram!("keel_queue_wait_seconds")
                         .record(d.enqueued_at.elapsed().as_secs_f64());
                     let batch = if d.committed > 0 { batch } else { None };
-                    let _ = d.reply.send(Ok(Reply { batch, committed_at_us, results: d.results }));
+                    let _ = d.reply.send(Ok(Reply {
+                        batch,
+                        committed_at_us,
+                        results: d.results,
+                    }));
                 }
             }
             Err(error) => {
@@ -209,8 +228,12 @@ impl Writer {
         }
         metrics::histogram!("keel_fsync_seconds").record(fsync_seconds);
         metrics::histogram!("keel_batch_requests").record(submissions as f64);
-        metrics::gauge!("keel_queue_items").set(self.shared.queued_items.load(Ordering::Acquire) as f64);
-        for (code, count) in RejectCode::ALL.iter().zip(self.scratch.rejected_by_code.iter_mut()) {
+        metrics::gauge!("keel_queue_items")
+            .set(self.shared.queued_items.load(Ordering::Acquire) as f64);
+        for (code, count) in RejectCode::ALL
+            .iter()
+            .zip(self.scratch.rejected_by_code.iter_mut())
+        {
             if *count > 0 {
                 metrics::counter!("keel_items_rejected_total", "code" => code.as_str())
                     .increment(*count);
@@ -220,14 +243,17 @@ impl Writer {
     }
 
     fn decide_group(&mut self, group: &mut Vec<Submission>) -> Result<Vec<Decided>, ReadError> {
-        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
         self.engine.begin(&mut self.pending, now_us);
         self.scratch.outcomes.clear();
         self.scratch.dirty.clear();
         self.load_stored_outcomes(group)?;
         let mut decided = Vec::with_capacity(group.len());
         for submission in group.drain(..) {
-            let (results, committed) = self.decide_submission(&submission.commands, submission.atomic);
+            let (results, committed) =
+                self.decide_submission(&submission.commands, submission.atomic);
             decided.push(Decided {
                 reply: submission.reply,
                 results,
@@ -253,7 +279,9 @@ impl Writer {
         for (id, value) in ids.iter().zip(found) {
             if let Some(bytes) = value {
                 let outcome = codec::decode_outcome(&bytes)?;
-                self.scratch.stored.insert(String::from_utf8_lossy(id).into_owned(), outcome);
+                self.scratch
+                    .stored
+                    .insert(String::from_utf8_lossy(id).into_owned(), outcome);
             }
         }
         Ok(())
@@ -261,7 +289,11 @@ impl Writer {
 
     /// Decides every command of one submission in order; rolls all of it back when it is atomic
     /// and any command was rejected. Returns the results and how many committed.
-    fn decide_submission(&mut self, commands: &[Envelope], atomic: bool) -> (Vec<ItemResult>, usize) {
+    fn decide_submission(
+        &mut self,
+        commands: &[Envelope],
+        atomic: bool,
+    ) -> (Vec<ItemResult>, usize) {
         let mark = self.pending.event_count();
         let mark_seq = self.pending.next_event_seq();
         self.scratch.undo.clear();
@@ -271,8 +303,12 @@ impl Writer {
         for envelope in commands {
             let result = self.decide_one(envelope, atomic);
             match &result {
-                ItemResult::Committed { replayed: false, .. } => committed += 1,
-                ItemResult::Rejected { replayed: false, .. } => fresh_rejections += 1,
+                ItemResult::Committed {
+                    replayed: false, ..
+                } => committed += 1,
+                ItemResult::Rejected {
+                    replayed: false, ..
+                } => fresh_rejections += 1,
                 _ => {}
             }
             results.push(result);
@@ -282,7 +318,11 @@ impl Writer {
             committed = 0;
         }
         for result in &results {
-            if let ItemResult::Rejected { rejection, replayed: false } = result {
+            if let ItemResult::Rejected {
+                rejection,
+                replayed: false,
+            } = result
+            {
                 self.scratch.rejected_by_code[rejection.code.index()] += 1;
             }
         }
@@ -292,8 +332,14 @@ impl Writer {
     fn decide_one(&mut self, envelope: &Envelope, atomic: bool) -> ItemResult {
         if let Some(outcome) = envelope.id.as_deref().and_then(|id| self.known_outcome(id)) {
             return match outcome {
-                CommandOutcome::Committed { seq } => ItemResult::Committed { seq, replayed: true },
-                CommandOutcome::Rejected(rejection) => ItemResult::Rejected { rejection, replayed: true },
+                CommandOutcome::Committed { seq } => ItemResult::Committed {
+                    seq,
+                    replayed: true,
+                },
+                CommandOutcome::Rejected(rejection) => ItemResult::Rejected {
+                    rejection,
+                    replayed: true,
+                },
             };
         }
         let targets = envelope.command.targets();
@@ -301,8 +347,13 @@ impl Writer {
         let secondary = targets.secondary.and_then(|id| self.cache.get(id));
         let outcome = match decide(envelope, primary, secondary) {
             Ok(event) => {
-                let logged = LoggedEvent { command_id: envelope.id.clone(), event };
-                let seq = self.pending.push_event(|out| codec::encode_event(&logged, out));
+                let logged = LoggedEvent {
+                    command_id: envelope.id.clone(),
+                    event,
+                };
+                let seq = self
+                    .pending
+                    .push_event(|out| codec::encode_event(&logged, out));
                 self.apply_to_cache(&logged, atomic);
                 CommandOutcome::Committed { seq }
             }
@@ -312,14 +363,24 @@ impl Writer {
             self.scratch.outcomes.insert(id.clone(), outcome.clone());
         }
         match outcome {
-            CommandOutcome::Committed { seq } => ItemResult::Committed { seq, replayed: false },
-            CommandOutcome::Rejected(rejection) => ItemResult::Rejected { rejection, replayed: false },
+            CommandOutcome::Committed { seq } => ItemResult::Committed {
+                seq,
+                replayed: false,
+            },
+            CommandOutcome::Rejected(rejection) => ItemResult::Rejected {
+                rejection,
+                replayed: false,
+            },
         }
     }
 
     /// The outcome of a command id decided earlier in this batch or in an earlier batch.
     fn known_outcome(&self, id: &str) -> Option<CommandOutcome> {
-        self.scratch.outcomes.get(id).or_else(|| self.scratch.stored.get(id)).cloned()
+        self.scratch
+            .outcomes
+            .get(id)
+            .or_else(|| self.scratch.stored.get(id))
+            .cloned()
     }
 
     fn apply_to_cache(&mut self, logged: &LoggedEvent, atomic: bool) {
@@ -328,7 +389,10 @@ impl Writer {
                 Some(slot) => {
                     // Take the aggregate out without cloning it; the placeholder is overwritten
                     // below before anything can read it.
-                    let placeholder = Aggregate { version: 0, state: State::Account(Default::default()) };
+                    let placeholder = Aggregate {
+                        version: 0,
+                        state: State::Account(Default::default()),
+                    };
                     Some(std::mem::replace(slot, placeholder))
                 }
                 None => None,
@@ -353,7 +417,13 @@ impl Writer {
     /// Undoes an atomic submission: cache entries back to their prior values, its events and
     /// outcomes dropped, and every command it committed answered `atomic_rollback`.
     /// `mark` is the submission's first event's index in the batch, `mark_seq` its sequence.
-    fn roll_back(&mut self, commands: &[Envelope], results: &mut [ItemResult], mark: usize, mark_seq: u64) {
+    fn roll_back(
+        &mut self,
+        commands: &[Envelope],
+        results: &mut [ItemResult],
+        mark: usize,
+        mark_seq: u64,
+    ) {
         for (id, previous) in self.scratch.undo.drain(..).rev() {
             match previous {
                 Some(aggregate) => {
@@ -368,13 +438,27 @@ impl Writer {
         for (envelope, result) in commands.iter().zip(results.iter_mut()) {
             // Forget only what this submission decided: a replayed id's outcome belongs to an
             // earlier submission and must still be written.
-            let fresh = matches!(result, ItemResult::Committed { replayed: false, .. } | ItemResult::Rejected { replayed: false, .. });
+            let fresh = matches!(
+                result,
+                ItemResult::Committed {
+                    replayed: false,
+                    ..
+                } | ItemResult::Rejected {
+                    replayed: false,
+                    ..
+                }
+            );
             if let (true, Some(id)) = (fresh, &envelope.id) {
                 self.scratch.outcomes.remove(id);
             }
             // A repeat of an id committed earlier in this same submission is rolled back too.
-            let undone = matches!(result, ItemResult::Committed { replayed: false, .. })
-                || matches!(result, ItemResult::Committed { seq, replayed: true } if *seq >= mark_seq);
+            let undone = matches!(
+                result,
+                ItemResult::Committed {
+                    replayed: false,
+                    ..
+                }
+            ) || matches!(result, ItemResult::Committed { seq, replayed: true } if *seq >= mark_seq);
             if undone {
                 *result = ItemResult::Rejected {
                     rejection: Rejection::new(
@@ -399,13 +483,16 @@ impl Writer {
         for id in dirty {
             // An aggregate created by a rolled-back atomic submission is gone again.
             if let Some(aggregate) = self.cache.get(id) {
-                self.pending.put_state(id.as_str().as_bytes(), |out| codec::encode_aggregate(aggregate, out));
+                self.pending.put_state(id.as_str().as_bytes(), |out| {
+                    codec::encode_aggregate(aggregate, out)
+                });
             }
         }
         let mut outcomes: Vec<(&String, &CommandOutcome)> = self.scratch.outcomes.iter().collect();
         outcomes.sort_unstable_by(|a, b| a.0.cmp(b.0));
         for (id, outcome) in outcomes {
-            self.pending.put_command(id.as_bytes(), |out| codec::encode_outcome(outcome, out));
+            self.pending
+                .put_command(id.as_bytes(), |out| codec::encode_outcome(outcome, out));
         }
     }
 }

@@ -12,19 +12,43 @@ fn account(name: &str) -> AggregateId {
 }
 
 fn cmd(id: Option<&str>, command: ledger::Command) -> Envelope {
-    Envelope { id: id.map(String::from), expected_version: None, command: Command::Ledger(command) }
+    Envelope {
+        id: id.map(String::from),
+        expected_version: None,
+        command: Command::Ledger(command),
+    }
 }
 
 fn open(name: &str) -> Envelope {
-    cmd(None, ledger::Command::OpenAccount { account: account(name), overdraft_limit: 0 })
+    cmd(
+        None,
+        ledger::Command::OpenAccount {
+            account: account(name),
+            overdraft_limit: 0,
+        },
+    )
 }
 
 fn deposit(id: Option<&str>, name: &str, amount: u64) -> Envelope {
-    cmd(id, ledger::Command::Deposit { account: account(name), amount, memo: None })
+    cmd(
+        id,
+        ledger::Command::Deposit {
+            account: account(name),
+            amount,
+            memo: None,
+        },
+    )
 }
 
 fn withdraw(id: Option<&str>, name: &str, amount: u64) -> Envelope {
-    cmd(id, ledger::Command::Withdraw { account: account(name), amount, memo: None })
+    cmd(
+        id,
+        ledger::Command::Withdraw {
+            account: account(name),
+            amount,
+            memo: None,
+        },
+    )
 }
 
 async fn run(s: &Sequencer, commands: Vec<Envelope>, atomic: bool) -> Reply {
@@ -56,63 +80,147 @@ fn start(storage: Arc<MemoryStorage>, config: Config) -> Sequencer {
 #[tokio::test]
 async fn concurrent_submissions_share_one_batch_and_one_sync() {
     let storage = Arc::new(MemoryStorage::default());
-    let config = Config { linger: Duration::from_millis(200), ..Config::default() };
+    let config = Config {
+        linger: Duration::from_millis(200),
+        ..Config::default()
+    };
     let s = start(storage.clone(), config);
     run(&s, vec![open("a")], false).await;
     let syncs_before = storage.syncs();
-    let receivers: Vec<_> = (0..20).map(|_| s.submit(vec![deposit(None, "a", 1)], false).unwrap()).collect();
+    let receivers: Vec<_> = (0..20)
+        .map(|_| s.submit(vec![deposit(None, "a", 1)], false).unwrap())
+        .collect();
     let mut batches = Vec::new();
     for r in receivers {
         batches.push(r.await.unwrap().unwrap().batch);
     }
-    assert!(batches.iter().all(|b| *b == batches[0]), "one group commit: {batches:?}");
-    assert_eq!(storage.syncs() - syncs_before, 1, "twenty requests, one fsync");
+    assert!(
+        batches.iter().all(|b| *b == batches[0]),
+        "one group commit: {batches:?}"
+    );
+    assert_eq!(
+        storage.syncs() - syncs_before,
+        1,
+        "twenty requests, one fsync"
+    );
     assert_eq!(balance(&s, "a"), Some(20));
 }
 
 #[tokio::test]
 async fn later_items_see_earlier_items_of_the_same_batch() {
     let s = start(Arc::new(MemoryStorage::default()), Config::default());
-    let reply = run(&s, vec![open("a"), deposit(None, "a", 5), withdraw(None, "a", 5), withdraw(None, "a", 1)], false).await;
-    assert_eq!(codes(&reply), ["committed", "committed", "committed", "insufficient_funds"]);
+    let reply = run(
+        &s,
+        vec![
+            open("a"),
+            deposit(None, "a", 5),
+            withdraw(None, "a", 5),
+            withdraw(None, "a", 1),
+        ],
+        false,
+    )
+    .await;
+    assert_eq!(
+        codes(&reply),
+        ["committed", "committed", "committed", "insufficient_funds"]
+    );
     assert_eq!(balance(&s, "a"), Some(0));
 }
 
 #[tokio::test]
 async fn atomic_rollback_keeps_other_submissions_of_the_batch() {
     let storage = Arc::new(MemoryStorage::default());
-    let s = start(storage.clone(), Config { linger: Duration::from_millis(200), ..Config::default() });
+    let s = start(
+        storage.clone(),
+        Config {
+            linger: Duration::from_millis(200),
+            ..Config::default()
+        },
+    );
     run(&s, vec![open("a")], false).await;
     // Three submissions in one batch: the atomic one in the middle fails and must not take the
     // others with it, nor forget the outcome of an id it merely repeated.
     let first = s.submit(vec![deposit(Some("x"), "a", 10)], false).unwrap();
-    let atomic = s.submit(vec![deposit(Some("x"), "a", 10), deposit(Some("y"), "a", 1), withdraw(None, "a", 1000)], true).unwrap();
+    let atomic = s
+        .submit(
+            vec![
+                deposit(Some("x"), "a", 10),
+                deposit(Some("y"), "a", 1),
+                withdraw(None, "a", 1000),
+            ],
+            true,
+        )
+        .unwrap();
     let last = s.submit(vec![deposit(None, "a", 100)], false).unwrap();
-    let (first, atomic, last) = (first.await.unwrap().unwrap(), atomic.await.unwrap().unwrap(), last.await.unwrap().unwrap());
+    let (first, atomic, last) = (
+        first.await.unwrap().unwrap(),
+        atomic.await.unwrap().unwrap(),
+        last.await.unwrap().unwrap(),
+    );
     assert_eq!(codes(&first), ["committed"]);
-    assert_eq!(codes(&atomic), ["committed", "atomic_rollback", "insufficient_funds"]);
-    assert!(matches!(atomic.results[0], ItemResult::Committed { replayed: true, .. }));
+    assert_eq!(
+        codes(&atomic),
+        ["committed", "atomic_rollback", "insufficient_funds"]
+    );
+    assert!(matches!(
+        atomic.results[0],
+        ItemResult::Committed { replayed: true, .. }
+    ));
     assert_eq!(atomic.batch, None);
     assert_eq!(codes(&last), ["committed"]);
     assert_eq!(balance(&s, "a"), Some(110));
     // "x" stays recorded (first submission), "y" does not (rolled back).
-    let again = run(&s, vec![deposit(Some("x"), "a", 10), deposit(Some("y"), "a", 1)], false).await;
-    assert!(matches!(again.results[0], ItemResult::Committed { replayed: true, .. }));
-    assert!(matches!(again.results[1], ItemResult::Committed { replayed: false, .. }));
+    let again = run(
+        &s,
+        vec![deposit(Some("x"), "a", 10), deposit(Some("y"), "a", 1)],
+        false,
+    )
+    .await;
+    assert!(matches!(
+        again.results[0],
+        ItemResult::Committed { replayed: true, .. }
+    ));
+    assert!(matches!(
+        again.results[1],
+        ItemResult::Committed {
+            replayed: false,
+            ..
+        }
+    ));
     assert_eq!(balance(&s, "a"), Some(111));
     let (events, last_seq) = s.events(0, 100).unwrap();
     assert_eq!(events.len() as u64, last_seq);
-    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=last_seq).collect::<Vec<_>>(), "gapless after a rollback");
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=last_seq).collect::<Vec<_>>(),
+        "gapless after a rollback"
+    );
 }
 
 #[tokio::test]
 async fn atomic_rollback_of_an_aggregate_created_in_it() {
     let s = start(Arc::new(MemoryStorage::default()), Config::default());
-    let reply = run(&s, vec![open("new"), deposit(None, "new", 1), withdraw(None, "new", 2)], true).await;
-    assert_eq!(codes(&reply), ["atomic_rollback", "atomic_rollback", "insufficient_funds"]);
+    let reply = run(
+        &s,
+        vec![
+            open("new"),
+            deposit(None, "new", 1),
+            withdraw(None, "new", 2),
+        ],
+        true,
+    )
+    .await;
+    assert_eq!(
+        codes(&reply),
+        ["atomic_rollback", "atomic_rollback", "insufficient_funds"]
+    );
     assert_eq!(balance(&s, "new"), None);
     let reply = run(&s, vec![deposit(None, "new", 1)], false).await;
-    assert_eq!(codes(&reply), ["account_not_found"], "the writer's cache forgot it too");
+    assert_eq!(
+        codes(&reply),
+        ["account_not_found"],
+        "the writer's cache forgot it too"
+    );
 }
 
 #[tokio::test]
@@ -124,7 +232,10 @@ async fn rejected_outcomes_are_replayed_too() {
     run(&s, vec![deposit(None, "a", 10)], false).await;
     let again = run(&s, vec![withdraw(Some("w"), "a", 5)], false).await;
     match &again.results[0] {
-        ItemResult::Rejected { rejection, replayed: true } => assert_eq!(rejection.code, RejectCode::InsufficientFunds),
+        ItemResult::Rejected {
+            rejection,
+            replayed: true,
+        } => assert_eq!(rejection.code, RejectCode::InsufficientFunds),
         other => panic!("expected the original rejection, got {other:?}"),
     }
     assert_eq!(balance(&s, "a"), Some(10));
@@ -140,21 +251,51 @@ async fn restart_reloads_state_and_index() {
     }
     let s = start(Arc::new(storage.after_power_loss()), Config::default());
     assert_eq!(balance(&s, "a"), Some(42));
-    let reply = run(&s, vec![deposit(Some("d1"), "a", 42), withdraw(None, "a", 42)], false).await;
-    assert_eq!(reply.results[0], ItemResult::Committed { seq: 2, replayed: true });
-    assert_eq!(codes(&reply), ["committed", "committed"], "the cache was reloaded: 42 is there to withdraw");
+    let reply = run(
+        &s,
+        vec![deposit(Some("d1"), "a", 42), withdraw(None, "a", 42)],
+        false,
+    )
+    .await;
+    assert_eq!(
+        reply.results[0],
+        ItemResult::Committed {
+            seq: 2,
+            replayed: true
+        }
+    );
+    assert_eq!(
+        codes(&reply),
+        ["committed", "committed"],
+        "the cache was reloaded: 42 is there to withdraw"
+    );
 }
 
 #[tokio::test]
 async fn bounds_are_refused_at_once() {
     let storage = Arc::new(MemoryStorage::default());
-    let config = Config { batch_items_max: 3, queue_items_max: 3, queue_depth_max: 1, linger: Duration::ZERO };
+    let config = Config {
+        batch_items_max: 3,
+        queue_items_max: 3,
+        queue_depth_max: 1,
+        linger: Duration::ZERO,
+    };
     let s = start(storage.clone(), config);
     assert_eq!(s.submit(vec![], false).unwrap_err(), SubmitError::Empty);
     let four = vec![open("a"), open("b"), open("c"), open("d")];
-    assert_eq!(s.submit(four, false).unwrap_err(), SubmitError::TooManyItems { items: 4, max: 3 });
+    assert_eq!(
+        s.submit(four, false).unwrap_err(),
+        SubmitError::TooManyItems { items: 4, max: 3 }
+    );
     s.shutdown();
-    assert_eq!(s.submit(vec![open("a")], false).unwrap_err(), SubmitError::ShuttingDown);
-    assert_eq!(storage.syncs(), 1, "only the format version was ever written");
+    assert_eq!(
+        s.submit(vec![open("a")], false).unwrap_err(),
+        SubmitError::ShuttingDown
+    );
+    assert_eq!(
+        storage.syncs(),
+        1,
+        "only the format version was ever written"
+    );
     assert_eq!(storage.get(keel_engine::Cf::Meta, b"tip").unwrap(), None);
 }

@@ -35,8 +35,14 @@ impl KeelProcess {
                 }
             }
         });
-        let url = rx.recv_timeout(Duration::from_secs(60)).expect("keel serve did not start listening in 60 s");
-        Self { child, url, data: data.to_path_buf() }
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("keel serve did not start listening in 60 s");
+        Self {
+            child,
+            url,
+            data: data.to_path_buf(),
+        }
     }
 
     /// SIGKILL: no chance to flush or drain anything.
@@ -47,14 +53,20 @@ impl KeelProcess {
 
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill -TERM");
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
         assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "keel serve did not stop within 30 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "keel serve did not stop within 30 s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -68,5 +80,8 @@ impl Drop for KeelProcess {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
 }
