@@ -77,7 +77,7 @@ fn read_headers(storage: &dyn Storage, after: u64) -> Result<Vec<BatchHeader>, C
             .map_err(|e| e.0)
             .and_then(|seq| {
                 if seq == expected {
-                    BatchHeader::decode(seq, value).map_err(|e| e.0)
+                    BatchHeader::decode(seq, value).map_err(|e| e.0).and_then(sane)
                 } else {
                     Err(format!("missing: found batch {seq} next"))
                 }
@@ -89,6 +89,22 @@ fn read_headers(storage: &dyn Storage, after: u64) -> Result<Vec<BatchHeader>, C
         failure.is_none() && headers.len() < HEADERS_PER_ROUND
     })?;
     failure.map_or(Ok(headers), Err)
+}
+
+/// Refuses a header whose event range is empty or leaves u64, before anything computes its
+/// last event (a damaged header must be a finding, not an arithmetic overflow).
+fn sane(header: BatchHeader) -> Result<BatchHeader, String> {
+    if header.count == 0 {
+        return Err("header with zero events".into());
+    }
+    let end = header.first_event.checked_add(u64::from(header.count));
+    if header.first_event == 0 || end.is_none() {
+        let (first, count) = (header.first_event, header.count);
+        return Err(format!(
+            "header covers {count} events from {first}: outside 1..=u64::MAX"
+        ));
+    }
+    Ok(header)
 }
 
 /// Checks that `header` follows `tip` and is non-empty.

@@ -5,9 +5,12 @@
 use keel_engine::format::{decode_seq_key, seq_key, split_event_value};
 use keel_engine::{BatchHeader, Cf, Engine, RocksStorage, Storage, WriteSet};
 use keel_invariants::{
-    Aggregate, AggregateId, Command, CommandOutcome, Envelope, LoggedEvent, State, codec, inventory, ledger,
+    Aggregate, AggregateId, Command, CommandOutcome, Envelope, LoggedEvent, State, codec,
+    inventory, ledger,
 };
-use keel_sequencer::audit::{self, AuditError, AuditOptions, AuditReport, Check, Divergence, Snapshot, SnapshotMode};
+use keel_sequencer::audit::{
+    self, AuditError, AuditOptions, AuditReport, Check, Divergence, Snapshot, SnapshotMode,
+};
 use keel_sequencer::{Config, ItemResult, Reply, Sequencer};
 use std::error::Error;
 use std::path::Path;
@@ -24,27 +27,51 @@ fn sku(name: &str) -> AggregateId {
 }
 
 fn plain(command: Command) -> Envelope {
-    Envelope { id: None, expected_version: None, command }
+    Envelope {
+        id: None,
+        expected_version: None,
+        command,
+    }
 }
 
 fn with_id(id: &str, command: Command) -> Envelope {
-    Envelope { id: Some(id.to_owned()), expected_version: None, command }
+    Envelope {
+        id: Some(id.to_owned()),
+        expected_version: None,
+        command,
+    }
 }
 
 fn open_account(name: &str, overdraft_limit: u64) -> Command {
-    Command::Ledger(ledger::Command::OpenAccount { account: account(name), overdraft_limit })
+    Command::Ledger(ledger::Command::OpenAccount {
+        account: account(name),
+        overdraft_limit,
+    })
 }
 
 fn deposit(name: &str, amount: u64) -> Command {
-    Command::Ledger(ledger::Command::Deposit { account: account(name), amount, memo: Some("pay".into()) })
+    Command::Ledger(ledger::Command::Deposit {
+        account: account(name),
+        amount,
+        memo: Some("pay".into()),
+    })
 }
 
 fn withdraw(name: &str, amount: u64) -> Command {
-    Command::Ledger(ledger::Command::Withdraw { account: account(name), amount, memo: None })
+    Command::Ledger(ledger::Command::Withdraw {
+        account: account(name),
+        amount,
+        memo: None,
+    })
 }
 
 fn transfer(from: &str, to: &str, amount: u64) -> Command {
-    Command::Ledger(ledger::Command::Transfer { from: account(from), to: account(to), amount, memo: None })
+    Command::Ledger(ledger::Command::Transfer {
+        from: account(from),
+        to: account(to),
+        amount,
+        memo: None,
+    })
 }
 
 fn inventory(command: inventory::Command) -> Command {
@@ -57,7 +84,19 @@ fn submit(sequencer: &Sequencer, commands: Vec<Envelope>, atomic: bool) -> TestR
 }
 
 fn committed(reply: &Reply) -> usize {
-    reply.results.iter().filter(|r| matches!(r, ItemResult::Committed { replayed: false, .. })).count()
+    reply
+        .results
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                ItemResult::Committed {
+                    replayed: false,
+                    ..
+                }
+            )
+        })
+        .count()
 }
 
 /// Writes a store with both domains, rejections, atomic requests (committed and rolled back),
@@ -65,13 +104,28 @@ fn committed(reply: &Reply) -> usize {
 fn load_mixed(dir: &Path) -> TestResult {
     let sequencer = Sequencer::start(Engine::open_rocksdb(dir)?, Config::default())?;
     let mut opens: Vec<Envelope> = (0..6)
-        .map(|i| with_id(&format!("open-a{i}"), open_account(&format!("a{i}"), if i == 0 { 50 } else { 0 })))
+        .map(|i| {
+            with_id(
+                &format!("open-a{i}"),
+                open_account(&format!("a{i}"), if i == 0 { 50 } else { 0 }),
+            )
+        })
         .collect();
     for s in ["s0", "s1", "s2"] {
-        opens.push(plain(inventory(inventory::Command::CreateSku { sku: sku(s), on_hand: 20 })));
+        opens.push(plain(inventory(inventory::Command::CreateSku {
+            sku: sku(s),
+            on_hand: 20,
+        })));
     }
     assert_eq!(committed(&submit(&sequencer, opens, false)?), 9);
-    let deposits = (0..6).map(|i| with_id(&format!("dep-{i}"), deposit(&format!("a{i}"), 100 * (i + 1)))).collect();
+    let deposits = (0..6)
+        .map(|i| {
+            with_id(
+                &format!("dep-{i}"),
+                deposit(&format!("a{i}"), 100 * (i + 1)),
+            )
+        })
+        .collect();
     assert_eq!(committed(&submit(&sequencer, deposits, false)?), 6);
     let mixed = vec![
         with_id("tr-1", transfer("a1", "a2", 30)),
@@ -84,7 +138,11 @@ fn load_mixed(dir: &Path) -> TestResult {
     assert_eq!(committed(&submit(&sequencer, mixed, false)?), 3);
     let atomic_ok = vec![
         with_id("atomic-ok", transfer("a4", "a5", 10)),
-        plain(inventory(inventory::Command::Reserve { sku: sku("s0"), qty: 5, order: "o1".into() })),
+        plain(inventory(inventory::Command::Reserve {
+            sku: sku("s0"),
+            qty: 5,
+            order: "o1".into(),
+        })),
     ];
     assert_eq!(committed(&submit(&sequencer, atomic_ok, true)?), 2);
     let atomic_rolled_back = vec![
@@ -93,24 +151,59 @@ fn load_mixed(dir: &Path) -> TestResult {
     ];
     assert_eq!(committed(&submit(&sequencer, atomic_rolled_back, true)?), 0);
     // Retries of a committed and of a rejected id: answered from the index, nothing written.
-    let retries = vec![with_id("dep-0", deposit("a0", 100)), with_id("rej-1", withdraw("a1", 1_000_000))];
+    let retries = vec![
+        with_id("dep-0", deposit("a0", 100)),
+        with_id("rej-1", withdraw("a1", 1_000_000)),
+    ];
     let reply = submit(&sequencer, retries, false)?;
-    assert!(reply.results.iter().all(|r| matches!(r, ItemResult::Committed { replayed: true, .. } | ItemResult::Rejected { replayed: true, .. })));
+    assert!(reply.results.iter().all(|r| matches!(
+        r,
+        ItemResult::Committed { replayed: true, .. } | ItemResult::Rejected { replayed: true, .. }
+    )));
     let stock = vec![
-        plain(inventory(inventory::Command::Restock { sku: sku("s1"), qty: 10 })),
-        plain(inventory(inventory::Command::Reserve { sku: sku("s1"), qty: 3, order: "o2".into() })),
-        plain(inventory(inventory::Command::Release { sku: sku("s1"), order: "o2".into() })),
-        plain(inventory(inventory::Command::Reserve { sku: sku("s1"), qty: 4, order: "o3".into() })),
-        plain(inventory(inventory::Command::Ship { sku: sku("s1"), order: "o3".into() })),
-        plain(inventory(inventory::Command::Reserve { sku: sku("s2"), qty: 1000, order: "o4".into() })),
+        plain(inventory(inventory::Command::Restock {
+            sku: sku("s1"),
+            qty: 10,
+        })),
+        plain(inventory(inventory::Command::Reserve {
+            sku: sku("s1"),
+            qty: 3,
+            order: "o2".into(),
+        })),
+        plain(inventory(inventory::Command::Release {
+            sku: sku("s1"),
+            order: "o2".into(),
+        })),
+        plain(inventory(inventory::Command::Reserve {
+            sku: sku("s1"),
+            qty: 4,
+            order: "o3".into(),
+        })),
+        plain(inventory(inventory::Command::Ship {
+            sku: sku("s1"),
+            order: "o3".into(),
+        })),
+        plain(inventory(inventory::Command::Reserve {
+            sku: sku("s2"),
+            qty: 1000,
+            order: "o4".into(),
+        })),
     ];
     assert_eq!(committed(&submit(&sequencer, stock, false)?), 5);
-    let close = vec![with_id("open-a9", open_account("a9", 0)), plain(Command::Ledger(ledger::Command::CloseAccount { account: account("a9") }))];
+    let close = vec![
+        with_id("open-a9", open_account("a9", 0)),
+        plain(Command::Ledger(ledger::Command::CloseAccount {
+            account: account("a9"),
+        })),
+    ];
     assert_eq!(committed(&submit(&sequencer, close, false)?), 2);
     // Several submissions in flight at once, so batches hold more than one request.
     let mut receivers = Vec::new();
     for i in 0..8u64 {
-        let commands = vec![with_id(&format!("grp-{i}"), transfer("a5", "a1", 1 + i)), plain(deposit("a2", 7))];
+        let commands = vec![
+            with_id(&format!("grp-{i}"), transfer("a5", "a1", 1 + i)),
+            plain(deposit("a2", 7)),
+        ];
         receivers.push(sequencer.submit(commands, false)?);
     }
     for receiver in receivers {
@@ -122,15 +215,26 @@ fn load_mixed(dir: &Path) -> TestResult {
 
 fn audit_stopped(dir: &Path) -> TestResult<AuditReport> {
     let snapshot = Snapshot::open(dir)?;
-    assert_eq!(snapshot.mode(), SnapshotMode::ReadOnly, "a stopped store opens read-only");
-    Ok(audit::audit_snapshot(&snapshot, &AuditOptions::default(), &mut |_| {})?)
+    assert_eq!(
+        snapshot.mode(),
+        SnapshotMode::ReadOnly,
+        "a stopped store opens read-only"
+    );
+    Ok(audit::audit_snapshot(
+        &snapshot,
+        &AuditOptions::default(),
+        &mut |_| {},
+    )?)
 }
 
 /// A fresh store with the mixed load, opened read-write for tampering.
 fn tamper_target() -> TestResult<(tempfile::TempDir, RocksStorage)> {
     let dir = tempfile::tempdir()?;
     load_mixed(dir.path())?;
-    assert!(audit_stopped(dir.path())?.ok(), "the store is intact before tampering");
+    assert!(
+        audit_stopped(dir.path())?.ok(),
+        "the store is intact before tampering"
+    );
     let storage = RocksStorage::open(dir.path())?;
     Ok((dir, storage))
 }
@@ -141,8 +245,15 @@ fn put(storage: &RocksStorage, cf: Cf, key: &[u8], value: &[u8]) -> TestResult {
     Ok(storage.write(&set, true)?)
 }
 
-/// Every event as stored: (seq, batch, value, decoded).
-fn events(storage: &dyn Storage) -> TestResult<Vec<(u64, u64, Vec<u8>, LoggedEvent)>> {
+/// One event as stored.
+struct Stored {
+    seq: u64,
+    batch: u64,
+    logged: LoggedEvent,
+}
+
+/// Every event as stored, decoded.
+fn events(storage: &dyn Storage) -> TestResult<Vec<Stored>> {
     let mut raw = Vec::new();
     storage.scan(Cf::Events, &[], &mut |key, value| {
         raw.push((key.to_vec(), value.to_vec()));
@@ -151,30 +262,51 @@ fn events(storage: &dyn Storage) -> TestResult<Vec<(u64, u64, Vec<u8>, LoggedEve
     let mut out = Vec::new();
     for (key, value) in raw {
         let (batch, payload) = split_event_value(&value)?;
-        out.push((decode_seq_key(&key)?, batch, value.clone(), codec::decode_event(payload)?));
+        let logged = codec::decode_event(payload)?;
+        out.push(Stored {
+            seq: decode_seq_key(&key)?,
+            batch,
+            logged,
+        });
     }
     Ok(out)
 }
 
 /// The last event that touched `id`: (seq, batch).
 fn last_touch(storage: &dyn Storage, id: &AggregateId) -> TestResult<(u64, u64)> {
-    let touching = events(storage)?.into_iter().filter(|(_, _, _, e)| e.event.targets().iter().any(|t| t == id));
-    touching.last().map(|(seq, batch, _, _)| (seq, batch)).ok_or_else(|| "no event touches it".into())
+    events(storage)?
+        .into_iter()
+        .rev()
+        .find(|e| e.logged.event.targets().iter().any(|t| t == id))
+        .map(|e| (e.seq, e.batch))
+        .ok_or_else(|| "no event touches it".into())
 }
 
 /// A batch with at least two events that is neither the first nor the last: (batch, events).
 fn middle_batch(storage: &dyn Storage) -> TestResult<(u64, Vec<u64>)> {
     let all = events(storage)?;
-    let last_batch = all.last().map_or(0, |e| e.1);
+    let last_batch = all.last().map_or(0, |e| e.batch);
     (2..last_batch)
-        .map(|b| (b, all.iter().filter(|e| e.1 == b).map(|e| e.0).collect::<Vec<_>>()))
+        .map(|b| {
+            (
+                b,
+                all.iter()
+                    .filter(|e| e.batch == b)
+                    .map(|e| e.seq)
+                    .collect::<Vec<_>>(),
+            )
+        })
         .find(|(_, seqs)| seqs.len() >= 2)
         .ok_or_else(|| "no middle batch with two events".into())
 }
 
 fn assert_found(report: &AuditReport, what: &str, matches: impl Fn(&Divergence) -> bool) {
     assert!(!report.ok(), "{what}: the audit says intact");
-    assert!(report.divergences.iter().any(matches), "{what}: not located; divergences: {:#?}", report.divergences);
+    assert!(
+        report.divergences.iter().any(matches),
+        "{what}: not located; divergences: {:#?}",
+        report.divergences
+    );
 }
 
 #[test]
@@ -192,7 +324,14 @@ fn clean_store_after_mixed_load_is_intact() -> TestResult {
     assert_eq!(report.command_ids_rejected, 1);
     // Restarting the writer on the store and committing more keeps it intact.
     let sequencer = Sequencer::start(Engine::open_rocksdb(dir.path())?, Config::default())?;
-    assert_eq!(committed(&submit(&sequencer, vec![with_id("later", deposit("a3", 1))], false)?), 1);
+    assert_eq!(
+        committed(&submit(
+            &sequencer,
+            vec![with_id("later", deposit("a3", 1))],
+            false
+        )?),
+        1
+    );
     drop(sequencer);
     let report = audit_stopped(dir.path())?;
     assert!(report.ok(), "{:#?}", report.divergences);
@@ -205,14 +344,19 @@ fn flipped_byte_of_a_stored_state_is_located() -> TestResult {
     let (dir, storage) = tamper_target()?;
     let id = account("a2");
     let (seq, batch) = last_touch(&storage, &id)?;
-    let mut value = storage.get(Cf::State, id.as_str().as_bytes())?.ok_or("a2 is stored")?;
+    let mut value = storage
+        .get(Cf::State, id.as_str().as_bytes())?
+        .ok_or("a2 is stored")?;
     let last = value.len() - 1;
     value[last] ^= 0x01; // the `closed` flag: still decodes, now differs
     put(&storage, Cf::State, id.as_str().as_bytes(), &value)?;
     drop(storage);
     let report = audit_stopped(dir.path())?;
     assert_found(&report, "flipped state byte", |d| {
-        d.check == Check::State && d.aggregate.as_deref() == Some("account:a2") && d.seq == Some(seq) && d.batch == Some(batch)
+        d.check == Check::State
+            && d.aggregate.as_deref() == Some("account:a2")
+            && d.seq == Some(seq)
+            && d.batch == Some(batch)
     });
     Ok(())
 }
@@ -222,7 +366,9 @@ fn flipped_byte_of_an_event_is_located() -> TestResult {
     let (dir, storage) = tamper_target()?;
     let (batch, seqs) = middle_batch(&storage)?;
     let seq = seqs[1];
-    let mut value = storage.get(Cf::Events, &seq_key(seq))?.ok_or("event is stored")?;
+    let mut value = storage
+        .get(Cf::Events, &seq_key(seq))?
+        .ok_or("event is stored")?;
     let last = value.len() - 1;
     value[last] ^= 0x01;
     put(&storage, Cf::Events, &seq_key(seq), &value)?;
@@ -253,8 +399,12 @@ fn deleted_event_is_located() -> TestResult {
 fn swapped_events_are_located() -> TestResult {
     let (dir, storage) = tamper_target()?;
     let (batch, seqs) = middle_batch(&storage)?;
-    let first = storage.get(Cf::Events, &seq_key(seqs[0]))?.ok_or("first event")?;
-    let second = storage.get(Cf::Events, &seq_key(seqs[1]))?.ok_or("second event")?;
+    let first = storage
+        .get(Cf::Events, &seq_key(seqs[0]))?
+        .ok_or("first event")?;
+    let second = storage
+        .get(Cf::Events, &seq_key(seqs[1]))?
+        .ok_or("second event")?;
     assert_ne!(first, second);
     let mut set = WriteSet::default();
     set.put(Cf::Events, &seq_key(seqs[0]), &second);
@@ -262,7 +412,9 @@ fn swapped_events_are_located() -> TestResult {
     storage.write(&set, true)?;
     drop(storage);
     let report = audit_stopped(dir.path())?;
-    assert_found(&report, "swapped events", |d| d.check == Check::Chain && d.batch == Some(batch));
+    assert_found(&report, "swapped events", |d| {
+        d.check == Check::Chain && d.batch == Some(batch)
+    });
     Ok(())
 }
 
@@ -273,7 +425,9 @@ fn deleted_batch_header_is_located() -> TestResult {
     storage.delete(Cf::Batches, &seq_key(batch))?;
     drop(storage);
     let report = audit_stopped(dir.path())?;
-    assert_found(&report, "deleted header", |d| d.check == Check::Chain && d.batch == Some(batch));
+    assert_found(&report, "deleted header", |d| {
+        d.check == Check::Chain && d.batch == Some(batch)
+    });
     // The replay still covers the whole log: nothing else diverges.
     assert_eq!(report.divergences_total(), 1, "{:#?}", report.divergences);
     Ok(())
@@ -285,8 +439,8 @@ fn repointed_command_id_is_located() -> TestResult {
     let all = events(&storage)?;
     let (seq, batch) = all
         .iter()
-        .find(|e| e.3.command_id.as_deref() == Some("dep-3"))
-        .map(|e| (e.0, e.1))
+        .find(|e| e.logged.command_id.as_deref() == Some("dep-3"))
+        .map(|e| (e.seq, e.batch))
         .ok_or("dep-3 committed")?;
     let other = seq + 1;
     let mut value = Vec::new();
@@ -308,19 +462,29 @@ fn repointed_command_id_is_located() -> TestResult {
 fn decodable_state_that_breaks_an_invariant_is_located() -> TestResult {
     let (dir, storage) = tamper_target()?;
     let id = account("a1");
-    let stored = storage.get(Cf::State, id.as_str().as_bytes())?.ok_or("a1 is stored")?;
+    let stored = storage
+        .get(Cf::State, id.as_str().as_bytes())?
+        .ok_or("a1 is stored")?;
     let version = codec::decode_aggregate(&stored)?.version;
     let broken = Aggregate {
         version,
-        state: State::Account(ledger::Account { balance: -1000, overdraft_limit: 0, closed: false }),
+        state: State::Account(ledger::Account {
+            balance: -1000,
+            overdraft_limit: 0,
+            closed: false,
+        }),
     };
     let mut value = Vec::new();
     codec::encode_aggregate(&broken, &mut value);
     put(&storage, Cf::State, id.as_str().as_bytes(), &value)?;
     drop(storage);
     let report = audit_stopped(dir.path())?;
-    assert_found(&report, "invariant", |d| d.check == Check::Invariant && d.aggregate.as_deref() == Some("account:a1"));
-    assert_found(&report, "ledger conservation", |d| d.check == Check::Conservation);
+    assert_found(&report, "invariant", |d| {
+        d.check == Check::Invariant && d.aggregate.as_deref() == Some("account:a1")
+    });
+    assert_found(&report, "ledger conservation", |d| {
+        d.check == Check::Conservation
+    });
     Ok(())
 }
 
@@ -335,7 +499,9 @@ fn header_with_zero_events_is_a_finding_not_a_panic() -> TestResult {
     put(&storage, Cf::Batches, &seq_key(batch), &header.encode())?;
     drop(storage);
     let report = audit_stopped(dir.path())?;
-    assert_found(&report, "zero-event header", |d| d.check == Check::Chain && d.batch == Some(batch));
+    assert_found(&report, "zero-event header", |d| {
+        d.check == Check::Chain && d.batch == Some(batch)
+    });
     Ok(())
 }
 
@@ -343,10 +509,16 @@ fn header_with_zero_events_is_a_finding_not_a_panic() -> TestResult {
 fn missing_directory_and_foreign_directory_are_errors_not_verdicts() -> TestResult {
     let dir = tempfile::tempdir()?;
     let missing = dir.path().join("nope");
-    assert!(matches!(Snapshot::open(&missing), Err(AuditError::NotAStore(_))));
+    assert!(matches!(
+        Snapshot::open(&missing),
+        Err(AuditError::NotAStore(_))
+    ));
     assert!(!missing.exists(), "opening must not create the directory");
     std::fs::write(dir.path().join("hello.txt"), "not a store")?;
-    assert!(matches!(Snapshot::open(dir.path()), Err(AuditError::NotAStore(_))));
+    assert!(matches!(
+        Snapshot::open(dir.path()),
+        Err(AuditError::NotAStore(_))
+    ));
     Ok(())
 }
 
@@ -364,7 +536,9 @@ fn live_store_is_audited_through_a_secondary_while_writes_continue() -> TestResu
                 if stop.load(std::sync::atomic::Ordering::Acquire) || Instant::now() > deadline {
                     break;
                 }
-                let commands = (0..20).map(|j| with_id(&format!("live-{i}-{j}"), transfer("a5", "a2", 1))).collect::<Vec<_>>();
+                let commands = (0..20)
+                    .map(|j| with_id(&format!("live-{i}-{j}"), transfer("a5", "a2", 1)))
+                    .collect::<Vec<_>>();
                 let reply = submit(&sequencer, commands, false)?;
                 let back = submit(&sequencer, vec![plain(transfer("a2", "a5", 20))], false)?;
                 items += (committed(&reply) + committed(&back)) as u64;
@@ -373,7 +547,12 @@ fn live_store_is_audited_through_a_secondary_while_writes_continue() -> TestResu
         });
         wait_for_tip_past(&sequencer, 43)?;
         let snapshot = Snapshot::open(dir.path())?;
-        assert_eq!(snapshot.mode(), SnapshotMode::Secondary { holder_pid: Some(std::process::id()) });
+        assert_eq!(
+            snapshot.mode(),
+            SnapshotMode::Secondary {
+                holder_pid: Some(std::process::id())
+            }
+        );
         let report = audit::audit_snapshot(&snapshot, &AuditOptions::default(), &mut |_| {})?;
         std::thread::sleep(Duration::from_millis(200));
         stop.store(true, std::sync::atomic::Ordering::Release);
@@ -384,7 +563,10 @@ fn live_store_is_audited_through_a_secondary_while_writes_continue() -> TestResu
     assert!(report.ok(), "{:#?}", report.divergences);
     assert!(report.events > 43, "the snapshot includes some live writes");
     let tip_after = sequencer.reader().tip()?;
-    assert!(items > 0 && tip_after.last_event > report.tip.last_event, "writes continued past the snapshot");
+    assert!(
+        items > 0 && tip_after.last_event > report.tip.last_event,
+        "writes continued past the snapshot"
+    );
     drop(sequencer);
     let report = audit_stopped(dir.path())?;
     assert!(report.ok(), "{:#?}", report.divergences);
@@ -400,5 +582,103 @@ fn wait_for_tip_past(sequencer: &Sequencer, seq: u64) -> TestResult {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    Ok(())
+}
+
+/// More events than one chunk of the audit's two-thread pipeline (4096), so chunk boundaries,
+/// chunk reuse and the end of the log are exercised; then one late event is deleted.
+#[test]
+fn log_spanning_many_pipeline_chunks_is_intact_then_a_late_deletion_is_located() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let sequencer = Sequencer::start(Engine::open_rocksdb(dir.path())?, Config::default())?;
+    let opens = (0..100)
+        .map(|a| plain(open_account(&format!("b{a}"), 0)))
+        .collect();
+    assert_eq!(committed(&submit(&sequencer, opens, false)?), 100);
+    for round in 0..15u64 {
+        let commands = (0..1000u64)
+            .map(|i| {
+                with_id(
+                    &format!("r{round}-{i}"),
+                    deposit(&format!("b{}", (i * 7 + round) % 100), 1 + i),
+                )
+            })
+            .collect();
+        assert_eq!(committed(&submit(&sequencer, commands, false)?), 1000);
+    }
+    drop(sequencer);
+    let report = audit_stopped(dir.path())?;
+    assert!(report.ok(), "{:#?}", report.divergences);
+    assert_eq!(
+        (report.events, report.aggregates, report.command_ids),
+        (15_100, 100, 15_000)
+    );
+    let storage = RocksStorage::open(dir.path())?;
+    let seq = 12_345;
+    let batch = events(&storage)?
+        .iter()
+        .find(|e| e.seq == seq)
+        .map(|e| e.batch)
+        .ok_or("event 12345")?;
+    storage.delete(Cf::Events, &seq_key(seq))?;
+    drop(storage);
+    let report = audit_stopped(dir.path())?;
+    assert_found(&report, "late deletion", |d| {
+        d.check == Check::Chain && d.seq == Some(seq) && d.batch == Some(batch)
+    });
+    assert_found(&report, "late deletion", |d| {
+        d.check == Check::CommandIndex && d.seq == Some(seq)
+    });
+    assert_eq!(
+        report.events, 15_099,
+        "the replay covers every event but the deleted one"
+    );
+    Ok(())
+}
+
+/// The other ways the index and the log can disagree: an entry deleted, an entry turned into
+/// a rejection, and an event rewritten to carry another command's id (a duplicate).
+#[test]
+fn unindexed_misrecorded_and_duplicated_command_ids_are_located() -> TestResult {
+    let (dir, storage) = tamper_target()?;
+    let all = events(&storage)?;
+    let carrying = |id: &str| {
+        all.iter()
+            .find(|e| e.logged.command_id.as_deref() == Some(id))
+    };
+    let tr = carrying("tr-1").ok_or("tr-1 committed")?;
+    storage.delete(Cf::CommandIds, b"tr-1")?;
+    let grp = carrying("grp-2").ok_or("grp-2 committed")?;
+    let rejected = CommandOutcome::Rejected(keel_invariants::Rejection::new(
+        keel_invariants::RejectCode::InsufficientFunds,
+        "forged",
+    ));
+    let mut value = Vec::new();
+    codec::encode_outcome(&rejected, &mut value);
+    put(&storage, Cf::CommandIds, b"grp-2", &value)?;
+    let victim = carrying("grp-5").ok_or("grp-5 committed")?;
+    let mut forged = victim.logged.clone();
+    forged.command_id = Some("dep-1".into());
+    let mut value = seq_key(victim.batch).to_vec();
+    codec::encode_event(&forged, &mut value);
+    put(&storage, Cf::Events, &seq_key(victim.seq), &value)?;
+    drop(storage);
+    let report = audit_stopped(dir.path())?;
+    let index = |d: &Divergence, seq: u64, words: &str| {
+        d.check == Check::CommandIndex && d.seq == Some(seq) && d.detail.contains(words)
+    };
+    assert_found(&report, "deleted entry", |d| {
+        index(d, tr.seq, "\"tr-1\"") && d.batch == Some(tr.batch)
+    });
+    assert_found(&report, "rejected entry", |d| {
+        index(d, grp.seq, "\"grp-2\"")
+            && d.found.as_deref() == Some("rejected (insufficient_funds)")
+    });
+    assert_found(&report, "duplicate id", |d| {
+        index(d, victim.seq, "\"dep-1\" is carried by events")
+    });
+    assert_found(&report, "rewritten event", |d| {
+        d.check == Check::Chain && d.batch == Some(victim.batch)
+    });
     Ok(())
 }

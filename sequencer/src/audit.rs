@@ -1,0 +1,718 @@
+//! The integrity audit behind `keel audit`: proves that a store is exactly what its committed
+//! log says and that every invariant holds.
+//!
+//! It opens a [`Snapshot`] (read-only when no server holds the store, a RocksDB secondary
+//! instance when one does), then runs, in one pass over the log and one over each other key
+//! space: (1) the hash chain ([`keel_engine::verify_chain`]); (2) a replay of every event from
+//! genesis through [`keel_invariants::apply`], compared with the stored state of every
+//! aggregate; (3) every invariant on every stored aggregate; (4) the command-id index against
+//! the events that carry ids; (6) the conservation laws of the built-in domains, computed
+//! straight from the events and not through `apply`. (5, the MongoDB projection, belongs to the
+//! projection crate.) It writes nothing and reports what it finds as [`Divergence`]s with their
+//! location; only a store it cannot read at all is an [`AuditError`].
+
+mod command_ids;
+mod replay;
+mod snapshot;
+
+use command_ids::Fingerprints;
+use keel_engine::format::{self, META_FORMAT_VERSION, META_TIP, hex, seq_key};
+use keel_engine::{
+    BatchHeader, Cf, ChainError, ChainTip, FORMAT_VERSION, Storage, StorageError, verify_chain,
+};
+use keel_invariants::{Aggregate, State, check_invariants, codec};
+use replay::{CHUNKS_IN_FLIGHT, Chunk, Feeder, Replay, Replayed, SkuFlow};
+use snapshot::OnePass;
+pub use snapshot::{Snapshot, SnapshotMode};
+use std::sync::mpsc::sync_channel;
+use std::time::{Duration, Instant};
+
+/// Why no verdict could be reached: the store cannot be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("{0}")]
+    NotAStore(String),
+    #[error("the store has format version {found}; this build audits format version {expected}")]
+    UnsupportedFormat { found: u32, expected: u32 },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Which check found a divergence. Numbers follow issue 4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Check {
+    /// The snapshot is not one point in time (its tip and its log disagree).
+    Snapshot,
+    /// (1) The hash chain: headers, links, hashes, event sequences, the stored tip.
+    Chain,
+    /// (2) Replay: an undecodable event, or a stored aggregate that differs from, is missing
+    /// from or is not in the replay.
+    State,
+    /// (3) A stored aggregate breaks an invariant of its domain.
+    Invariant,
+    /// (4) The command-id index disagrees with the events that carry ids.
+    CommandIndex,
+    /// (6) A conservation law of a domain does not hold.
+    Conservation,
+    /// RocksDB itself reports corruption (a checksum mismatch) while reading.
+    Storage,
+    /// What a server serves over HTTP differs from the snapshot (`keel audit --url`).
+    ServedLog,
+}
+
+impl Check {
+    pub const ALL: [Check; 8] = [
+        Check::Snapshot,
+        Check::Chain,
+        Check::State,
+        Check::Invariant,
+        Check::CommandIndex,
+        Check::Conservation,
+        Check::Storage,
+        Check::ServedLog,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Check::Snapshot => "snapshot",
+            Check::Chain => "chain",
+            Check::State => "state",
+            Check::Invariant => "invariant",
+            Check::CommandIndex => "command_index",
+            Check::Conservation => "conservation",
+            Check::Storage => "storage",
+            Check::ServedLog => "served_log",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One place where the store is not what the log implies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Divergence {
+    pub check: Check,
+    pub batch: Option<u64>,
+    pub seq: Option<u64>,
+    pub aggregate: Option<String>,
+    pub expected: Option<String>,
+    pub found: Option<String>,
+    pub detail: String,
+}
+
+impl Divergence {
+    pub fn new(check: Check, detail: impl Into<String>) -> Self {
+        Self {
+            check,
+            batch: None,
+            seq: None,
+            aggregate: None,
+            expected: None,
+            found: None,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn at_batch(mut self, batch: Option<u64>) -> Self {
+        self.batch = batch;
+        self
+    }
+
+    pub fn at_seq(mut self, seq: Option<u64>) -> Self {
+        self.seq = seq;
+        self
+    }
+
+    pub fn on(mut self, aggregate: &str) -> Self {
+        self.aggregate = Some(aggregate.to_owned());
+        self
+    }
+
+    pub fn expected_found(mut self, expected: impl Into<String>, found: impl Into<String>) -> Self {
+        self.expected = Some(expected.into());
+        self.found = Some(found.into());
+        self
+    }
+}
+
+/// What the audit may spend on reporting.
+#[derive(Clone, Copy, Debug)]
+pub struct AuditOptions {
+    /// Most divergences kept with their detail; all are counted.
+    pub max_divergences: usize,
+    /// Most audits of a live (secondary) snapshot: when one finds divergences, the snapshot
+    /// catches up and the audit runs again, so that a view RocksDB assembled across a
+    /// concurrent flush cannot raise a false alarm. Real damage persists and is reported.
+    pub live_attempts_max: u32,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        Self {
+            max_divergences: 20,
+            live_attempts_max: 3,
+        }
+    }
+}
+
+/// The audit's phases, for progress reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Hash chain and replay, over the event log.
+    Chain,
+    /// Stored state against the replay, invariants, conservation.
+    State,
+    /// The command-id index.
+    CommandIds,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Chain => "chain+replay",
+            Phase::State => "state",
+            Phase::CommandIds => "command-id index",
+        }
+    }
+}
+
+/// Where a running audit is: records done in this phase, of `total` (0 when unknown in
+/// advance), and the time since the phase began.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    pub phase: Phase,
+    pub done: u64,
+    pub total: u64,
+    pub elapsed: Duration,
+}
+
+/// How often (in records) the progress callback is called.
+const PROGRESS_EVERY: u64 = 1 << 16;
+
+/// The verdict and what it rests on.
+#[derive(Clone, Debug)]
+pub struct AuditReport {
+    /// The tip the audit read first; everything up to it, and nothing else, was audited.
+    pub tip: ChainTip,
+    pub batches: u64,
+    pub events: u64,
+    /// Stored aggregates (state column family).
+    pub aggregates: u64,
+    /// Entries of the command-id index, and how many say committed / rejected.
+    pub command_ids: u64,
+    pub command_ids_committed: u64,
+    pub command_ids_rejected: u64,
+    /// Time of the hash chain and replay pass, and of the whole audit.
+    pub replay_elapsed: Duration,
+    pub elapsed: Duration,
+    /// The first divergences, in the order found.
+    pub divergences: Vec<Divergence>,
+    /// How many divergences each [`Check`] found, indexed like [`Check::ALL`].
+    pub divergences_by_check: [u64; Check::ALL.len()],
+    /// Audits run (more than one only for a live snapshot that found divergences).
+    pub attempts: u32,
+    /// Divergences found by each earlier attempt.
+    pub earlier_attempts: Vec<u64>,
+    max_divergences: usize,
+}
+
+impl AuditReport {
+    fn new(max_divergences: usize) -> Self {
+        Self {
+            tip: ChainTip::default(),
+            batches: 0,
+            events: 0,
+            aggregates: 0,
+            command_ids: 0,
+            command_ids_committed: 0,
+            command_ids_rejected: 0,
+            replay_elapsed: Duration::ZERO,
+            elapsed: Duration::ZERO,
+            divergences: Vec::new(),
+            divergences_by_check: [0; Check::ALL.len()],
+            attempts: 1,
+            earlier_attempts: Vec::new(),
+            max_divergences,
+        }
+    }
+
+    pub fn ok(&self) -> bool {
+        self.divergences_total() == 0
+    }
+
+    pub fn divergences_total(&self) -> u64 {
+        self.divergences_by_check.iter().sum()
+    }
+
+    pub fn count(&self, check: Check) -> u64 {
+        self.divergences_by_check[check.index()]
+    }
+
+    /// Replay throughput: events per second of the chain and replay pass.
+    pub fn events_per_second(&self) -> f64 {
+        let seconds = self.replay_elapsed.as_secs_f64();
+        if seconds > 0.0 {
+            self.events as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// Adds the divergences another part of the audit found.
+    fn merge(&mut self, other: AuditReport) {
+        for (mine, theirs) in self
+            .divergences_by_check
+            .iter_mut()
+            .zip(other.divergences_by_check)
+        {
+            *mine += theirs;
+        }
+        let room = self.max_divergences.saturating_sub(self.divergences.len());
+        self.divergences
+            .extend(other.divergences.into_iter().take(room));
+    }
+
+    /// True while the report keeps the next divergence with its detail (else only counts it).
+    fn keeps_more(&self) -> bool {
+        self.divergences.len() < self.max_divergences
+    }
+
+    /// Counts `divergence` and keeps it if fewer than the maximum are kept.
+    pub fn record(&mut self, divergence: Divergence) {
+        self.divergences_by_check[divergence.check.index()] += 1;
+        if self.divergences.len() < self.max_divergences {
+            self.divergences.push(divergence);
+        }
+    }
+}
+
+/// Audits `snapshot`, auditing a live one again after a catch-up when it finds divergences
+/// (see [`AuditOptions::live_attempts_max`]).
+pub fn audit_snapshot(
+    snapshot: &Snapshot,
+    options: &AuditOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<AuditReport, AuditError> {
+    let storage = OnePass(&snapshot.storage);
+    let mut report = audit(&storage, options, progress)?;
+    let live = matches!(snapshot.mode(), SnapshotMode::Secondary { .. });
+    let mut earlier = Vec::new();
+    while live && !report.ok() && 1 + (earlier.len() as u32) < options.live_attempts_max {
+        earlier.push(report.divergences_total());
+        snapshot.catch_up()?;
+        report = audit(&storage, options, progress)?;
+    }
+    report.attempts = 1 + earlier.len() as u32;
+    report.earlier_attempts = earlier;
+    Ok(report)
+}
+
+/// Audits `storage`, which nobody writes while this runs.
+pub fn audit(
+    storage: &dyn Storage,
+    options: &AuditOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<AuditReport, AuditError> {
+    let started = Instant::now();
+    check_format(storage)?;
+    let fingerprints = Fingerprints::new();
+    let mut run = Run {
+        storage,
+        progress,
+        started,
+        phase_started: started,
+        report: AuditReport::new(options.max_divergences),
+        replay: Replay::new(fingerprints.clone()),
+        balance_sum: 0,
+        fingerprints,
+    };
+    let tip = run.read_tip()?;
+    run.report.tip = tip;
+    run.chain_and_replay(tip)?;
+    run.report.replay_elapsed = started.elapsed();
+    run.compare_states()?;
+    run.check_command_index()?;
+    run.check_ledger_conservation();
+    run.report.elapsed = started.elapsed();
+    Ok(run.report)
+}
+
+fn check_format(storage: &dyn Storage) -> Result<(), AuditError> {
+    let value = storage.get(Cf::Meta, META_FORMAT_VERSION)?.ok_or_else(|| {
+        AuditError::NotAStore(
+            "not a Keel store: no format version in the meta column family".into(),
+        )
+    })?;
+    let bytes: [u8; 4] = value.as_slice().try_into().map_err(|_| {
+        AuditError::NotAStore(format!(
+            "not a Keel store: a format version of {} bytes",
+            value.len()
+        ))
+    })?;
+    let found = u32::from_be_bytes(bytes);
+    if found != FORMAT_VERSION {
+        return Err(AuditError::UnsupportedFormat {
+            found,
+            expected: FORMAT_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// True when RocksDB reports damage it found itself (a block checksum), which is a finding of
+/// the audit, not a reason to give up without a verdict.
+fn is_corruption(error: &StorageError) -> bool {
+    matches!(error, StorageError::Io(message) if message.starts_with("Corruption"))
+}
+
+/// One audit's working state.
+struct Run<'a> {
+    storage: &'a dyn Storage,
+    progress: &'a mut dyn FnMut(&Progress),
+    started: Instant,
+    phase_started: Instant,
+    report: AuditReport,
+    replay: Replay,
+    /// Sum of the stored accounts' balances, for the ledger's conservation law.
+    balance_sum: i128,
+    /// Shared by the replay (events' ids) and the command-id check (the index's ids).
+    fingerprints: Fingerprints,
+}
+
+impl Run<'_> {
+    /// A storage error: corruption becomes a divergence; anything else ends the audit.
+    fn storage_failure(&mut self, error: StorageError) -> Result<(), AuditError> {
+        if is_corruption(&error) {
+            self.report
+                .record(Divergence::new(Check::Storage, error.to_string()));
+            return Ok(());
+        }
+        Err(error.into())
+    }
+
+    fn read_tip(&mut self) -> Result<ChainTip, AuditError> {
+        match self.storage.get(Cf::Meta, META_TIP) {
+            Ok(None) => Ok(ChainTip::default()),
+            Ok(Some(value)) => Ok(ChainTip::decode(&value).unwrap_or_else(|e| {
+                self.report
+                    .record(Divergence::new(Check::Chain, format!("stored tip: {e}")));
+                ChainTip::default()
+            })),
+            Err(e) => self.storage_failure(e).map(|()| ChainTip::default()),
+        }
+    }
+
+    fn tell(&mut self, phase: Phase, done: u64, total: u64) {
+        let elapsed = self.phase_started.elapsed();
+        (self.progress)(&Progress {
+            phase,
+            done,
+            total,
+            elapsed,
+        });
+    }
+
+    /// Verifies the chain while replaying its events; after a break in the chain, replays
+    /// the rest of the log without it so that the other checks still see every event.
+    ///
+    /// Two threads, one per core: this one scans and hashes (the [`Feeder`]); a second
+    /// decodes and folds the events into the [`Replay`]. Bounded chunks between them keep
+    /// memory flat however long the log.
+    fn chain_and_replay(&mut self, tip: ChainTip) -> Result<(), AuditError> {
+        let max = self.report.max_divergences;
+        let fingerprints = self.fingerprints.clone();
+        let (tx, rx) = sync_channel::<Chunk>(CHUNKS_IN_FLIGHT);
+        let (back, returned) = sync_channel::<Chunk>(CHUNKS_IN_FLIGHT);
+        let (fed, replayed) = std::thread::scope(|scope| -> Result<_, AuditError> {
+            let replayer = std::thread::Builder::new()
+                .name("keel-audit-replay".into())
+                .spawn_scoped(scope, move || Replay::run(rx, back, fingerprints, max))
+                .map_err(|e| StorageError::Io(format!("starting the replay thread: {e}")))?;
+            let mut feeder = Feeder::new(tx, returned, max);
+            let fed = self.feed(&mut feeder, tip);
+            // Closing the channel (finish, or drop on error) is what ends the replay thread.
+            let fed = match fed {
+                Ok(whole) => Ok((whole, feeder.finish())),
+                Err(e) => {
+                    drop(feeder);
+                    Err(e)
+                }
+            };
+            Ok((fed, replayer.join()))
+        })?;
+        // The replay thread only folds decoded values; a panic there is a bug, not a finding.
+        let (replay, found) = replayed.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let (whole, (events, batches, fed_found)) = fed?;
+        self.report.merge(fed_found);
+        self.report.merge(found);
+        self.replay = replay;
+        if !whole {
+            // After a break the chain's counts stop at the break; count what was replayed.
+            self.report.events = events;
+            self.report.batches = batches;
+        }
+        Ok(())
+    }
+
+    /// Runs the chain check, feeding every event it delivers to `feeder`, and after a break
+    /// feeds the rest of the log. True when the chain was verified whole.
+    fn feed(&mut self, feeder: &mut Feeder, tip: ChainTip) -> Result<bool, AuditError> {
+        let storage = self.storage;
+        let started = self.started;
+        let progress = &mut self.progress;
+        let result = verify_chain(storage, &mut |seq, batch, payload| {
+            feeder.event(seq, batch, payload);
+            if feeder.events.is_multiple_of(PROGRESS_EVERY) {
+                let elapsed = started.elapsed();
+                progress(&Progress {
+                    phase: Phase::Chain,
+                    done: feeder.events,
+                    total: tip.last_event,
+                    elapsed,
+                });
+            }
+        });
+        match result {
+            Ok(summary) => {
+                if summary.tip != tip {
+                    let detail = "the log ends elsewhere than the tip read first";
+                    let d = Divergence::new(Check::Snapshot, detail)
+                        .expected_found(describe_tip(&tip), describe_tip(&summary.tip));
+                    self.report.record(d);
+                }
+                self.report.batches = summary.batches;
+                self.report.events = summary.events;
+                return Ok(true);
+            }
+            Err(ChainError::Storage(e)) => self.storage_failure(e)?,
+            Err(e) => {
+                let divergence = self.locate(e)?;
+                self.report.record(divergence);
+            }
+        }
+        self.feed_rest(feeder).map(|()| false)
+    }
+
+    /// Feeds the events after the last one the chain check delivered, trusting nothing but
+    /// each record's own encoding.
+    fn feed_rest(&mut self, feeder: &mut Feeder) -> Result<(), AuditError> {
+        let start = seq_key(feeder.last_seq.saturating_add(1));
+        let result = self.storage.scan(Cf::Events, &start, &mut |key, value| {
+            match (
+                format::decode_seq_key(key),
+                format::split_event_value(value),
+            ) {
+                (Ok(seq), Ok((batch, payload))) => feeder.event(seq, batch, payload),
+                (seq, _) => {
+                    let detail = format!(
+                        "event record with key {} does not decode; not replayed",
+                        hex(key)
+                    );
+                    feeder
+                        .found
+                        .record(Divergence::new(Check::State, detail).at_seq(seq.ok()));
+                }
+            }
+            true
+        });
+        result.or_else(|e| self.storage_failure(e))
+    }
+
+    /// Turns a break in the chain into a divergence naming its batch and, where there is one,
+    /// its event.
+    fn locate(&mut self, error: ChainError) -> Result<Divergence, AuditError> {
+        Ok(match error {
+            ChainError::Batch { batch, detail } => {
+                let events = match self.header(batch)? {
+                    Some(h) => format!(
+                        " (its header covers events {}..{})",
+                        h.first_event,
+                        h.first_event
+                            .saturating_add(u64::from(h.count))
+                            .saturating_sub(1)
+                    ),
+                    None => String::new(),
+                };
+                Divergence::new(Check::Chain, format!("batch {batch}: {detail}{events}"))
+                    .at_batch(Some(batch))
+            }
+            ChainError::Event { seq, detail } => {
+                let batch = self.covering_batch(seq)?;
+                Divergence::new(Check::Chain, format!("event {seq}: {detail}"))
+                    .at_seq(Some(seq))
+                    .at_batch(batch)
+            }
+            ChainError::Tip(detail) => {
+                Divergence::new(Check::Chain, format!("chain tip: {detail}"))
+            }
+            ChainError::Storage(e) => Divergence::new(Check::Storage, e.to_string()),
+        })
+    }
+
+    fn header(&self, batch: u64) -> Result<Option<BatchHeader>, AuditError> {
+        let value = self.storage.get(Cf::Batches, &seq_key(batch))?;
+        Ok(value.and_then(|v| BatchHeader::decode(batch, &v).ok()))
+    }
+
+    /// The batch whose header covers event `seq`, by a scan of the headers (run once, for the
+    /// first break in the chain).
+    fn covering_batch(&self, seq: u64) -> Result<Option<u64>, AuditError> {
+        let mut found = None;
+        self.storage.scan(Cf::Batches, &[], &mut |key, value| {
+            let Ok(batch) = format::decode_seq_key(key) else {
+                return true;
+            };
+            let Ok(header) = BatchHeader::decode(batch, value) else {
+                return true;
+            };
+            let end = header.first_event.saturating_add(u64::from(header.count));
+            if header.first_event <= seq && seq < end {
+                found = Some(batch);
+            }
+            found.is_none() && header.first_event <= seq
+        })?;
+        Ok(found)
+    }
+
+    /// Compares every stored aggregate with the replay, checks its invariants and the
+    /// inventory's conservation law, then reports what the replay has and the store lacks.
+    fn compare_states(&mut self) -> Result<(), AuditError> {
+        let storage = self.storage;
+        self.phase_started = Instant::now();
+        let total = self.replay.aggregates.len() as u64;
+        let mut seen = 0u64;
+        let result = storage.scan(Cf::State, &[], &mut |key, value| {
+            self.stored_aggregate(key, value);
+            seen += 1;
+            if seen.is_multiple_of(PROGRESS_EVERY) {
+                self.tell(Phase::State, seen, total);
+            }
+            true
+        });
+        result.or_else(|e| self.storage_failure(e))?;
+        self.report.aggregates = seen;
+        self.report_missing_aggregates();
+        Ok(())
+    }
+
+    fn stored_aggregate(&mut self, key: &[u8], value: &[u8]) {
+        let id = String::from_utf8_lossy(key);
+        let replayed = self.replay.aggregates.get_mut(id.as_ref());
+        let (last_seq, last_batch) = replayed
+            .as_ref()
+            .map_or((None, None), |r| (Some(r.last_seq), Some(r.last_batch)));
+        let stored = match codec::decode_aggregate(value) {
+            Ok(stored) => stored,
+            Err(e) => {
+                if let Some(r) = replayed {
+                    r.seen = true;
+                }
+                let d = Divergence::new(Check::State, format!("stored state does not decode: {e}"))
+                    .on(&id)
+                    .at_seq(last_seq)
+                    .at_batch(last_batch);
+                self.report.record(d);
+                return;
+            }
+        };
+        if let Err(violation) = check_invariants(&stored) {
+            let d = Divergence::new(Check::Invariant, violation.detail.clone())
+                .on(&id)
+                .expected_found(violation.invariant, describe(&stored));
+            self.report.record(d.at_seq(last_seq).at_batch(last_batch));
+        }
+        if let State::Account(account) = &stored.state {
+            self.balance_sum += i128::from(account.balance);
+        }
+        let Some(replayed) = replayed else {
+            let d = Divergence::new(Check::State, "stored aggregate that no event touches")
+                .on(&id)
+                .expected_found("absent", describe(&stored));
+            self.report.record(d);
+            return;
+        };
+        replayed.seen = true;
+        if replayed.aggregate != stored {
+            let d = Divergence::new(
+                Check::State,
+                "stored state differs from the replay of its events",
+            )
+            .on(&id)
+            .at_seq(last_seq)
+            .at_batch(last_batch)
+            .expected_found(describe(&replayed.aggregate), describe(&stored));
+            self.report.record(d);
+        }
+        if let State::Sku(sku) = &stored.state {
+            let none = SkuFlow::default();
+            for d in replayed.flow.as_deref().unwrap_or(&none).check(sku) {
+                self.report
+                    .record(d.on(&id).at_seq(last_seq).at_batch(last_batch));
+            }
+        }
+    }
+
+    fn report_missing_aggregates(&mut self) {
+        let mut missing: Vec<(&Box<str>, &Replayed)> = self
+            .replay
+            .aggregates
+            .iter()
+            .filter(|(_, r)| !r.seen)
+            .collect();
+        missing.sort_by_key(|(_, r)| r.last_seq);
+        for (id, r) in missing {
+            let d = Divergence::new(
+                Check::State,
+                "aggregate the log creates is missing from the store",
+            )
+            .on(id)
+            .at_seq(Some(r.last_seq))
+            .at_batch(Some(r.last_batch))
+            .expected_found(describe(&r.aggregate), "absent");
+            self.report.record(d);
+        }
+    }
+
+    /// The ledger's conservation law: money enters only by deposits and leaves only by
+    /// withdrawals, so the balances sum to their difference (transfers net to zero).
+    fn check_ledger_conservation(&mut self) {
+        let deposited = i128::try_from(self.replay.deposited).unwrap_or(i128::MAX);
+        let withdrawn = i128::try_from(self.replay.withdrawn).unwrap_or(i128::MAX);
+        let expected = deposited.saturating_sub(withdrawn);
+        if expected != self.balance_sum {
+            let d = Divergence::new(
+                Check::Conservation,
+                format!("ledger: the stored balances do not sum to deposits {deposited} minus withdrawals {withdrawn}"),
+            )
+            .expected_found(format!("sum of balances {expected}"), format!("sum of balances {}", self.balance_sum));
+            self.report.record(d);
+        }
+    }
+}
+
+/// Longest rendering of an aggregate in a report (an SKU with many reservations is long).
+const DESCRIBE_CHARS_MAX: usize = 400;
+
+fn describe(aggregate: &Aggregate) -> String {
+    let mut text = format!("version {} {:?}", aggregate.version, aggregate.state);
+    if text.len() > DESCRIBE_CHARS_MAX {
+        let cut = (0..=DESCRIBE_CHARS_MAX)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
+}
+
+fn describe_tip(tip: &ChainTip) -> String {
+    format!(
+        "batch {} event {} hash {}",
+        tip.last_batch,
+        tip.last_event,
+        hex(&tip.last_hash)
+    )
+}
