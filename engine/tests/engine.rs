@@ -1,4 +1,5 @@
 //! Engine behaviour over both storages: commit, recovery, chain verification, poisoning.
+#![allow(clippy::unwrap_used)] // a test may unwrap: the panic is its failure report
 
 use keel_engine::{
     BatchHeader, Cf, Engine, EngineError, FaultPlan, MemoryStorage, PendingBatch, RocksStorage,

@@ -3,7 +3,7 @@
 
 use keel_invariants::{Aggregate, AggregateId, Command, Envelope, Event, State, inventory, ledger};
 use keel_sequencer::{CommittedEvent, ItemResult, Reply};
-use serde::de::{self, SeqAccess, Visitor};
+use serde::de::{SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Number, Value, json};
 use std::fmt;

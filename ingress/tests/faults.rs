@@ -1,6 +1,7 @@
 //! Fault injection: the engine over a storage whose Nth sync fails or loses power. A failed sync
 //! poisons the write path: nothing of that batch is acknowledged, every later write and read is
 //! refused with 503, and after a restart only acknowledged batches exist.
+#![allow(clippy::unwrap_used)] // a test may unwrap: the panic is its failure report
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};

@@ -1,4 +1,5 @@
 //! End-to-end tests of the HTTP API against a real `keel serve` process over a real socket.
+#![allow(clippy::unwrap_used)] // a test may unwrap: the panic is its failure report
 
 mod common;
 

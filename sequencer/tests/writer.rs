@@ -1,5 +1,6 @@
 //! The single writer over the fault-injecting memory storage: group commit, atomic requests,
 //! idempotency inside and across batches, bounds.
+#![allow(clippy::unwrap_used)] // a test may unwrap: the panic is its failure report
 
 use keel_engine::{Engine, MemoryStorage, Storage};
 use keel_invariants::{AggregateId, Command, Envelope, RejectCode, State, ledger};
