@@ -42,7 +42,20 @@ pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
 /// Opens the store, starts the writer and serves HTTP until SIGTERM or Ctrl-C; then stops
 /// accepting, lets in-flight requests finish, drains the writer and closes RocksDB.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    tracing::info!(?config, "keel serve starting");
+    tracing::info!(
+        data = %config.data.display(),
+        listen = %config.listen,
+        batch_items_max = config.batch_items_max,
+        queue_depth_max = config.queue_depth_max,
+        queue_items_max = config.queue_items_max,
+        linger_us = config.linger_us,
+        body_bytes_max = config.body_bytes_max,
+        nats_url = config.nats_url.as_deref().map(redact_credentials).as_deref().unwrap_or("(publication off)"),
+        nats_stream = %config.nats_stream,
+        nats_subject = %config.nats_subject,
+        publish_inflight_max = config.publish_inflight_max,
+        "keel serve starting"
+    );
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating data directory {}", config.data.display()))?;
     let sequencer = Sequencer::open(&config.data, config.sequencer())
@@ -82,6 +95,16 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A URL with any `user:password@` part replaced, for logs.
+pub fn redact_credentials(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 fn spawn_metrics_upkeep(handle: PrometheusHandle) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -113,5 +136,17 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("Ctrl-C received; shutting down"),
         () = terminate => tracing::info!("SIGTERM received; shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_credentials;
+
+    #[test]
+    fn credentials_never_reach_the_log() {
+        assert_eq!(redact_credentials("nats://user:secret@10.0.0.1:4222"), "nats://***@10.0.0.1:4222");
+        assert_eq!(redact_credentials("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact_credentials("mongodb://a:b@h/?x=y"), "mongodb://***@h/?x=y");
     }
 }
