@@ -54,13 +54,22 @@ pub fn verify_chain(
         false
     })?;
     if let Some(seq) = beyond {
-        return Err(ChainError::Event { seq, detail: "event outside any batch".into() });
+        return Err(ChainError::Event {
+            seq,
+            detail: "event outside any batch".into(),
+        });
     }
-    let stored = storage.get(Cf::Meta, META_TIP)?.map(|v| ChainTip::decode(&v));
+    let stored = storage
+        .get(Cf::Meta, META_TIP)?
+        .map(|v| ChainTip::decode(&v));
     match stored {
         Some(Ok(stored)) if stored == tip => {}
         None if tip == ChainTip::default() => {}
-        other => return Err(ChainError::Tip(format!("stored {other:?}, log ends at {tip:?}"))),
+        other => {
+            return Err(ChainError::Tip(format!(
+                "stored {other:?}, log ends at {tip:?}"
+            )));
+        }
     }
     summary.tip = tip;
     Ok(summary)
@@ -77,14 +86,21 @@ fn read_headers(storage: &dyn Storage, after: u64) -> Result<Vec<BatchHeader>, C
             .map_err(|e| e.0)
             .and_then(|seq| {
                 if seq == expected {
-                    BatchHeader::decode(seq, value).map_err(|e| e.0).and_then(sane)
+                    BatchHeader::decode(seq, value)
+                        .map_err(|e| e.0)
+                        .and_then(sane)
                 } else {
                     Err(format!("missing: found batch {seq} next"))
                 }
             });
         match decoded {
             Ok(header) => headers.push(header),
-            Err(detail) => failure = Some(ChainError::Batch { batch: expected, detail }),
+            Err(detail) => {
+                failure = Some(ChainError::Batch {
+                    batch: expected,
+                    detail,
+                })
+            }
         }
         failure.is_none() && headers.len() < HEADERS_PER_ROUND
     })?;
@@ -109,7 +125,12 @@ fn sane(header: BatchHeader) -> Result<BatchHeader, String> {
 
 /// Checks that `header` follows `tip` and is non-empty.
 fn link(tip: &ChainTip, header: &BatchHeader) -> Result<(), ChainError> {
-    let fail = |detail: String| Err(ChainError::Batch { batch: header.seq, detail });
+    let fail = |detail: String| {
+        Err(ChainError::Batch {
+            batch: header.seq,
+            detail,
+        })
+    };
     if header.count == 0 {
         return fail("header with zero events".into());
     }
@@ -179,14 +200,24 @@ fn check_events(
     if index < headers.len() {
         return Err(ChainError::Event {
             seq: expected_seq,
-            detail: format!("missing (batch {} ends at {})", headers[index].seq, headers[index].last_event()),
+            detail: format!(
+                "missing (batch {} ends at {})",
+                headers[index].seq,
+                headers[index].last_event()
+            ),
         });
     }
     Ok(())
 }
 
 fn start_hash(header: &BatchHeader) -> BatchHasher {
-    BatchHasher::new(header.seq, header.first_event, header.count, header.committed_at_us, &header.prev_hash)
+    BatchHasher::new(
+        header.seq,
+        header.first_event,
+        header.count,
+        header.committed_at_us,
+        &header.prev_hash,
+    )
 }
 
 fn check_event<'v>(
@@ -195,16 +226,25 @@ fn check_event<'v>(
     key: &[u8],
     value: &'v [u8],
 ) -> Result<&'v [u8], ChainError> {
-    let seq = format::decode_seq_key(key).map_err(|e| ChainError::Event { seq: expected_seq, detail: e.0 })?;
+    let seq = format::decode_seq_key(key).map_err(|e| ChainError::Event {
+        seq: expected_seq,
+        detail: e.0,
+    })?;
     if seq != expected_seq {
-        return Err(ChainError::Event { seq: expected_seq, detail: format!("missing: found event {seq} next") });
+        return Err(ChainError::Event {
+            seq: expected_seq,
+            detail: format!("missing: found event {seq} next"),
+        });
     }
     let (batch, payload) =
         format::split_event_value(value).map_err(|e| ChainError::Event { seq, detail: e.0 })?;
     if batch != header.seq {
         return Err(ChainError::Event {
             seq,
-            detail: format!("stored as part of batch {batch}, but batch {} covers it", header.seq),
+            detail: format!(
+                "stored as part of batch {batch}, but batch {} covers it",
+                header.seq
+            ),
         });
     }
     Ok(payload)

@@ -11,12 +11,16 @@
 mod chain;
 pub mod format;
 mod memory;
+pub mod message;
+mod outbox;
 mod rocks;
 mod storage;
 
 pub use chain::{ChainError, ChainSummary, verify_chain};
 pub use format::{BatchHeader, ChainTip, FORMAT_VERSION, FormatError};
 pub use memory::{FaultPlan, MemoryStorage};
+pub use message::{BatchMessage, decode_batch_message, encode_batch_message};
+pub use outbox::META_PUBLISH_CURSOR;
 pub use rocks::{LockProbe, RocksStorage};
 pub use storage::{Cf, Storage, StorageError, Visit, WriteSet};
 
@@ -133,7 +137,11 @@ impl Engine {
     pub fn open(storage: Arc<dyn Storage>) -> Result<Self, EngineError> {
         check_format(storage.as_ref())?;
         let tip = recover_tip(storage.as_ref())?;
-        Ok(Self { storage, tip, poisoned: Arc::new(AtomicBool::new(false)) })
+        Ok(Self {
+            storage,
+            tip,
+            poisoned: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     pub fn tip(&self) -> ChainTip {
@@ -145,7 +153,10 @@ impl Engine {
     }
 
     pub fn reader(&self) -> Reader {
-        Reader { storage: Arc::clone(&self.storage), poisoned: Arc::clone(&self.poisoned) }
+        Reader {
+            storage: Arc::clone(&self.storage),
+            poisoned: Arc::clone(&self.poisoned),
+        }
     }
 
     /// Visits every stored aggregate (id, encoded state), to warm the writer's cache.
@@ -174,9 +185,16 @@ impl Engine {
     /// batch had events (a batch of only command-id outcomes is written and synced but gets no
     /// header and no sequence). On a storage error the engine is poisoned: nothing more is
     /// written, and the caller must not acknowledge anything of this batch.
-    pub fn commit(&mut self, pending: &mut PendingBatch) -> Result<Option<BatchHeader>, EngineError> {
+    pub fn commit(
+        &mut self,
+        pending: &mut PendingBatch,
+    ) -> Result<Option<BatchHeader>, EngineError> {
         self.ensure_healthy()?;
-        assert_eq!(pending.batch_seq, self.tip.last_batch + 1, "pending batch was not begun on this tip");
+        assert_eq!(
+            pending.batch_seq,
+            self.tip.last_batch + 1,
+            "pending batch was not begun on this tip"
+        );
         assert_eq!(pending.first_event, self.tip.last_event + 1);
         if pending.is_empty() {
             return Ok(None);
@@ -195,7 +213,9 @@ impl Engine {
 
     /// Adds the header and the new tip to `pending` when it holds events.
     fn seal(&self, pending: &mut PendingBatch) -> Option<BatchHeader> {
-        let count = u32::try_from(pending.events.len()).ok().filter(|c| *c > 0)?;
+        let count = u32::try_from(pending.events.len())
+            .ok()
+            .filter(|c| *c > 0)?;
         let mut hasher = BatchHasher::new(
             pending.batch_seq,
             pending.first_event,
@@ -218,8 +238,12 @@ impl Engine {
             hash: hasher.finish(),
         };
         assert_eq!(header.last_event() + 1, pending.next_event);
-        pending.set.put(Cf::Batches, &seq_key(header.seq), &header.encode());
-        pending.set.put(Cf::Meta, META_TIP, &ChainTip::after(&header).encode());
+        pending
+            .set
+            .put(Cf::Batches, &seq_key(header.seq), &header.encode());
+        pending
+            .set
+            .put(Cf::Meta, META_TIP, &ChainTip::after(&header).encode());
         Some(header)
     }
 
@@ -239,13 +263,18 @@ fn check_format(storage: &dyn Storage) -> Result<(), EngineError> {
             })?;
             let found = u32::from_be_bytes(bytes);
             if found != FORMAT_VERSION {
-                return Err(EngineError::UnsupportedFormat { found, expected: FORMAT_VERSION });
+                return Err(EngineError::UnsupportedFormat {
+                    found,
+                    expected: FORMAT_VERSION,
+                });
             }
             Ok(())
         }
         None => {
             if storage.last(Cf::Batches)?.is_some() || storage.last(Cf::Events)?.is_some() {
-                return Err(EngineError::Corrupt("data present but no format version".into()));
+                return Err(EngineError::Corrupt(
+                    "data present but no format version".into(),
+                ));
             }
             let mut set = WriteSet::default();
             set.put(Cf::Meta, META_FORMAT_VERSION, &FORMAT_VERSION.to_be_bytes());
@@ -258,7 +287,10 @@ fn check_format(storage: &dyn Storage) -> Result<(), EngineError> {
 /// the last event: with one write per batch, a torn tail is impossible, so any mismatch means
 /// the store was damaged outside Keel.
 fn recover_tip(storage: &dyn Storage) -> Result<ChainTip, EngineError> {
-    let stored = storage.get(Cf::Meta, META_TIP)?.map(|v| ChainTip::decode(&v)).transpose()?;
+    let stored = storage
+        .get(Cf::Meta, META_TIP)?
+        .map(|v| ChainTip::decode(&v))
+        .transpose()?;
     let last_header = match storage.last(Cf::Batches)? {
         Some((key, value)) => Some(BatchHeader::decode(format::decode_seq_key(&key)?, &value)?),
         None => None,
@@ -267,7 +299,10 @@ fn recover_tip(storage: &dyn Storage) -> Result<ChainTip, EngineError> {
         Some((key, _)) => format::decode_seq_key(&key)?,
         None => 0,
     };
-    let tip = last_header.as_ref().map(ChainTip::after).unwrap_or_default();
+    let tip = last_header
+        .as_ref()
+        .map(ChainTip::after)
+        .unwrap_or_default();
     if stored.unwrap_or_default() != tip {
         return Err(EngineError::Corrupt(format!(
             "stored tip {stored:?} disagrees with the last batch header {last_header:?}"
@@ -301,7 +336,10 @@ pub struct StoredEvent {
 impl Reader {
     /// A reader over a store nobody writes (an audit snapshot, a stopped server's directory).
     pub fn detached(storage: Arc<dyn Storage>) -> Self {
-        Self { storage, poisoned: Arc::new(AtomicBool::new(false)) }
+        Self {
+            storage,
+            poisoned: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     pub fn is_poisoned(&self) -> bool {
@@ -327,7 +365,10 @@ impl Reader {
     /// The durable chain tip.
     pub fn tip(&self) -> Result<ChainTip, EngineError> {
         let value = self.healthy()?.get(Cf::Meta, META_TIP)?;
-        Ok(value.map(|v| ChainTip::decode(&v)).transpose()?.unwrap_or_default())
+        Ok(value
+            .map(|v| ChainTip::decode(&v))
+            .transpose()?
+            .unwrap_or_default())
     }
 
     /// Up to `limit` events with sequence greater than `after`, in order.
@@ -335,16 +376,17 @@ impl Reader {
         let mut events = Vec::with_capacity(limit.min(4096));
         let mut failure = None;
         let start = seq_key(after.saturating_add(1));
-        self.healthy()?.scan(Cf::Events, &start, &mut |key, value| {
-            if events.len() >= limit {
-                return false;
-            }
-            match decode_event(key, value) {
-                Ok(event) => events.push(event),
-                Err(e) => failure = Some(e),
-            }
-            failure.is_none()
-        })?;
+        self.healthy()?
+            .scan(Cf::Events, &start, &mut |key, value| {
+                if events.len() >= limit {
+                    return false;
+                }
+                match decode_event(key, value) {
+                    Ok(event) => events.push(event),
+                    Err(e) => failure = Some(e),
+                }
+                failure.is_none()
+            })?;
         failure.map_or(Ok(events), |e| Err(e.into()))
     }
 
@@ -363,5 +405,9 @@ impl Reader {
 fn decode_event(key: &[u8], value: &[u8]) -> Result<StoredEvent, FormatError> {
     let seq = format::decode_seq_key(key)?;
     let (batch, payload) = format::split_event_value(value)?;
-    Ok(StoredEvent { seq, batch, payload: payload.to_vec() })
+    Ok(StoredEvent {
+        seq,
+        batch,
+        payload: payload.to_vec(),
+    })
 }

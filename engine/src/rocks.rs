@@ -274,7 +274,10 @@ impl Storage for RocksStorage {
     }
 
     fn checkpoint(&self, dir: &Path) -> Result<(), StorageError> {
-        Checkpoint::new(&self.db).map_err(io)?.create_checkpoint(dir).map_err(io)
+        Checkpoint::new(&self.db)
+            .map_err(io)?
+            .create_checkpoint(dir)
+            .map_err(io)
     }
 }
 

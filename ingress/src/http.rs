@@ -31,6 +31,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/batches", post(post_batch))
         .route("/v1/aggregates/{id}", get(get_aggregate))
         .route("/v1/events", get(get_events))
+        .route("/v1/batches/{seq}", get(crate::batches_route::get_batch))
         .route("/metrics", get(get_metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -49,7 +50,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after_secs: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+        }
     }
 
     fn bad_request(e: WireError) -> Self {
@@ -59,14 +65,20 @@ impl ApiError {
     /// Internal faults: logged with detail, answered generically.
     fn internal(context: &str, error: &dyn std::fmt::Display) -> Self {
         tracing::error!(%error, context, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
     }
 
     fn submit(e: SubmitError, retry_after_secs: u32) -> Self {
         let message = e.to_string();
         match e {
             SubmitError::Empty => Self::new(StatusCode::BAD_REQUEST, "empty_batch", message),
-            SubmitError::TooManyItems { .. } => Self::new(StatusCode::BAD_REQUEST, "too_many_items", message),
+            SubmitError::TooManyItems { .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "too_many_items", message)
+            }
             SubmitError::Overloaded => Self {
                 retry_after_secs: Some(retry_after_secs),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
@@ -75,13 +87,19 @@ impl ApiError {
                 retry_after_secs: Some(retry_after_secs),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             },
-            SubmitError::Poisoned => Self::new(StatusCode::SERVICE_UNAVAILABLE, "engine_poisoned", message),
+            SubmitError::Poisoned => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "engine_poisoned", message)
+            }
         }
     }
 
     fn read(e: ReadError) -> Self {
         if e.is_poisoned() {
-            return Self::new(StatusCode::SERVICE_UNAVAILABLE, "engine_poisoned", e.to_string());
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "engine_poisoned",
+                e.to_string(),
+            );
         }
         Self::internal("read", &e)
     }
@@ -92,7 +110,9 @@ impl IntoResponse for ApiError {
         let body = json!({"error": {"code": self.code, "message": self.message}});
         let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after_secs {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -106,7 +126,11 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
-async fn post_batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn post_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let answer = submit_batch(&state, &headers, body).await;
     let status = match &answer {
@@ -119,7 +143,11 @@ async fn post_batch(State(state): State<AppState>, headers: HeaderMap, body: Bod
     answer.map(|r| Json(r).into_response())
 }
 
-async fn submit_batch(state: &AppState, headers: &HeaderMap, body: Body) -> Result<BatchResponse, ApiError> {
+async fn submit_batch(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<BatchResponse, ApiError> {
     if !is_json(headers) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -129,7 +157,10 @@ async fn submit_batch(state: &AppState, headers: &HeaderMap, body: Body) -> Resu
     }
     // Refuse at once when the writer is overloaded or poisoned, before reading the body.
     if state.sequencer.is_poisoned() {
-        return Err(ApiError::submit(SubmitError::Poisoned, state.retry_after_secs));
+        return Err(ApiError::submit(
+            SubmitError::Poisoned,
+            state.retry_after_secs,
+        ));
     }
     let bytes = to_bytes(body, state.body_bytes_max).await.map_err(|_| {
         ApiError::new(
@@ -139,7 +170,8 @@ async fn submit_batch(state: &AppState, headers: &HeaderMap, body: Body) -> Resu
         )
     })?;
     let batch_items_max = state.sequencer.config().batch_items_max;
-    let (commands, atomic) = wire::parse_batch(&bytes, batch_items_max).map_err(ApiError::bad_request)?;
+    let (commands, atomic) =
+        wire::parse_batch(&bytes, batch_items_max).map_err(ApiError::bad_request)?;
     let receiver = state
         .sequencer
         .submit(commands, atomic)
@@ -147,11 +179,17 @@ async fn submit_batch(state: &AppState, headers: &HeaderMap, body: Body) -> Resu
     match receiver.await {
         Ok(Ok(reply)) => Ok(BatchResponse::from(reply)),
         Ok(Err(e)) => Err(ApiError::submit(e, state.retry_after_secs)),
-        Err(_) => Err(ApiError::submit(SubmitError::ShuttingDown, state.retry_after_secs)),
+        Err(_) => Err(ApiError::submit(
+            SubmitError::ShuttingDown,
+            state.retry_after_secs,
+        )),
     }
 }
 
-async fn get_aggregate(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_aggregate(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     if !id.contains(':') {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -162,7 +200,11 @@ async fn get_aggregate(State(state): State<AppState>, Path(id): Path<String>) ->
     let id = AggregateId::from_full(id);
     match state.sequencer.aggregate(&id).map_err(ApiError::read)? {
         Some(aggregate) => Ok(Json(wire::aggregate_json(&id, &aggregate)).into_response()),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("aggregate `{id}` does not exist"))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("aggregate `{id}` does not exist"),
+        )),
     }
 }
 
@@ -181,7 +223,8 @@ async fn get_events(
     State(state): State<AppState>,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let Query(query) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let limit = query.limit.unwrap_or(100);
     if limit == 0 || limit > EVENTS_LIMIT_MAX {
         return Err(ApiError::new(
@@ -191,13 +234,17 @@ async fn get_events(
         ));
     }
     let sequencer = Arc::clone(&state.sequencer);
-    let (events, last_seq) = tokio::task::spawn_blocking(move || sequencer.events(query.after, limit))
-        .await
-        .map_err(|e| ApiError::internal("events task", &e))?
-        .map_err(ApiError::read)?;
+    let (events, last_seq) =
+        tokio::task::spawn_blocking(move || sequencer.events(query.after, limit))
+            .await
+            .map_err(|e| ApiError::internal("events task", &e))?
+            .map_err(ApiError::read)?;
     let next_after = events.last().map_or(query.after, |e| e.seq);
     let events: Vec<_> = events.iter().map(wire::event_json).collect();
-    Ok(Json(json!({"events": events, "next_after": next_after, "last_seq": last_seq})).into_response())
+    Ok(
+        Json(json!({"events": events, "next_after": next_after, "last_seq": last_seq}))
+            .into_response(),
+    )
 }
 
 async fn get_metrics(State(state): State<AppState>) -> Response {
@@ -210,7 +257,10 @@ async fn get_metrics(State(state): State<AppState>) -> Response {
 /// restart, which is what a failing liveness check asks for).
 async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     if state.sequencer.is_poisoned() {
-        return Err(ApiError::submit(SubmitError::Poisoned, state.retry_after_secs));
+        return Err(ApiError::submit(
+            SubmitError::Poisoned,
+            state.retry_after_secs,
+        ));
     }
     Ok(Json(json!({"status": "ok"})))
 }
@@ -219,13 +269,24 @@ async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value
 async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let sequencer = &state.sequencer;
     if sequencer.is_poisoned() {
-        return Err(ApiError::submit(SubmitError::Poisoned, state.retry_after_secs));
+        return Err(ApiError::submit(
+            SubmitError::Poisoned,
+            state.retry_after_secs,
+        ));
     }
     if sequencer.is_closing() {
-        return Err(ApiError::submit(SubmitError::ShuttingDown, state.retry_after_secs));
+        return Err(ApiError::submit(
+            SubmitError::ShuttingDown,
+            state.retry_after_secs,
+        ));
     }
     if sequencer.queued_items() >= sequencer.config().queue_items_max {
-        return Err(ApiError::submit(SubmitError::Overloaded, state.retry_after_secs));
+        return Err(ApiError::submit(
+            SubmitError::Overloaded,
+            state.retry_after_secs,
+        ));
     }
-    Ok(Json(json!({"status": "ready", "queued_items": sequencer.queued_items()})))
+    Ok(Json(
+        json!({"status": "ready", "queued_items": sequencer.queued_items()}),
+    ))
 }

@@ -26,10 +26,12 @@ pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
         return Ok(handle.clone());
     }
     let seconds = [
-        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512,
-        1.0, 2.0,
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064,
+        0.128, 0.256, 0.512, 1.0, 2.0,
     ];
-    let items = [1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0];
+    let items = [
+        1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0,
+    ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
         .set_buckets_for_metric(Matcher::Full("keel_batch_items".into()), &items)?
@@ -67,7 +69,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let metrics = metrics_handle()?;
     spawn_metrics_upkeep(metrics.clone());
     let publisher = match config.publisher() {
-        Some(publisher) => Some(keel_projection::publisher::start(sequencer.reader().clone(), publisher).await?),
+        Some(publisher) => {
+            Some(keel_projection::publisher::start(sequencer.reader().clone(), publisher).await?)
+        }
         None => None,
     };
     let state = http::AppState {
@@ -145,8 +149,17 @@ mod tests {
 
     #[test]
     fn credentials_never_reach_the_log() {
-        assert_eq!(redact_credentials("nats://user:secret@10.0.0.1:4222"), "nats://***@10.0.0.1:4222");
-        assert_eq!(redact_credentials("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
-        assert_eq!(redact_credentials("mongodb://a:b@h/?x=y"), "mongodb://***@h/?x=y");
+        assert_eq!(
+            redact_credentials("nats://user:secret@10.0.0.1:4222"),
+            "nats://***@10.0.0.1:4222"
+        );
+        assert_eq!(
+            redact_credentials("nats://127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
+        assert_eq!(
+            redact_credentials("mongodb://a:b@h/?x=y"),
+            "mongodb://***@h/?x=y"
+        );
     }
 }

@@ -13,7 +13,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("keel: cannot start the async runtime: {error}");
@@ -22,6 +25,10 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(config) => runtime.block_on(keel_ingress::serve(config)),
+        Command::Audit(args) => return keel_ingress::audit_cmd::run(&args),
+        Command::Project(args) => runtime
+            .block_on(keel_projection::project_until_signal(args.projector()))
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,8 +59,14 @@ pub struct Reply {
 /// before: nothing was written for it this time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ItemResult {
-    Committed { seq: u64, replayed: bool },
-    Rejected { rejection: Rejection, replayed: bool },
+    Committed {
+        seq: u64,
+        replayed: bool,
+    },
+    Rejected {
+        rejection: Rejection,
+        replayed: bool,
+    },
 }
 
 /// Why a submission was not taken or not answered.
@@ -149,7 +155,13 @@ impl Sequencer {
             .name("keel-sequencer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| EngineError::Storage(keel_engine::StorageError::Io(e.to_string())))?;
-        Ok(Self { config, tx, shared, reader, thread: Mutex::new(Some(thread)) })
+        Ok(Self {
+            config,
+            tx,
+            shared,
+            reader,
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     /// Opens (or creates) the RocksDB store in `dir` and starts the writer over it.
@@ -175,7 +187,10 @@ impl Sequencer {
             return Err(SubmitError::Empty);
         }
         if items > self.config.batch_items_max {
-            return Err(SubmitError::TooManyItems { items, max: self.config.batch_items_max });
+            return Err(SubmitError::TooManyItems {
+                items,
+                max: self.config.batch_items_max,
+            });
         }
         if self.shared.poisoned.load(Ordering::Acquire) {
             return Err(SubmitError::Poisoned);
@@ -185,7 +200,12 @@ impl Sequencer {
         }
         self.reserve(items)?;
         let (reply, rx) = oneshot::channel();
-        let submission = Submission { commands, atomic, reply, enqueued_at: Instant::now() };
+        let submission = Submission {
+            commands,
+            atomic,
+            reply,
+            enqueued_at: Instant::now(),
+        };
         match self.tx.try_send(Message::Submit(submission)) {
             Ok(()) => Ok(rx),
             Err(e) => {
@@ -252,7 +272,11 @@ impl Sequencer {
     }
 
     /// Up to `limit` committed events after sequence `after`, and the last committed sequence.
-    pub fn events(&self, after: u64, limit: usize) -> Result<(Vec<CommittedEvent>, u64), ReadError> {
+    pub fn events(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<CommittedEvent>, u64), ReadError> {
         let tip = self.reader.tip()?;
         let stored = self.reader.events(after, limit)?;
         let mut events = Vec::with_capacity(stored.len());
@@ -263,7 +287,10 @@ impl Sequencer {
             }
             if batch_time.0 != event.batch {
                 let header = self.reader.batch(event.batch)?.ok_or_else(|| {
-                    EngineError::Corrupt(format!("event {} names missing batch {}", event.seq, event.batch))
+                    EngineError::Corrupt(format!(
+                        "event {} names missing batch {}",
+                        event.seq, event.batch
+                    ))
                 })?;
                 batch_time = (event.batch, header.committed_at_us);
             }

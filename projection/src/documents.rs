@@ -1,0 +1,357 @@
+//! The MongoDB documents of the projection (docs/PROJECTION.md is the reference): one per event
+//! in `events`, one per aggregate in `aggregates`, one per consumer in `checkpoints`. Field
+//! names and shapes follow the HTTP API's JSON, so what an analyst reads in MongoDB looks like
+//! what `GET /v1/events` and `GET /v1/aggregates/{id}` answer.
+//!
+//! Integers are BSON Int64. A `u64` above `i64::MAX` (possible only for an SKU's `on_hand`) is
+//! stored as Decimal128 so that it stays exact; sequences never get there.
+
+use keel_invariants::{Aggregate, Event, LoggedEvent, State, inventory, ledger};
+use mongodb::bson::{Bson, DateTime, Decimal128, Document, doc};
+use std::collections::BTreeMap;
+
+/// A document that does not have the shape the projector writes (edited by hand, or written
+/// by another program).
+#[derive(Debug, thiserror::Error)]
+#[error("aggregate document `{id}`: {detail}")]
+pub struct DocumentError {
+    pub id: String,
+    pub detail: String,
+}
+
+/// A `u64` as BSON: Int64 when it fits, else an exact Decimal128.
+pub fn u64_bson(value: u64) -> Bson {
+    match i64::try_from(value) {
+        Ok(v) => Bson::Int64(v),
+        Err(_) => value
+            .to_string()
+            .parse::<Decimal128>()
+            .map_or(Bson::Double(value as f64), Bson::Decimal128),
+    }
+}
+
+/// The inverse of [`u64_bson`], also accepting Int32 (what a hand-written or another driver's
+/// document may hold).
+pub fn bson_u64(value: &Bson) -> Option<u64> {
+    match value {
+        Bson::Int32(v) => u64::try_from(*v).ok(),
+        Bson::Int64(v) => u64::try_from(*v).ok(),
+        Bson::Decimal128(d) => d.to_string().parse().ok(),
+        _ => None,
+    }
+}
+
+/// A signed integer, whichever integer type the server chose to return it as.
+pub fn bson_i64(value: &Bson) -> Option<i64> {
+    match value {
+        Bson::Int32(v) => Some(i64::from(*v)),
+        Bson::Int64(v) => Some(*v),
+        _ => None,
+    }
+}
+
+/// Commit time (µs since the epoch) as a BSON date (millisecond precision, what BSON has).
+pub fn datetime_us(us: u64) -> DateTime {
+    DateTime::from_millis(i64::try_from(us / 1000).unwrap_or(i64::MAX))
+}
+
+/// The `events` document of one committed event.
+pub fn event_document(
+    seq: u64,
+    batch: u64,
+    committed_at_us: u64,
+    logged: &LoggedEvent,
+) -> Document {
+    let event = &logged.event;
+    let aggregates: Vec<Bson> = event
+        .targets()
+        .iter()
+        .map(|id| Bson::String(id.as_str().to_owned()))
+        .collect();
+    doc! {
+        "_id": u64_bson(seq),
+        "batch": u64_bson(batch),
+        "type": event.type_name(),
+        "aggregates": aggregates,
+        "command_id": logged.command_id.clone().map_or(Bson::Null, Bson::String),
+        "data": event_data(event),
+        "committed_at": datetime_us(committed_at_us),
+    }
+}
+
+fn memo(memo: &Option<String>) -> Bson {
+    memo.clone().map_or(Bson::Null, Bson::String)
+}
+
+/// The event's fields, as `data` in `GET /v1/events`.
+fn event_data(event: &Event) -> Document {
+    use inventory::Event as I;
+    use ledger::Event as L;
+    match event {
+        Event::Ledger(L::AccountOpened {
+            account,
+            overdraft_limit,
+        }) => {
+            doc! {"account": account.name(), "overdraft_limit": u64_bson(*overdraft_limit)}
+        }
+        Event::Ledger(
+            L::Deposited {
+                account,
+                amount,
+                memo: m,
+            }
+            | L::Withdrew {
+                account,
+                amount,
+                memo: m,
+            },
+        ) => {
+            doc! {"account": account.name(), "amount": u64_bson(*amount), "memo": memo(m)}
+        }
+        Event::Ledger(L::Transferred {
+            from,
+            to,
+            amount,
+            memo: m,
+        }) => {
+            doc! {"from": from.name(), "to": to.name(), "amount": u64_bson(*amount), "memo": memo(m)}
+        }
+        Event::Ledger(L::AccountClosed { account }) => doc! {"account": account.name()},
+        Event::Inventory(I::SkuCreated { sku, on_hand }) => {
+            doc! {"sku": sku.name(), "on_hand": u64_bson(*on_hand)}
+        }
+        Event::Inventory(I::Restocked { sku, qty }) => {
+            doc! {"sku": sku.name(), "qty": u64_bson(*qty)}
+        }
+        Event::Inventory(
+            I::Reserved { sku, qty, order }
+            | I::Released { sku, qty, order }
+            | I::Shipped { sku, qty, order },
+        ) => doc! {"sku": sku.name(), "qty": u64_bson(*qty), "order": order.as_str()},
+    }
+}
+
+/// The `aggregates` document: `_id`, `kind`, `version`, `last_seq` (the last event applied),
+/// `updated_at` (that event's commit time) and the state's fields flattened.
+pub fn aggregate_document(
+    id: &str,
+    aggregate: &Aggregate,
+    last_seq: u64,
+    updated_at_us: u64,
+) -> Document {
+    let kind = id.split_once(':').map_or("", |(kind, _)| kind);
+    let mut document = doc! {
+        "_id": id,
+        "kind": kind,
+        "version": u64_bson(aggregate.version),
+        "last_seq": u64_bson(last_seq),
+        "updated_at": datetime_us(updated_at_us),
+    };
+    match &aggregate.state {
+        State::Account(a) => {
+            document.insert("balance", Bson::Int64(a.balance));
+            document.insert("overdraft_limit", u64_bson(a.overdraft_limit));
+            document.insert("closed", a.closed);
+        }
+        State::Sku(s) => {
+            document.insert("on_hand", u64_bson(s.on_hand));
+            document.insert("reserved", u64_bson(s.reserved));
+            document.insert("available", u64_bson(s.on_hand.saturating_sub(s.reserved)));
+            let reservations: Document = s
+                .reservations
+                .iter()
+                .map(|(o, q)| (o.clone(), u64_bson(*q)))
+                .collect();
+            document.insert("reservations", reservations);
+        }
+    }
+    document
+}
+
+/// Reads back what [`aggregate_document`] wrote: the aggregate and its `last_seq`.
+pub fn parse_aggregate_document(
+    document: &Document,
+) -> Result<(String, Aggregate, u64), DocumentError> {
+    let id = document
+        .get_str("_id")
+        .map_err(|e| DocumentError {
+            id: "?".into(),
+            detail: e.to_string(),
+        })?
+        .to_owned();
+    let fail = |detail: String| DocumentError {
+        id: id.clone(),
+        detail,
+    };
+    let number = |field: &str| {
+        document
+            .get(field)
+            .and_then(bson_u64)
+            .ok_or_else(|| fail(format!("`{field}` is not a non-negative integer")))
+    };
+    let version = number("version")?;
+    let last_seq = number("last_seq")?;
+    let state = match document.get_str("kind").map_err(|e| fail(e.to_string()))? {
+        ledger::KIND => State::Account(ledger::Account {
+            balance: document
+                .get("balance")
+                .and_then(bson_i64)
+                .ok_or_else(|| fail("`balance` is not an integer".into()))?,
+            overdraft_limit: number("overdraft_limit")?,
+            closed: document
+                .get_bool("closed")
+                .map_err(|e| fail(format!("`closed`: {e}")))?,
+        }),
+        inventory::KIND => {
+            let mut reservations = BTreeMap::new();
+            let stored = document
+                .get_document("reservations")
+                .map_err(|e| fail(format!("`reservations`: {e}")))?;
+            for (order, qty) in stored {
+                let qty = bson_u64(qty)
+                    .ok_or_else(|| fail(format!("reservation `{order}` is not an integer")))?;
+                reservations.insert(order.clone(), qty);
+            }
+            State::Sku(inventory::Sku {
+                on_hand: number("on_hand")?,
+                reserved: number("reserved")?,
+                reservations,
+            })
+        }
+        other => return Err(fail(format!("unknown kind `{other}`"))),
+    };
+    Ok((id, Aggregate { version, state }, last_seq))
+}
+
+/// Where a consumer's projection stands: the last batch fully applied and its chain link.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub last_batch: u64,
+    pub last_seq: u64,
+    pub last_hash: [u8; 32],
+    pub committed_at_us: u64,
+}
+
+/// The `checkpoints` document of consumer `name`.
+pub fn checkpoint_document(name: &str, checkpoint: &Checkpoint, now: DateTime) -> Document {
+    doc! {
+        "_id": name,
+        "last_batch": u64_bson(checkpoint.last_batch),
+        "last_seq": u64_bson(checkpoint.last_seq),
+        "last_hash": keel_engine::format::hex(&checkpoint.last_hash),
+        "committed_at": datetime_us(checkpoint.committed_at_us),
+        "updated_at": now,
+    }
+}
+
+/// Reads back a checkpoint document. The commit time is only as precise as BSON's dates.
+pub fn parse_checkpoint_document(document: &Document) -> Result<Checkpoint, DocumentError> {
+    let fail = |detail: String| DocumentError {
+        id: "checkpoint".into(),
+        detail,
+    };
+    let number = |field: &str| {
+        document
+            .get(field)
+            .and_then(bson_u64)
+            .ok_or_else(|| fail(format!("`{field}` is not a non-negative integer")))
+    };
+    let hex = document
+        .get_str("last_hash")
+        .map_err(|e| fail(format!("`last_hash`: {e}")))?;
+    let last_hash = parse_hex32(hex)
+        .ok_or_else(|| fail(format!("`last_hash` {hex:?} is not 64 hex digits")))?;
+    let committed_at = document
+        .get_datetime("committed_at")
+        .map_err(|e| fail(format!("`committed_at`: {e}")))?;
+    Ok(Checkpoint {
+        last_batch: number("last_batch")?,
+        last_seq: number("last_seq")?,
+        last_hash,
+        committed_at_us: u64::try_from(committed_at.timestamp_millis()).unwrap_or(0) * 1000,
+    })
+}
+
+fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_invariants::AggregateId;
+
+    #[test]
+    fn aggregates_read_back_exactly() {
+        let account = Aggregate {
+            version: 7,
+            state: State::Account(ledger::Account {
+                balance: -40,
+                overdraft_limit: 100,
+                closed: false,
+            }),
+        };
+        let mut reservations = BTreeMap::new();
+        reservations.insert("o-1".to_owned(), 3);
+        reservations.insert("o.2".to_owned(), u64::MAX - 5);
+        let sku = Aggregate {
+            version: 4,
+            state: State::Sku(inventory::Sku {
+                on_hand: u64::MAX,
+                reserved: u64::MAX - 2,
+                reservations,
+            }),
+        };
+        for (id, aggregate) in [("account:alice", account), ("sku:A-17", sku)] {
+            let document = aggregate_document(id, &aggregate, 99, 1_700_000_000_123_456);
+            let (read_id, read, last_seq) = parse_aggregate_document(&document).expect("parses");
+            assert_eq!((read_id.as_str(), &read, last_seq), (id, &aggregate, 99));
+        }
+    }
+
+    #[test]
+    fn checkpoints_read_back() {
+        let checkpoint = Checkpoint {
+            last_batch: 12,
+            last_seq: 345,
+            last_hash: [0xAB; 32],
+            committed_at_us: 1_700_000_000_123_000,
+        };
+        let document = checkpoint_document("keel-projector", &checkpoint, DateTime::now());
+        assert_eq!(
+            parse_checkpoint_document(&document).expect("parses"),
+            checkpoint
+        );
+    }
+
+    #[test]
+    fn event_documents_mirror_the_http_api() {
+        let logged = LoggedEvent {
+            command_id: Some("c-1".into()),
+            event: Event::Ledger(ledger::Event::Transferred {
+                from: AggregateId::new("account", "alice"),
+                to: AggregateId::new("account", "bob"),
+                amount: 5,
+                memo: None,
+            }),
+        };
+        let document = event_document(4012, 17, 1_000_000, &logged);
+        let json = Bson::Document(document).into_relaxed_extjson();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "_id": 4012, "batch": 17, "type": "transferred",
+                "aggregates": ["account:alice", "account:bob"], "command_id": "c-1",
+                "data": {"from": "alice", "to": "bob", "amount": 5, "memo": null},
+                "committed_at": {"$date": "1970-01-01T00:00:01Z"},
+            })
+        );
+    }
+}

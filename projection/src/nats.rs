@@ -1,0 +1,88 @@
+//! What the publisher and the projector agree on about NATS: connection options and the
+//! JetStream stream's settings (deploy/nats/README.md lists them for operators).
+
+use async_nats::jetstream::stream::{
+    Config as StreamConfig, DiscardPolicy, RetentionPolicy, StorageType,
+};
+use async_nats::{Client, ConnectError, ConnectOptions};
+use std::time::Duration;
+
+/// The header that carries a batch's sequence; JetStream deduplicates on it.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+/// How long JetStream remembers message ids to drop a resend. A publisher restart resends at
+/// most what was acknowledged but not yet recorded in its cursor (a fraction of a second of
+/// batches); two minutes covers that with a wide margin.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How long the stream keeps a batch. Keel's log is the source of truth, so the stream only
+/// has to cover projector downtime; a projector further behind repairs from the source.
+pub const STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The stream's size bound (the oldest batches go first when it is reached). JetStream
+/// reserves it from the server's `max_file_store` when the stream is created (which defaults to
+/// 75% of the free disk), so it must be modest; a projector that falls further behind than the
+/// stream reaches repairs from the source.
+pub const STREAM_MAX_BYTES: i64 = 4 << 30;
+/// The largest message the stream accepts; the server's `max_payload` must allow it too. A
+/// larger batch is published as an empty placeholder and projected from the source.
+pub const STREAM_MAX_MESSAGE_BYTES: i32 = 64 << 20;
+
+/// The stream Keel publishes to, with every setting explicit rather than a server default.
+pub fn stream_config(name: &str, subject: &str) -> StreamConfig {
+    StreamConfig {
+        name: name.to_owned(),
+        description: Some(
+            "Keel committed batches, one message per batch (docs/PROJECTION.md)".into(),
+        ),
+        subjects: vec![subject.to_owned()],
+        storage: StorageType::File,
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::Old,
+        max_age: STREAM_MAX_AGE,
+        max_bytes: STREAM_MAX_BYTES,
+        max_messages: -1,
+        max_messages_per_subject: -1,
+        max_message_size: STREAM_MAX_MESSAGE_BYTES,
+        duplicate_window: DUPLICATE_WINDOW,
+        num_replicas: 1,
+        // Gap repair and the tests read single messages directly.
+        allow_direct: true,
+        // Deleting or purging messages is allowed (operators trimming the stream, the gap
+        // test): the projector repairs any hole from the source.
+        deny_purge: false,
+        deny_delete: false,
+        ..StreamConfig::default()
+    }
+}
+
+/// Connects to `url` in the background: the call returns at once and the client keeps trying
+/// (and reconnecting after an outage) with a capped backoff, forever. Fails only on a URL that
+/// does not parse.
+pub async fn connect(url: &str, name: &str) -> Result<Client, ConnectError> {
+    ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(10)))
+        .ping_interval(Duration::from_secs(10))
+        .reconnect_delay_callback(reconnect_delay)
+        .connect(url)
+        .await
+}
+
+/// 100 ms, doubling, at most 2 s: an outage costs at most ~2 s of extra lag after it ends.
+fn reconnect_delay(attempts: usize) -> Duration {
+    let exponent = u32::try_from(attempts.min(5)).unwrap_or(5);
+    Duration::from_millis(100 * 2u64.pow(exponent)).min(Duration::from_secs(2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delay_is_capped() {
+        assert_eq!(reconnect_delay(0), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(3), Duration::from_millis(800));
+        assert_eq!(reconnect_delay(1000), Duration::from_secs(2));
+    }
+}
