@@ -19,12 +19,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// The process-wide Prometheus recorder (installed once; tests start several servers).
+/// The process-wide Prometheus recorder, installed once even when several servers (tests)
+/// ask for it at the same time.
 pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    if let Some(handle) = HANDLE.get() {
-        return Ok(handle.clone());
-    }
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| install_recorder().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     let seconds = [
         0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064,
         0.128, 0.256, 0.512, 1.0, 2.0,
@@ -32,13 +37,12 @@ pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
     let items = [
         1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0,
     ];
-    let handle = PrometheusBuilder::new()
+    PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
         .set_buckets_for_metric(Matcher::Full("keel_batch_items".into()), &items)?
         .set_buckets_for_metric(Matcher::Full("keel_batch_requests".into()), &items)?
         .install_recorder()
-        .context("installing the Prometheus recorder")?;
-    Ok(HANDLE.get_or_init(|| handle).clone())
+        .context("installing the Prometheus recorder")
 }
 
 /// Opens the store, starts the writer and serves HTTP until SIGTERM or Ctrl-C; then stops
@@ -119,7 +123,8 @@ fn spawn_metrics_upkeep(handle: PrometheusHandle) {
     });
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C: the stop signal of every long-running `keel` command.
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(error) = tokio::signal::ctrl_c().await {
             tracing::error!(%error, "cannot listen for Ctrl-C");

@@ -27,7 +27,10 @@ fn main() -> ExitCode {
         Command::Serve(config) => runtime.block_on(keel_ingress::serve(config)),
         Command::Audit(args) => return keel_ingress::audit_cmd::run(&args),
         Command::Project(args) => runtime
-            .block_on(keel_projection::project_until_signal(args.projector()))
+            .block_on(keel_projection::project_until(
+                args.projector(),
+                keel_ingress::shutdown_signal(),
+            ))
             .map_err(Into::into),
     };
     match result {

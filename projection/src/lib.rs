@@ -23,37 +23,15 @@ pub use backoff::{Shutdown, ShutdownTrigger, shutdown_channel};
 pub use projector::{ProjectError, ProjectorConfig};
 pub use publisher::{PublishError, PublisherConfig, PublisherHandle};
 
-/// Runs the projector until SIGTERM or Ctrl-C (for `keel project`).
-pub async fn project_until_signal(config: ProjectorConfig) -> Result<(), ProjectError> {
+/// Runs the projector until `stop` resolves (for `keel project`, the binary's SIGTERM/Ctrl-C).
+pub async fn project_until(
+    config: ProjectorConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ProjectError> {
     let (trigger, shutdown) = shutdown_channel();
     tokio::spawn(async move {
-        terminate_signal().await;
+        stop.await;
         trigger.trigger();
     });
     projector::run(config, shutdown).await
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn terminate_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => tracing::info!("Ctrl-C received; stopping"),
-        () = terminate => tracing::info!("SIGTERM received; stopping"),
-    }
 }
