@@ -134,7 +134,7 @@ pub trait Storage: Send + Sync {
     /// durable; an error means they may or may not be, and the caller must stop writing.
     fn write(&self, set: &WriteSet, sync: bool) -> Result<(), StorageError>;
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
-    /// Point lookups of many keys at once, answers in key order.
+    /// Point lookups of many keys at once, answers in the order of `keys`.
     fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StorageError>;
     /// Visits the keys `>= start` in order while `visit` returns true.
     fn scan(&self, cf: Cf, start: &[u8], visit: Visit<'_>) -> Result<(), StorageError>;
