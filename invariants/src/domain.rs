@@ -176,16 +176,54 @@ pub struct Violation {
     pub detail: String,
 }
 
+/// Where a [`Conservation`] law is summed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LawScope {
+    /// Over all aggregates of the domain together (the ledger's money).
+    Total,
+    /// For each aggregate on its own (an SKU's stock).
+    PerAggregate,
+}
+
+impl LawScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LawScope::Total => "total",
+            LawScope::PerAggregate => "per_aggregate",
+        }
+    }
+}
+
+/// A conservation law a domain declares for the audit: a quantity read from the aggregates'
+/// states equals the sum of the flows their events imply.
+///
+/// The flows are computed straight from the events' fields, not through [`Domain::apply`], so
+/// the law is a second, independent derivation of the state: a bug in `apply`, or a stored
+/// state edited consistently with its version, breaks it. Quantities are `i128` so that both
+/// signed balances and unsigned stock sum without overflow.
+pub struct Conservation<E: 'static, S: 'static> {
+    /// Stable short name for reports (`ledger.money`).
+    pub name: &'static str,
+    /// The law in words, for people reading a report.
+    pub statement: &'static str,
+    pub scope: LawScope,
+    /// How much `event` moves the quantity of its target number `target` (0 = primary).
+    pub flow: fn(&E, usize) -> i128,
+    /// The quantity as a state holds it.
+    pub quantity: fn(&S) -> i128,
+}
+
 /// A domain: its commands, the events they produce, the state of its aggregates, and its rules.
 ///
 /// `decide` sees the current state of every aggregate the command targets (in [`Targets`]
 /// order, `None` where it does not exist) and returns one event or a rejection. `apply` folds
 /// one event into one target's state and cannot fail: everything that could go wrong was
-/// refused in `decide`. `check` states the invariants so the audit can prove them.
+/// refused in `decide`. `check` states the invariants so the audit can prove them, and
+/// `conservation` the laws that tie the states to the flows of their events.
 pub trait Domain {
     type Command;
-    type Event;
-    type State;
+    type Event: 'static;
+    type State: 'static;
 
     fn targets(command: &Self::Command) -> Targets<'_>;
     fn decide(
@@ -198,4 +236,8 @@ pub trait Domain {
     /// state by value so that large states (an SKU's open reservations) are not cloned.
     fn apply(event: &Self::Event, target: usize, state: Option<Self::State>) -> Self::State;
     fn check(state: &Self::State) -> Result<(), Violation>;
+    /// The conservation laws the audit proves over the whole log (none unless declared).
+    fn conservation() -> &'static [Conservation<Self::Event, Self::State>] {
+        &[]
+    }
 }

@@ -4,7 +4,9 @@
 //! are positive; nothing overflows; an order holds at most one reservation per SKU, and a
 //! release or shipment needs one.
 
-use crate::domain::{AggregateId, Domain, RejectCode, Rejection, Targets, Violation};
+use crate::domain::{
+    AggregateId, Conservation, Domain, LawScope, RejectCode, Rejection, Targets, Violation,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -85,6 +87,43 @@ pub struct Sku {
     pub reserved: u64,
     /// Open reservations: order -> quantity.
     pub reservations: BTreeMap<String, u64>,
+}
+
+/// Stock and reservations, each SKU on its own: stock enters by creation and restocking and
+/// leaves by shipping; a reservation is opened by `reserved` and closed by `released` or
+/// `shipped`, so what is still reserved is their difference.
+static LAWS: [Conservation<Event, Sku>; 2] = [
+    Conservation {
+        name: "inventory.on_hand",
+        statement: "each SKU's on_hand equals its created on_hand plus restocked minus shipped",
+        scope: LawScope::PerAggregate,
+        flow: stock_flow,
+        quantity: |sku| i128::from(sku.on_hand),
+    },
+    Conservation {
+        name: "inventory.reserved",
+        statement: "each SKU's reserved equals its reserved minus released minus shipped quantities",
+        scope: LawScope::PerAggregate,
+        flow: reservation_flow,
+        quantity: |sku| i128::from(sku.reserved),
+    },
+];
+
+fn stock_flow(event: &Event, _target: usize) -> i128 {
+    match event {
+        Event::SkuCreated { on_hand, .. } => i128::from(*on_hand),
+        Event::Restocked { qty, .. } => i128::from(*qty),
+        Event::Shipped { qty, .. } => -i128::from(*qty),
+        Event::Reserved { .. } | Event::Released { .. } => 0,
+    }
+}
+
+fn reservation_flow(event: &Event, _target: usize) -> i128 {
+    match event {
+        Event::Reserved { qty, .. } => i128::from(*qty),
+        Event::Released { qty, .. } | Event::Shipped { qty, .. } => -i128::from(*qty),
+        Event::SkuCreated { .. } | Event::Restocked { .. } => 0,
+    }
 }
 
 /// The inventory domain.
@@ -248,6 +287,10 @@ impl Domain for Inventory {
             });
         }
         Ok(())
+    }
+
+    fn conservation() -> &'static [Conservation<Event, Sku>] {
+        &LAWS
     }
 }
 

@@ -3,7 +3,9 @@
 //! Invariants: `balance >= -overdraft_limit`; amounts are positive; nothing overflows `i64`;
 //! an account is opened once, is never used after it is closed, and closes only at zero.
 
-use crate::domain::{AggregateId, Domain, RejectCode, Rejection, Targets, Violation};
+use crate::domain::{
+    AggregateId, Conservation, Domain, LawScope, RejectCode, Rejection, Targets, Violation,
+};
 use serde::{Deserialize, Serialize};
 
 /// The aggregate kind prefix of ledger accounts.
@@ -86,6 +88,26 @@ pub struct Account {
 
 /// The ledger domain.
 pub struct Ledger;
+
+/// Money enters only by deposits and leaves only by withdrawals; a transfer moves it between
+/// two accounts and nets to zero.
+static LAWS: [Conservation<Event, Account>; 1] = [Conservation {
+    name: "ledger.money",
+    statement: "the sum of all balances equals the sum of deposits minus the sum of withdrawals",
+    scope: LawScope::Total,
+    flow: money_flow,
+    quantity: |account| i128::from(account.balance),
+}];
+
+fn money_flow(event: &Event, target: usize) -> i128 {
+    match event {
+        Event::Deposited { amount, .. } => i128::from(*amount),
+        Event::Withdrew { amount, .. } => -i128::from(*amount),
+        Event::Transferred { amount, .. } if target == 0 => -i128::from(*amount),
+        Event::Transferred { amount, .. } => i128::from(*amount),
+        Event::AccountOpened { .. } | Event::AccountClosed { .. } => 0,
+    }
+}
 
 impl Domain for Ledger {
     type Command = Command;
@@ -262,6 +284,10 @@ impl Domain for Ledger {
             });
         }
         Ok(())
+    }
+
+    fn conservation() -> &'static [Conservation<Event, Account>] {
+        &LAWS
     }
 }
 

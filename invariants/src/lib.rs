@@ -16,8 +16,10 @@ pub mod inventory;
 pub mod ledger;
 mod registry;
 
-pub use domain::{AggregateId, Domain, RejectCode, Rejection, Targets, Violation};
+pub use domain::{
+    AggregateId, Conservation, Domain, LawScope, RejectCode, Rejection, Targets, Violation,
+};
 pub use registry::{
-    Aggregate, Command, CommandOutcome, Envelope, Event, LoggedEvent, State, apply,
-    check_invariants, decide,
+    Aggregate, Command, CommandOutcome, Envelope, Event, Law, LoggedEvent, State, apply,
+    check_invariants, conservation_laws, decide,
 };

@@ -1,7 +1,9 @@
 //! The registry of domains: the enums the sequencer, engine records and audit speak, each
 //! routing to the domain module that owns the variant.
 
-use crate::domain::{AggregateId, Domain, RejectCode, Rejection, Targets, Violation};
+use crate::domain::{
+    AggregateId, Conservation, Domain, LawScope, RejectCode, Rejection, Targets, Violation,
+};
 use crate::inventory::{self, Inventory};
 use crate::ledger::{self, Ledger};
 use serde::{Deserialize, Serialize};
@@ -194,4 +196,67 @@ fn wrong_kind(id: &AggregateId) -> Rejection {
         RejectCode::WrongKind,
         format!("{id} holds an aggregate of another kind"),
     )
+}
+
+/// A conservation law of a registered domain (see [`Conservation`]), routed like the other
+/// registry types: `flow` and `quantity` answer `None` for events and states of other domains.
+#[derive(Clone, Copy)]
+pub enum Law {
+    Ledger(&'static Conservation<ledger::Event, ledger::Account>),
+    Inventory(&'static Conservation<inventory::Event, inventory::Sku>),
+}
+
+impl Law {
+    pub fn name(self) -> &'static str {
+        match self {
+            Law::Ledger(law) => law.name,
+            Law::Inventory(law) => law.name,
+        }
+    }
+
+    pub fn statement(self) -> &'static str {
+        match self {
+            Law::Ledger(law) => law.statement,
+            Law::Inventory(law) => law.statement,
+        }
+    }
+
+    pub fn scope(self) -> LawScope {
+        match self {
+            Law::Ledger(law) => law.scope,
+            Law::Inventory(law) => law.scope,
+        }
+    }
+
+    /// How much `event` moves the quantity of its target number `target`, when the event
+    /// belongs to this law's domain.
+    pub fn flow(self, event: &Event, target: usize) -> Option<i128> {
+        match (self, event) {
+            (Law::Ledger(law), Event::Ledger(e)) => Some((law.flow)(e, target)),
+            (Law::Inventory(law), Event::Inventory(e)) => Some((law.flow)(e, target)),
+            _ => None,
+        }
+    }
+
+    /// The quantity `state` holds, when the state belongs to this law's domain.
+    pub fn quantity(self, state: &State) -> Option<i128> {
+        match (self, state) {
+            (Law::Ledger(law), State::Account(s)) => Some((law.quantity)(s)),
+            (Law::Inventory(law), State::Sku(s)) => Some((law.quantity)(s)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Law {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Every conservation law of every registered domain, in a stable order.
+pub fn conservation_laws() -> Vec<Law> {
+    let ledger = Ledger::conservation().iter().map(Law::Ledger);
+    let inventory = Inventory::conservation().iter().map(Law::Inventory);
+    ledger.chain(inventory).collect()
 }

@@ -13,8 +13,8 @@ use keel_invariants::codec::{
 use keel_invariants::inventory::{self, Sku};
 use keel_invariants::ledger::{self, Account};
 use keel_invariants::{
-    Aggregate, AggregateId, Command, CommandOutcome, Envelope, Event, LoggedEvent, RejectCode,
-    Rejection, State, apply, check_invariants, decide,
+    Aggregate, AggregateId, Command, CommandOutcome, Envelope, Event, LawScope, LoggedEvent,
+    RejectCode, Rejection, State, apply, check_invariants, conservation_laws, decide,
 };
 use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -204,6 +204,44 @@ fn balance_total(store: &Store) -> i128 {
         .sum()
 }
 
+fn check_conservation(log: &[LoggedEvent], store: &Store) -> Result<(), TestCaseError> {
+    let laws = conservation_laws();
+    prop_assert_eq!(
+        laws.len(),
+        3,
+        "ledger.money, inventory.on_hand, inventory.reserved"
+    );
+    for law in laws {
+        let mut flows: HashMap<&AggregateId, i128> = HashMap::new();
+        for logged in log {
+            for (target, id) in logged.event.targets().iter().enumerate() {
+                if let Some(flow) = law.flow(&logged.event, target) {
+                    *flows.entry(id).or_default() += flow;
+                }
+            }
+        }
+        let quantities: HashMap<&AggregateId, i128> = store
+            .iter()
+            .filter_map(|(id, a)| law.quantity(&a.state).map(|q| (id, q)))
+            .collect();
+        match law.scope() {
+            LawScope::Total => prop_assert_eq!(
+                quantities.values().sum::<i128>(),
+                flows.values().sum::<i128>(),
+                "{}",
+                law.statement()
+            ),
+            LawScope::PerAggregate => {
+                for (id, quantity) in &quantities {
+                    let flow = flows.get(id).copied().unwrap_or(0);
+                    prop_assert_eq!(*quantity, flow, "{}: {}", law.statement(), id);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn replay(log: &[LoggedEvent]) -> Store {
     let mut store = Store::new();
     for logged in log {
@@ -390,6 +428,10 @@ proptest! {
 
         // (e) Money is only created by deposits and destroyed by withdrawals.
         prop_assert_eq!(balance_total(&run.store), run.deposited_total - run.withdrawn_total);
+
+        // (g) Every conservation law the domains declare holds: the flows summed from the log
+        // equal the quantities in the end state, in total and per aggregate.
+        check_conservation(&run.log, &run.store)?;
     }
 
     /// (f) on what the domain really produces: every logged event, every end state and every

@@ -6,9 +6,10 @@
 //! space: (1) the hash chain ([`keel_engine::verify_chain`]); (2) a replay of every event from
 //! genesis through [`keel_invariants::apply`], compared with the stored state of every
 //! aggregate; (3) every invariant on every stored aggregate; (4) the command-id index against
-//! the events that carry ids; (6) the conservation laws of the built-in domains, computed
-//! straight from the events and not through `apply`. (5, the MongoDB projection, belongs to the
-//! projection crate.) It writes nothing and reports what it finds as [`Divergence`]s with their
+//! the events that carry ids; (6) the conservation laws every domain declares
+//! ([`keel_invariants::Conservation`]), summed straight from the events and not through `apply`.
+//! (5, the MongoDB projection, is compared by `keel audit --mongo-url` against the [`LogState`]
+//! this audit hands back.) It writes nothing and reports what it finds as [`Divergence`]s with their
 //! location; only a store it cannot read at all is an [`AuditError`].
 
 mod command_ids;
@@ -20,8 +21,9 @@ use keel_engine::format::{self, META_FORMAT_VERSION, META_TIP, hex, seq_key};
 use keel_engine::{
     BatchHeader, Cf, ChainError, ChainTip, FORMAT_VERSION, Storage, StorageError, verify_chain,
 };
-use keel_invariants::{Aggregate, State, check_invariants, codec};
-use replay::{CHUNKS_IN_FLIGHT, Chunk, Feeder, Replay, Replayed, SkuFlow};
+use keel_invariants::{Aggregate, Law, LawScope, check_invariants, codec};
+pub use replay::{AggregateAt, LogState};
+use replay::{CHUNKS_IN_FLIGHT, Chunk, Feeder, Replay, Replayed};
 use snapshot::OnePass;
 pub use snapshot::{Snapshot, SnapshotMode};
 use std::sync::mpsc::sync_channel;
@@ -54,6 +56,8 @@ pub enum Check {
     CommandIndex,
     /// (6) A conservation law of a domain does not hold.
     Conservation,
+    /// (5) The MongoDB projection differs from the log (`keel audit --mongo-url`).
+    Projection,
     /// RocksDB itself reports corruption (a checksum mismatch) while reading.
     Storage,
     /// What a server serves over HTTP differs from the snapshot (`keel audit --url`).
@@ -61,13 +65,14 @@ pub enum Check {
 }
 
 impl Check {
-    pub const ALL: [Check; 8] = [
+    pub const ALL: [Check; 9] = [
         Check::Snapshot,
         Check::Chain,
         Check::State,
         Check::Invariant,
         Check::CommandIndex,
         Check::Conservation,
+        Check::Projection,
         Check::Storage,
         Check::ServedLog,
     ];
@@ -80,6 +85,7 @@ impl Check {
             Check::Invariant => "invariant",
             Check::CommandIndex => "command_index",
             Check::Conservation => "conservation",
+            Check::Projection => "projection",
             Check::Storage => "storage",
             Check::ServedLog => "served_log",
         }
@@ -146,6 +152,9 @@ pub struct AuditOptions {
     /// catches up and the audit runs again, so that a view RocksDB assembled across a
     /// concurrent flush cannot raise a false alarm. Real damage persists and is reported.
     pub live_attempts_max: u32,
+    /// An event sequence at which the returned [`LogState`] also knows every aggregate (for
+    /// comparing a projection that stands there); `None`: only at the tip.
+    pub point: Option<u64>,
 }
 
 impl Default for AuditOptions {
@@ -153,6 +162,7 @@ impl Default for AuditOptions {
         Self {
             max_divergences: 20,
             live_attempts_max: 3,
+            point: None,
         }
     }
 }
@@ -215,6 +225,8 @@ pub struct AuditReport {
     pub attempts: u32,
     /// Divergences found by each earlier attempt.
     pub earlier_attempts: Vec<u64>,
+    /// The conservation laws checked (check 6).
+    pub laws: Vec<Law>,
     max_divergences: usize,
 }
 
@@ -234,6 +246,7 @@ impl AuditReport {
             divergences_by_check: [0; Check::ALL.len()],
             attempts: 1,
             earlier_attempts: Vec::new(),
+            laws: Vec::new(),
             max_divergences,
         }
     }
@@ -295,18 +308,27 @@ pub fn audit_snapshot(
     options: &AuditOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<AuditReport, AuditError> {
+    audit_snapshot_with_log(snapshot, options, progress).map(|(report, _)| report)
+}
+
+/// [`audit_snapshot`], also handing back what the log implies for every aggregate.
+pub fn audit_snapshot_with_log(
+    snapshot: &Snapshot,
+    options: &AuditOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(AuditReport, LogState), AuditError> {
     let storage = OnePass(&snapshot.storage);
-    let mut report = audit(&storage, options, progress)?;
+    let (mut report, mut log) = audit_with_log(&storage, options, progress)?;
     let live = matches!(snapshot.mode(), SnapshotMode::Secondary { .. });
     let mut earlier = Vec::new();
     while live && !report.ok() && 1 + (earlier.len() as u32) < options.live_attempts_max {
         earlier.push(report.divergences_total());
         snapshot.catch_up()?;
-        report = audit(&storage, options, progress)?;
+        (report, log) = audit_with_log(&storage, options, progress)?;
     }
     report.attempts = 1 + earlier.len() as u32;
     report.earlier_attempts = earlier;
-    Ok(report)
+    Ok((report, log))
 }
 
 /// Audits `storage`, which nobody writes while this runs.
@@ -315,28 +337,43 @@ pub fn audit(
     options: &AuditOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<AuditReport, AuditError> {
+    audit_with_log(storage, options, progress).map(|(report, _)| report)
+}
+
+/// [`audit`], also handing back what the log implies for every aggregate.
+pub fn audit_with_log(
+    storage: &dyn Storage,
+    options: &AuditOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(AuditReport, LogState), AuditError> {
     let started = Instant::now();
     check_format(storage)?;
     let fingerprints = Fingerprints::new();
+    let point = options.point.unwrap_or(u64::MAX);
+    let replay = Replay::new(fingerprints.clone(), point);
     let mut run = Run {
         storage,
         progress,
         started,
         phase_started: started,
         report: AuditReport::new(options.max_divergences),
-        replay: Replay::new(fingerprints.clone()),
-        balance_sum: 0,
+        stored_totals: vec![0; replay.laws.len()],
+        replay,
+        point,
         fingerprints,
     };
     let tip = run.read_tip()?;
     run.report.tip = tip;
+    run.report.laws = run.replay.laws.clone();
     run.chain_and_replay(tip)?;
     run.report.replay_elapsed = started.elapsed();
     run.compare_states()?;
     run.check_command_index()?;
-    run.check_ledger_conservation();
+    run.check_total_conservation();
     run.report.elapsed = started.elapsed();
-    Ok(run.report)
+    let aggregates = std::mem::take(&mut run.replay.aggregates);
+    let log = LogState::new(aggregates, point.min(tip.last_event));
+    Ok((run.report, log))
 }
 
 fn check_format(storage: &dyn Storage) -> Result<(), AuditError> {
@@ -375,8 +412,10 @@ struct Run<'a> {
     phase_started: Instant,
     report: AuditReport,
     replay: Replay,
-    /// Sum of the stored accounts' balances, for the ledger's conservation law.
-    balance_sum: i128,
+    /// See [`AuditOptions::point`] (`u64::MAX`: none).
+    point: u64,
+    /// Per conservation law of scope `Total`: its quantity summed over the stored aggregates.
+    stored_totals: Vec<i128>,
     /// Shared by the replay (events' ids) and the command-id check (the index's ids).
     fingerprints: Fingerprints,
 }
@@ -423,12 +462,15 @@ impl Run<'_> {
     fn chain_and_replay(&mut self, tip: ChainTip) -> Result<(), AuditError> {
         let max = self.report.max_divergences;
         let fingerprints = self.fingerprints.clone();
+        let point = self.point;
         let (tx, rx) = sync_channel::<Chunk>(CHUNKS_IN_FLIGHT);
         let (back, returned) = sync_channel::<Chunk>(CHUNKS_IN_FLIGHT);
         let (fed, replayed) = std::thread::scope(|scope| -> Result<_, AuditError> {
             let replayer = std::thread::Builder::new()
                 .name("keel-audit-replay".into())
-                .spawn_scoped(scope, move || Replay::run(rx, back, fingerprints, max))
+                .spawn_scoped(scope, move || {
+                    Replay::run(rx, back, fingerprints, point, max)
+                })
                 .map_err(|e| StorageError::Io(format!("starting the replay thread: {e}")))?;
             let mut feeder = Feeder::new(tx, returned, max);
             let fed = self.feed(&mut feeder, tip);
@@ -577,7 +619,7 @@ impl Run<'_> {
     }
 
     /// Compares every stored aggregate with the replay, checks its invariants and the
-    /// inventory's conservation law, then reports what the replay has and the store lacks.
+    /// per-aggregate conservation laws, then reports what the replay has and the store lacks.
     fn compare_states(&mut self) -> Result<(), AuditError> {
         let storage = self.storage;
         self.phase_started = Instant::now();
@@ -623,8 +665,12 @@ impl Run<'_> {
                 .expected_found(violation.invariant, describe(&stored));
             self.report.record(d.at_seq(last_seq).at_batch(last_batch));
         }
-        if let State::Account(account) = &stored.state {
-            self.balance_sum += i128::from(account.balance);
+        for (i, law) in self.replay.laws.iter().enumerate() {
+            if law.scope() == LawScope::Total
+                && let Some(quantity) = law.quantity(&stored.state)
+            {
+                self.stored_totals[i] = self.stored_totals[i].saturating_add(quantity);
+            }
         }
         let Some(replayed) = replayed else {
             let d = Divergence::new(Check::State, "stored aggregate that no event touches")
@@ -645,11 +691,27 @@ impl Run<'_> {
             .expected_found(describe(&replayed.aggregate), describe(&stored));
             self.report.record(d);
         }
-        if let State::Sku(sku) = &stored.state {
-            let none = SkuFlow::default();
-            for d in replayed.flow.as_deref().unwrap_or(&none).check(sku) {
-                self.report
-                    .record(d.on(&id).at_seq(last_seq).at_batch(last_batch));
+        for (i, law) in self.replay.laws.iter().enumerate() {
+            if law.scope() != LawScope::PerAggregate {
+                continue;
+            }
+            let Some(quantity) = law.quantity(&stored.state) else {
+                continue;
+            };
+            let flow = replayed.flows.as_deref().map_or(0, |flows| flows[i]);
+            if flow != quantity {
+                let d = Divergence::new(
+                    Check::Conservation,
+                    format!("{}: {}", law.name(), law.statement()),
+                )
+                .on(&id)
+                .at_seq(last_seq)
+                .at_batch(last_batch)
+                .expected_found(
+                    format!("{flow} (the events' flows)"),
+                    format!("{quantity} (the stored state)"),
+                );
+                self.report.record(d);
             }
         }
     }
@@ -675,19 +737,22 @@ impl Run<'_> {
         }
     }
 
-    /// The ledger's conservation law: money enters only by deposits and leaves only by
-    /// withdrawals, so the balances sum to their difference (transfers net to zero).
-    fn check_ledger_conservation(&mut self) {
-        let deposited = i128::try_from(self.replay.deposited).unwrap_or(i128::MAX);
-        let withdrawn = i128::try_from(self.replay.withdrawn).unwrap_or(i128::MAX);
-        let expected = deposited.saturating_sub(withdrawn);
-        if expected != self.balance_sum {
-            let d = Divergence::new(
-                Check::Conservation,
-                format!("ledger: the stored balances do not sum to deposits {deposited} minus withdrawals {withdrawn}"),
-            )
-            .expected_found(format!("sum of balances {expected}"), format!("sum of balances {}", self.balance_sum));
-            self.report.record(d);
+    /// The conservation laws of scope `Total`: the stored quantities, summed over every
+    /// aggregate, equal the flows summed over the whole log.
+    fn check_total_conservation(&mut self) {
+        for (i, law) in self.replay.laws.iter().enumerate() {
+            let (flow, stored) = (self.replay.total_flows[i], self.stored_totals[i]);
+            if law.scope() == LawScope::Total && flow != stored {
+                let d = Divergence::new(
+                    Check::Conservation,
+                    format!("{}: {}", law.name(), law.statement()),
+                )
+                .expected_found(
+                    format!("{flow} (the events' flows)"),
+                    format!("{stored} (the stored states)"),
+                );
+                self.report.record(d);
+            }
         }
     }
 }

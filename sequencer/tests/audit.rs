@@ -5,8 +5,8 @@
 use keel_engine::format::{decode_seq_key, seq_key, split_event_value};
 use keel_engine::{BatchHeader, Cf, Engine, RocksStorage, Storage, WriteSet};
 use keel_invariants::{
-    Aggregate, AggregateId, Command, CommandOutcome, Envelope, LoggedEvent, State, codec,
-    inventory, ledger,
+    Aggregate, AggregateId, Command, CommandOutcome, Envelope, LoggedEvent, State,
+    check_invariants, codec, inventory, ledger,
 };
 use keel_sequencer::audit::{
     self, AuditError, AuditOptions, AuditReport, Check, Divergence, Snapshot, SnapshotMode,
@@ -680,5 +680,88 @@ fn unindexed_misrecorded_and_duplicated_command_ids_are_located() -> TestResult 
     assert_found(&report, "rewritten event", |d| {
         d.check == Check::Chain && d.batch == Some(victim.batch)
     });
+    Ok(())
+}
+
+#[test]
+fn sku_edited_within_its_invariants_breaks_its_declared_conservation_laws() -> TestResult {
+    let (dir, storage) = tamper_target()?;
+    let id = sku("s1");
+    let stored = storage
+        .get(Cf::State, id.as_str().as_bytes())?
+        .ok_or("s1 is stored")?;
+    let mut edited = codec::decode_aggregate(&stored)?;
+    let State::Sku(stock) = &mut edited.state else {
+        return Err("s1 is an SKU".into());
+    };
+    // More stock than the log ever brought in: every invariant still holds.
+    stock.on_hand += 5;
+    let on_hand = stock.on_hand;
+    assert_eq!(check_invariants(&edited), Ok(()));
+    let mut value = Vec::new();
+    codec::encode_aggregate(&edited, &mut value);
+    put(&storage, Cf::State, id.as_str().as_bytes(), &value)?;
+    let (seq, batch) = last_touch(&storage, &id)?;
+    drop(storage);
+    let report = audit_stopped(dir.path())?;
+    let names: Vec<&str> = report.laws.iter().map(|l| l.name()).collect();
+    assert_eq!(
+        names,
+        ["ledger.money", "inventory.on_hand", "inventory.reserved"]
+    );
+    assert_found(&report, "inventory.on_hand law", |d| {
+        d.check == Check::Conservation
+            && d.aggregate.as_deref() == Some("sku:s1")
+            && d.detail.starts_with("inventory.on_hand:")
+            && d.found.as_deref() == Some(format!("{on_hand} (the stored state)").as_str())
+            && (d.seq, d.batch) == (Some(seq), Some(batch))
+    });
+    assert_eq!(report.count(Check::Conservation), 1, "{report:#?}");
+    Ok(())
+}
+
+#[test]
+fn log_state_knows_every_aggregate_at_the_tip_and_at_an_earlier_point() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    load_mixed(dir.path())?;
+    let all = {
+        let storage = RocksStorage::open_read_only(dir.path())?;
+        events(&storage)?
+    };
+    let tip = all.last().ok_or("events")?.seq;
+    for point in [0, 1, tip / 2, tip - 1, tip, tip + 100] {
+        let snapshot = Snapshot::open(dir.path())?;
+        let options = AuditOptions {
+            point: Some(point),
+            ..AuditOptions::default()
+        };
+        let (report, log) = audit::audit_snapshot_with_log(&snapshot, &options, &mut |_| {})?;
+        assert!(report.ok(), "{report:#?}");
+        assert_eq!(log.point(), point.min(tip));
+        // Replay the prefix up to the point by hand, and the whole log.
+        let fold = |upto: u64| {
+            let mut states: std::collections::HashMap<String, (Aggregate, u64)> =
+                std::collections::HashMap::new();
+            for e in all.iter().filter(|e| e.seq <= upto) {
+                for (target, id) in e.logged.event.targets().iter().enumerate() {
+                    let previous = states.remove(id.as_str()).map(|(a, _)| a);
+                    let next = keel_invariants::apply(&e.logged.event, target, previous);
+                    states.insert(id.as_str().to_owned(), (next, e.seq));
+                }
+            }
+            states
+        };
+        let at_point = fold(point);
+        let at_tip = fold(tip);
+        assert_eq!(log.len(), at_tip.len());
+        for (id, (aggregate, last_seq)) in &at_tip {
+            let found = log.at_tip(id).ok_or("at tip")?;
+            assert_eq!((found.aggregate, found.last_seq), (aggregate, *last_seq));
+            let expected = at_point.get(id).map(|(a, s)| (a, *s));
+            let found = log.at_point(id).map(|at| (at.aggregate, at.last_seq));
+            assert_eq!(found, expected, "{id} at point {point}");
+        }
+        assert_eq!(log.iter_at_point().count(), at_point.len());
+    }
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use super::command_ids::{Carried, Fingerprints};
 use super::{AuditReport, Check, Divergence};
-use keel_invariants::{Aggregate, Event, State, apply, codec, inventory, ledger};
+use keel_invariants::{Aggregate, Law, LawScope, State, apply, codec, conservation_laws, ledger};
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, SyncSender};
 
@@ -113,8 +113,13 @@ pub(super) struct Replay {
     /// Every event that carries a command id, by the id's fingerprint (check 4).
     pub(super) carried: Vec<Carried>,
     fingerprints: Fingerprints,
-    pub(super) deposited: u128,
-    pub(super) withdrawn: u128,
+    /// The conservation laws of every domain (check 6), and the flows of the `Total` ones
+    /// summed over the log, indexed like `laws`.
+    pub(super) laws: Vec<Law>,
+    pub(super) total_flows: Vec<i128>,
+    /// An event after this sequence keeps the state it changes as of this point
+    /// ([`Replayed::at_point`]); `u64::MAX` keeps none.
+    point: u64,
 }
 
 pub(super) struct Replayed {
@@ -122,20 +127,27 @@ pub(super) struct Replayed {
     /// The last event that touched it, to locate a divergence.
     pub(super) last_seq: u64,
     pub(super) last_batch: u64,
-    /// Boxed, and only for SKUs: a small entry keeps the replay's hot map in cache.
-    pub(super) flow: Option<Box<SkuFlow>>,
+    /// The flows of the per-aggregate conservation laws into this aggregate, indexed like
+    /// [`Replay::laws`]; boxed and only where such a law applies, so that an entry stays small
+    /// and the replay's hot map stays in cache.
+    pub(super) flows: Option<Box<[i128]>>,
+    /// Set when an event after the point first touches it: the aggregate and its last
+    /// sequence as of the point (`None` inside: it did not exist yet).
+    pub(super) at_point: Option<Box<Option<(Aggregate, u64)>>>,
     /// Whether the state scan found it stored.
     pub(super) seen: bool,
 }
 
 impl Replay {
-    pub(super) fn new(fingerprints: Fingerprints) -> Self {
+    pub(super) fn new(fingerprints: Fingerprints, point: u64) -> Self {
+        let laws = conservation_laws();
         Self {
             aggregates: HashMap::new(),
             carried: Vec::new(),
             fingerprints,
-            deposited: 0,
-            withdrawn: 0,
+            total_flows: vec![0; laws.len()],
+            laws,
+            point,
         }
     }
 
@@ -145,9 +157,10 @@ impl Replay {
         rx: Receiver<Chunk>,
         back: SyncSender<Chunk>,
         fingerprints: Fingerprints,
+        point: u64,
         max_divergences: usize,
     ) -> (Replay, AuditReport) {
-        let mut replay = Replay::new(fingerprints);
+        let mut replay = Replay::new(fingerprints, point);
         let mut found = AuditReport::new(max_divergences);
         for chunk in rx {
             for (seq, batch, payload) in chunk.iter() {
@@ -169,7 +182,6 @@ impl Replay {
                 return;
             }
         };
-        self.count_money(&logged.event);
         for (target, id) in logged.event.targets().iter().enumerate() {
             self.fold(&logged.event, target, id.as_str(), seq, batch);
         }
@@ -179,8 +191,20 @@ impl Replay {
         }
     }
 
-    fn fold(&mut self, event: &Event, target: usize, id: &str, seq: u64, batch: u64) {
+    fn fold(
+        &mut self,
+        event: &keel_invariants::Event,
+        target: usize,
+        id: &str,
+        seq: u64,
+        batch: u64,
+    ) {
+        let after_point = seq > self.point;
         if let Some(replayed) = self.aggregates.get_mut(id) {
+            if after_point && replayed.at_point.is_none() {
+                let image = (replayed.aggregate.clone(), replayed.last_seq);
+                replayed.at_point = Some(Box::new(Some(image)));
+            }
             // Move the aggregate out (no clone of an SKU's reservations); put the next one back.
             let placeholder = Aggregate {
                 version: 0,
@@ -190,91 +214,116 @@ impl Replay {
             replayed.aggregate = apply(event, target, Some(previous));
             replayed.last_seq = seq;
             replayed.last_batch = batch;
-            SkuFlow::record(&mut replayed.flow, event);
+            add_flows(
+                &self.laws,
+                &mut self.total_flows,
+                &mut replayed.flows,
+                event,
+                target,
+            );
             return;
         }
-        let mut flow = None;
-        SkuFlow::record(&mut flow, event);
-        let aggregate = apply(event, target, None);
+        let mut flows = None;
+        add_flows(&self.laws, &mut self.total_flows, &mut flows, event, target);
         let replayed = Replayed {
-            aggregate,
+            aggregate: apply(event, target, None),
             last_seq: seq,
             last_batch: batch,
-            flow,
+            flows,
+            at_point: after_point.then(|| Box::new(None)),
             seen: false,
         };
         self.aggregates.insert(id.into(), replayed);
     }
-
-    fn count_money(&mut self, event: &Event) {
-        match event {
-            Event::Ledger(ledger::Event::Deposited { amount, .. }) => {
-                self.deposited += u128::from(*amount)
-            }
-            Event::Ledger(ledger::Event::Withdrew { amount, .. }) => {
-                self.withdrawn += u128::from(*amount)
-            }
-            _ => {}
-        }
-    }
 }
 
-/// An SKU's stock and reservation flows, summed straight from its events (not through
-/// `apply`), for the inventory's conservation law.
-#[derive(Default)]
-pub(super) struct SkuFlow {
-    stock_in: u128,
-    stock_out: u128,
-    reserved_in: u128,
-    reserved_out: u128,
-}
-
-impl SkuFlow {
-    /// Adds `event` to the flows in `slot` when it is an inventory event.
-    fn record(slot: &mut Option<Box<SkuFlow>>, event: &Event) {
-        if let Event::Inventory(event) = event {
-            slot.get_or_insert_with(Box::default).add(event);
-        }
-    }
-
-    fn add(&mut self, event: &inventory::Event) {
-        use inventory::Event as I;
-        match event {
-            I::SkuCreated { on_hand, .. } => self.stock_in += u128::from(*on_hand),
-            I::Restocked { qty, .. } => self.stock_in += u128::from(*qty),
-            I::Reserved { qty, .. } => self.reserved_in += u128::from(*qty),
-            I::Released { qty, .. } => self.reserved_out += u128::from(*qty),
-            I::Shipped { qty, .. } => {
-                self.reserved_out += u128::from(*qty);
-                self.stock_out += u128::from(*qty);
-            }
-        }
-    }
-
-    /// on_hand == created + restocked - shipped; reserved == reserved - released - shipped.
-    pub(super) fn check(&self, sku: &inventory::Sku) -> Vec<Divergence> {
-        let net = |a: u128, b: u128| {
-            i128::try_from(a)
-                .unwrap_or(i128::MAX)
-                .saturating_sub(i128::try_from(b).unwrap_or(i128::MAX))
+/// Adds what `event` moves for its target number `target` to every conservation law of the
+/// event's domain: to the log's totals, or to the aggregate's own flows.
+fn add_flows(
+    laws: &[Law],
+    totals: &mut [i128],
+    slot: &mut Option<Box<[i128]>>,
+    event: &keel_invariants::Event,
+    target: usize,
+) {
+    for (i, law) in laws.iter().enumerate() {
+        let Some(flow) = law.flow(event, target) else {
+            continue;
         };
-        let on_hand = net(self.stock_in, self.stock_out);
-        let reserved = net(self.reserved_in, self.reserved_out);
-        let mut found = Vec::new();
-        if on_hand != i128::from(sku.on_hand) {
-            let detail = "inventory: on_hand is not created + restocked - shipped";
-            found.push(Divergence::new(Check::Conservation, detail).expected_found(
-                format!("on_hand {on_hand}"),
-                format!("on_hand {}", sku.on_hand),
-            ));
+        let sum = match law.scope() {
+            LawScope::Total => &mut totals[i],
+            LawScope::PerAggregate => {
+                &mut slot.get_or_insert_with(|| vec![0; laws.len()].into_boxed_slice())[i]
+            }
+        };
+        *sum = sum.saturating_add(flow);
+    }
+}
+
+/// What the log implies for every aggregate, kept after an audit (for comparing a projection
+/// with it): the state at the audited tip, and at an earlier point
+/// ([`super::AuditOptions::point`]).
+pub struct LogState {
+    aggregates: HashMap<Box<str>, Replayed>,
+    point: u64,
+}
+
+/// An aggregate as the log leaves it at some point, and the last event that touched it.
+#[derive(Clone, Copy, Debug)]
+pub struct AggregateAt<'a> {
+    pub aggregate: &'a Aggregate,
+    pub last_seq: u64,
+}
+
+impl LogState {
+    pub(super) fn new(aggregates: HashMap<Box<str>, Replayed>, point: u64) -> Self {
+        Self { aggregates, point }
+    }
+
+    /// The event sequence [`LogState::at_point`] answers for (at most the audited tip).
+    pub fn point(&self) -> u64 {
+        self.point
+    }
+
+    /// How many aggregates the log creates up to the tip.
+    pub fn len(&self) -> usize {
+        self.aggregates.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.aggregates.is_empty()
+    }
+
+    /// The aggregate at the audited tip.
+    pub fn at_tip(&self, id: &str) -> Option<AggregateAt<'_>> {
+        self.aggregates.get(id).map(|r| AggregateAt {
+            aggregate: &r.aggregate,
+            last_seq: r.last_seq,
+        })
+    }
+
+    /// The aggregate as of the point (`None`: it did not exist yet).
+    pub fn at_point(&self, id: &str) -> Option<AggregateAt<'_>> {
+        self.aggregates.get(id).and_then(Self::as_of_point)
+    }
+
+    /// Every aggregate that exists at the point, in no particular order.
+    pub fn iter_at_point(&self) -> impl Iterator<Item = (&str, AggregateAt<'_>)> {
+        self.aggregates
+            .iter()
+            .filter_map(|(id, r)| Self::as_of_point(r).map(|at| (id.as_ref(), at)))
+    }
+
+    fn as_of_point(r: &Replayed) -> Option<AggregateAt<'_>> {
+        match r.at_point.as_deref() {
+            None => Some(AggregateAt {
+                aggregate: &r.aggregate,
+                last_seq: r.last_seq,
+            }),
+            Some(image) => image.as_ref().map(|(aggregate, last_seq)| AggregateAt {
+                aggregate,
+                last_seq: *last_seq,
+            }),
         }
-        if reserved != i128::from(sku.reserved) {
-            let detail = "inventory: reserved is not the sum of the open reservations (reserved - released - shipped)";
-            found.push(Divergence::new(Check::Conservation, detail).expected_found(
-                format!("reserved {reserved}"),
-                format!("reserved {}", sku.reserved),
-            ));
-        }
-        found
     }
 }
