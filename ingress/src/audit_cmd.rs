@@ -1,8 +1,10 @@
 //! `keel audit`: runs the integrity audit of [`keel_sequencer::audit`] on a store, prints a
 //! summary for people (last line `INTEGRITY_OK` or `INTEGRITY_FAILED`), optionally writes a JSON
-//! report, shows progress on stderr, and optionally checks that a running server serves exactly
-//! the audited log. Exit codes: 0 intact, 1 divergences found, 2 no verdict (usage or I/O).
+//! report, shows progress on stderr, optionally compares the MongoDB projection with the log
+//! ([`crate::audit_projection`]) and checks that a running server serves exactly the audited
+//! log. Exit codes: 0 intact, 1 divergences found, 2 no verdict (usage or I/O).
 
+use crate::audit_projection::{ProjectionSummary, ProjectionTarget};
 use crate::wire;
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
@@ -31,12 +33,19 @@ pub struct AuditArgs {
     /// audited log on `GET /v1/events` (needs --data: the server's own data directory).
     #[arg(long)]
     pub url: Option<String>,
-    /// Compare the MongoDB projection with the store (not available in this build).
+    /// Also compare the MongoDB projection at this `mongodb://` URL with the audited log.
     #[arg(long)]
     pub mongo_url: Option<String>,
-    /// MongoDB database of the projection.
+    /// MongoDB database of the projection (`keel project --mongo-db`).
     #[arg(long, default_value = "keel")]
     pub mongo_db: String,
+    /// The projector whose checkpoint places the projection (`keel project --durable`).
+    #[arg(long, default_value = "keel-projector")]
+    pub mongo_durable: String,
+    /// How long to wait for the projection to reach the snapshot's tip before comparing it
+    /// at its checkpoint instead.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub mongo_wait: Duration,
 }
 
 /// Runs `keel audit` and returns its exit code.
@@ -59,18 +68,21 @@ pub fn run(args: &AuditArgs) -> ExitCode {
 
 /// The audit; `Ok(intact)` is a verdict, `Err` means none could be reached.
 fn audit(args: &AuditArgs) -> anyhow::Result<bool> {
-    if args.mongo_url.is_some() {
-        bail!(
-            "projection comparison is not available in this build (the keel-projection crate offers \
-             no comparison yet); run without --mongo-url to audit the store itself"
-        );
-    }
     let Some(data) = args.data.as_deref() else {
         bail!(
             "--data DIR is required: the server has no endpoint that takes a snapshot, so the audit \
              opens the store itself (a live server's store is opened as a RocksDB secondary); \
              --url then checks that the server serves the audited log"
         );
+    };
+    // Parse the projection's URL before opening anything: a usage error comes first.
+    let target = match &args.mongo_url {
+        Some(url) => Some(ProjectionTarget::connect(
+            url,
+            &args.mongo_db,
+            &args.mongo_durable,
+        )?),
+        None => None,
     };
     let opening = Instant::now();
     let snapshot = Snapshot::open(data).with_context(|| format!("opening {}", data.display()))?;
@@ -80,13 +92,34 @@ fn audit(args: &AuditArgs) -> anyhow::Result<bool> {
         data.display(),
         snapshot.mode().describe()
     );
+    let projection = match target {
+        Some(target) => {
+            let tip = snapshot.tip()?.last_event;
+            let summary = target.wait_for(tip, args.mongo_wait)?;
+            Some((target, summary))
+        }
+        None => None,
+    };
     let options = AuditOptions {
         max_divergences: args.max_divergences,
+        point: projection.as_ref().map(|(_, summary)| summary.point),
         ..AuditOptions::default()
     };
     let mut printer = ProgressPrinter::new();
-    let mut report = audit::audit_snapshot(&snapshot, &options, &mut |p| printer.show(p))
-        .with_context(|| format!("auditing {}", data.display()))?;
+    let (mut report, log) =
+        audit::audit_snapshot_with_log(&snapshot, &options, &mut |p| printer.show(p))
+            .with_context(|| format!("auditing {}", data.display()))?;
+    let projection = match projection {
+        Some((target, mut summary)) => {
+            let live = matches!(snapshot.mode(), SnapshotMode::Secondary { .. });
+            target
+                .compare(&snapshot, &log, live, &mut summary, &mut report)
+                .context("comparing the MongoDB projection")?;
+            Some(summary)
+        }
+        None => None,
+    };
+    drop(log);
     let served = match &args.url {
         Some(url) => Some(compare_served_log(url, &snapshot, &mut report)?),
         None => None,
@@ -98,6 +131,7 @@ fn audit(args: &AuditArgs) -> anyhow::Result<bool> {
         report: &report,
         url: args.url.as_deref(),
         served,
+        projection: projection.as_ref(),
     };
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report_json(&outcome))?;
@@ -117,6 +151,8 @@ struct Outcome<'a> {
     /// `--url`, and how many events were compared with it.
     url: Option<&'a str>,
     served: Option<u64>,
+    /// `--mongo-url`: what the projection comparison covered.
+    projection: Option<&'a ProjectionSummary>,
 }
 
 /// Progress on stderr about once a second: rate and, where the total is known, the ETA.
@@ -320,7 +356,8 @@ fn dechunk(mut body: &[u8]) -> anyhow::Result<Vec<u8>> {
     }
 }
 
-/// The checks every audit runs, in the order of issue 4.
+/// The checks every audit of a store runs, in the order of issue 4 (5, the projection, has a
+/// line of its own).
 const PRIMARY_CHECKS: [Check; 5] = [
     Check::Chain,
     Check::State,
@@ -329,8 +366,7 @@ const PRIMARY_CHECKS: [Check; 5] = [
     Check::Conservation,
 ];
 
-const PROJECTION_NOT_CHECKED: &str =
-    "not checked: projection comparison is not available in this build";
+const PROJECTION_NOT_CHECKED: &str = "not checked (no --mongo-url)";
 
 fn print_summary(o: &Outcome) {
     let (report, tip) = (o.report, &o.report.tip);
@@ -378,7 +414,11 @@ fn print_summary(o: &Outcome) {
         }
     }
     println!("  checks      {}", checks.join(", "));
-    println!("  projection  {PROJECTION_NOT_CHECKED}");
+    println!("  laws        {}", law_names(report));
+    match o.projection {
+        Some(p) => print_projection(report, p),
+        None => println!("  projection  {PROJECTION_NOT_CHECKED}"),
+    }
     if let (Some(url), Some(compared)) = (o.url, o.served) {
         println!(
             "  served log  {} ({compared} events compared with {url})",
@@ -386,6 +426,48 @@ fn print_summary(o: &Outcome) {
         );
     }
     print_divergences(report);
+}
+
+fn law_names(report: &AuditReport) -> String {
+    let names: Vec<&str> = report.laws.iter().map(|law| law.name()).collect();
+    names.join(", ")
+}
+
+fn print_projection(report: &AuditReport, p: &ProjectionSummary) {
+    println!(
+        "  projection  {}: {} database {}, checkpoint {}",
+        check_status(report, Check::Projection),
+        p.url,
+        p.db,
+        p.checkpoint.map_or_else(
+            || format!("`{}` absent", p.durable),
+            |c| format!(
+                "`{}` at batch {} event {}",
+                p.durable, c.last_batch, c.last_seq
+            )
+        )
+    );
+    let at = if p.behind() == 0 {
+        format!("compared at event {} (the snapshot's tip)", p.point)
+    } else {
+        format!(
+            "compared at event {}: the projection is {} events behind the snapshot's tip {} after waiting {:.1} s",
+            p.point,
+            p.behind(),
+            p.tip,
+            p.waited.as_secs_f64()
+        )
+    };
+    println!(
+        "              {at}; {} aggregate and {} event documents compared",
+        p.aggregates_compared, p.events_compared
+    );
+    if p.aggregates_newer + p.events_not_yet_projected + p.events_past_tip > 0 {
+        println!(
+            "              not compared: {} aggregate documents moved past that point, {} events not projected yet, {} event documents past the snapshot",
+            p.aggregates_newer, p.events_not_yet_projected, p.events_past_tip
+        );
+    }
 }
 
 fn check_status(report: &AuditReport, check: Check) -> String {
@@ -454,7 +536,13 @@ fn report_json(o: &Outcome) -> Value {
         "timing": {"open_seconds": o.open_elapsed.as_secs_f64(), "elapsed_seconds": report.elapsed.as_secs_f64(),
                    "replay_seconds": report.replay_elapsed.as_secs_f64(), "events_per_second": report.events_per_second()},
         "checks": checks,
-        "projection": {"checked": false, "reason": PROJECTION_NOT_CHECKED},
+        "conservation_laws": report.laws.iter().map(|law| json!({
+            "name": law.name(), "statement": law.statement(), "scope": law.scope().as_str(),
+        })).collect::<Vec<_>>(),
+        "projection": o.projection.map_or_else(
+            || json!({"checked": false, "reason": PROJECTION_NOT_CHECKED}),
+            |p| p.json(report.count(Check::Projection)),
+        ),
         "served_log": o.url.map(|u| json!({"url": u, "events_compared": o.served})),
         "divergences_total": report.divergences_total(),
         "divergences": divergences,
@@ -470,6 +558,6 @@ fn committed_at(us: u64) -> Option<String> {
     (us > 0).then(|| wire::timestamp(us))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

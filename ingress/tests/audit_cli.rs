@@ -368,8 +368,8 @@ async fn usage_and_io_errors_exit_2_without_a_verdict() -> anyhow::Result<()> {
         (args(&missing, &[]), "is not a directory"),
         (args(dir.path(), &[]), "not a Keel store"),
         (
-            args(dir.path(), &["--mongo-url", "mongodb://127.0.0.1:1"]),
-            "projection comparison is not available in this build",
+            args(dir.path(), &["--mongo-url", "http://127.0.0.1:1"]),
+            "--mongo-url http://127.0.0.1:1",
         ),
         (
             vec!["--url".into(), "http://127.0.0.1:1".into()],

@@ -3,7 +3,11 @@
 
 use super::AuditError;
 use crate::{CommittedEvent, ReadError};
-use keel_engine::{Cf, LockProbe, Reader, RocksStorage, Storage, StorageError, Visit, WriteSet};
+use keel_engine::format::{META_TIP, seq_key};
+use keel_engine::{
+    BatchHeader, Cf, ChainTip, LockProbe, Reader, RocksStorage, Storage, StorageError, Visit,
+    WriteSet,
+};
 use keel_invariants::codec;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -104,6 +108,21 @@ impl Snapshot {
             SnapshotMode::ReadOnly => Ok(()),
             SnapshotMode::Secondary { .. } => Ok(self.storage.catch_up()?),
         }
+    }
+
+    /// The stored tip, the point an audit of this snapshot stops at (the default, genesis,
+    /// when there is none or it does not decode: the audit itself reports that).
+    pub fn tip(&self) -> Result<ChainTip, AuditError> {
+        let stored = self.storage.get(Cf::Meta, META_TIP)?;
+        Ok(stored
+            .and_then(|value| ChainTip::decode(&value).ok())
+            .unwrap_or_default())
+    }
+
+    /// The header of batch `batch`, if stored and decodable.
+    pub fn batch_header(&self, batch: u64) -> Result<Option<BatchHeader>, AuditError> {
+        let stored = self.storage.get(Cf::Batches, &seq_key(batch))?;
+        Ok(stored.and_then(|value| BatchHeader::decode(batch, &value).ok()))
     }
 
     /// Up to `limit` events after sequence `after`, decoded as the server's
