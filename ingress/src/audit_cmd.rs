@@ -436,7 +436,10 @@ fn law_names(report: &AuditReport) -> String {
 fn print_projection(report: &AuditReport, p: &ProjectionSummary) {
     println!(
         "  projection  {}: {} database {}, checkpoint {}",
-        check_status(report, Check::Projection),
+        match report.count(Check::Projection) {
+            0 => "ok".to_owned(),
+            n => format!("FAILED ({n})"),
+        },
         p.url,
         p.db,
         p.checkpoint.map_or_else(
@@ -459,8 +462,10 @@ fn print_projection(report: &AuditReport, p: &ProjectionSummary) {
         )
     };
     println!(
-        "              {at}; {} aggregate and {} event documents compared",
-        p.aggregates_compared, p.events_compared
+        "              {at}; {} aggregate and {} event documents compared in {:.3} s",
+        p.aggregates_compared,
+        p.events_compared,
+        p.elapsed.as_secs_f64()
     );
     if p.aggregates_newer + p.events_not_yet_projected + p.events_past_tip > 0 {
         println!(

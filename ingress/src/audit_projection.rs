@@ -62,6 +62,8 @@ pub struct ProjectionSummary {
     /// checkpoint), and event documents after the snapshot's tip (a live store moved on).
     pub events_not_yet_projected: u64,
     pub events_past_tip: u64,
+    /// Time spent comparing (after the wait).
+    pub elapsed: Duration,
 }
 
 impl ProjectionSummary {
@@ -79,6 +81,7 @@ impl ProjectionSummary {
             "checked": true, "url": self.url, "db": self.db, "durable": self.durable,
             "checkpoint": checkpoint, "point": self.point, "snapshot_tip": self.tip,
             "behind_events": self.behind(), "waited_seconds": self.waited.as_secs_f64(),
+            "compare_seconds": self.elapsed.as_secs_f64(),
             "aggregates_compared": self.aggregates_compared, "aggregates_newer": self.aggregates_newer,
             "events_compared": self.events_compared,
             "events_not_yet_projected": self.events_not_yet_projected,
@@ -180,11 +183,14 @@ impl ProjectionTarget {
             report,
             url: &self.url,
         };
+        let started = Instant::now();
         run.checkpoint()?;
         self.runtime.block_on(async {
             run.aggregates(&self.db).await?;
             run.events(&self.db).await
-        })
+        })?;
+        summary.elapsed = started.elapsed();
+        Ok(())
     }
 }
 
@@ -303,6 +309,7 @@ impl Compare<'_> {
             )
             .on(id)
             .at_seq(Some(at.last_seq))
+            .at_batch(Some(at.last_batch))
             .expected_found(shown(&expected_aggregate(id, at)), "absent");
             self.report.record(d);
         }
@@ -391,6 +398,7 @@ impl Compare<'_> {
             )
             .on(&id)
             .at_seq(Some(at.last_seq))
+            .at_batch(Some(at.last_batch))
             .expected_found(shown(&expected), shown(&found));
             self.record(d);
         }
@@ -506,12 +514,26 @@ impl Compare<'_> {
         } else {
             format!("events {first}..={last} ({} events) are", last - first + 1)
         };
+        let count = last - first + 1;
+        let batch = self
+            .snapshot
+            .events(first - 1, 1)
+            .ok()
+            .and_then(|events| events.first().filter(|e| e.seq == first).map(|e| e.batch));
         let d = Divergence::new(
             Check::Projection,
             format!("{EVENTS}: {range} missing from the projection, which is at event {point}"),
         )
         .at_seq(Some(first))
-        .expected_found(format!("{} documents", last - first + 1), "absent");
+        .at_batch(batch)
+        .expected_found(
+            if count == 1 {
+                "1 document".to_owned()
+            } else {
+                format!("{count} documents")
+            },
+            "absent",
+        );
         self.record(d);
     }
 }

@@ -133,7 +133,7 @@ pub(super) struct Replayed {
     pub(super) flows: Option<Box<[i128]>>,
     /// Set when an event after the point first touches it: the aggregate and its last
     /// sequence as of the point (`None` inside: it did not exist yet).
-    pub(super) at_point: Option<Box<Option<(Aggregate, u64)>>>,
+    pub(super) at_point: Option<Box<Option<(Aggregate, u64, u64)>>>,
     /// Whether the state scan found it stored.
     pub(super) seen: bool,
 }
@@ -202,7 +202,11 @@ impl Replay {
         let after_point = seq > self.point;
         if let Some(replayed) = self.aggregates.get_mut(id) {
             if after_point && replayed.at_point.is_none() {
-                let image = (replayed.aggregate.clone(), replayed.last_seq);
+                let image = (
+                    replayed.aggregate.clone(),
+                    replayed.last_seq,
+                    replayed.last_batch,
+                );
                 replayed.at_point = Some(Box::new(Some(image)));
             }
             // Move the aggregate out (no clone of an SKU's reservations); put the next one back.
@@ -273,6 +277,7 @@ pub struct LogState {
 pub struct AggregateAt<'a> {
     pub aggregate: &'a Aggregate,
     pub last_seq: u64,
+    pub last_batch: u64,
 }
 
 impl LogState {
@@ -299,6 +304,7 @@ impl LogState {
         self.aggregates.get(id).map(|r| AggregateAt {
             aggregate: &r.aggregate,
             last_seq: r.last_seq,
+            last_batch: r.last_batch,
         })
     }
 
@@ -319,11 +325,15 @@ impl LogState {
             None => Some(AggregateAt {
                 aggregate: &r.aggregate,
                 last_seq: r.last_seq,
+                last_batch: r.last_batch,
             }),
-            Some(image) => image.as_ref().map(|(aggregate, last_seq)| AggregateAt {
-                aggregate,
-                last_seq: *last_seq,
-            }),
+            Some(image) => image
+                .as_ref()
+                .map(|(aggregate, last_seq, last_batch)| AggregateAt {
+                    aggregate,
+                    last_seq: *last_seq,
+                    last_batch: *last_batch,
+                }),
         }
     }
 }
