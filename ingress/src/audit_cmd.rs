@@ -450,11 +450,16 @@ fn print_projection(report: &AuditReport, p: &ProjectionSummary) {
             )
         )
     );
-    let at = if p.behind() == 0 {
+    let at = if p.point == p.tip {
         format!("compared at event {} (the snapshot's tip)", p.point)
+    } else if p.behind() == 0 {
+        format!(
+            "compared at event {}, the live snapshot's tip when the audit began (a re-audit caught up to event {})",
+            p.point, p.tip
+        )
     } else {
         format!(
-            "compared at event {}: the projection is {} events behind the snapshot's tip {} after waiting {:.1} s",
+            "compared at event {}: the projection's checkpoint is {} events behind the snapshot's tip {} after waiting {:.1} s",
             p.point,
             p.behind(),
             p.tip,

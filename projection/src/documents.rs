@@ -268,7 +268,10 @@ pub fn parse_checkpoint_document(document: &Document) -> Result<Checkpoint, Docu
         last_batch: number("last_batch")?,
         last_seq: number("last_seq")?,
         last_hash,
-        committed_at_us: u64::try_from(committed_at.timestamp_millis()).unwrap_or(0) * 1000,
+        committed_at_us: u64::try_from(committed_at.timestamp_millis())
+            .ok()
+            .and_then(|ms| ms.checked_mul(1000))
+            .ok_or_else(|| fail(format!("`committed_at` {committed_at} is out of range")))?,
     })
 }
 
