@@ -121,6 +121,10 @@ pub struct ProjectArgs {
     /// Seconds without a message after which the source is asked for newer batches (0: never).
     #[arg(long, env = "KEEL_IDLE_PROBE_SECS", default_value_t = 10)]
     pub idle_probe_secs: u64,
+    /// Serve the projector's Prometheus metrics on `GET /metrics` at this address (off unless
+    /// given).
+    #[arg(long, env = "KEEL_PROJECT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ProjectArgs {

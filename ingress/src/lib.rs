@@ -104,6 +104,40 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `keel project` until SIGTERM or Ctrl-C, serving its metrics when asked to.
+pub async fn project(args: config::ProjectArgs) -> anyhow::Result<()> {
+    if let Some(address) = args.metrics_listen {
+        let handle = metrics_handle()?;
+        keel_projection::projector::describe_metrics();
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("--metrics-listen {address}"))?;
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let body = handle.render();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        );
+        tracing::info!(%address, "projector metrics on GET /metrics");
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, app).await {
+                tracing::error!(%error, "the metrics listener stopped");
+            }
+        });
+    }
+    keel_projection::project_until(args.projector(), shutdown_signal()).await?;
+    Ok(())
+}
+
 /// A URL with any `user:password@` part replaced, for logs.
 pub fn redact_credentials(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -26,12 +26,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(config) => runtime.block_on(keel_ingress::serve(config)),
         Command::Audit(args) => return keel_ingress::audit_cmd::run(&args),
-        Command::Project(args) => runtime
-            .block_on(keel_projection::project_until(
-                args.projector(),
-                keel_ingress::shutdown_signal(),
-            ))
-            .map_err(Into::into),
+        Command::Project(args) => runtime.block_on(keel_ingress::project(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

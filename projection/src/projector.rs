@@ -153,6 +153,7 @@ where
             Err(Failure::Fatal(e)) => return Err(Interrupt::Fatal(e)),
             Err(Failure::Transient(error)) => {
                 let delay = backoff.next_delay();
+                metrics::counter!("keel_projector_retries_total").increment(1);
                 tracing::warn!(%error, ?delay, "{what} failed; retrying");
                 if !shutdown.sleep(delay).await {
                     return Err(Interrupt::Stopped);
@@ -507,6 +508,8 @@ impl Projector {
     /// Fetches batches `first..=last` from the source and applies them in order.
     async fn repair(&mut self, first: u64, last: u64, round: &mut Round) -> Result<(), Interrupt> {
         tracing::info!(first, last, source = %self.source.url(), "taking batches from the source (missing from the stream, or too large for it)");
+        metrics::counter!("keel_projector_repaired_batches_total")
+            .increment(last.saturating_sub(first) + 1);
         let (source, shutdown) = (self.source.clone(), self.shutdown.clone());
         let mut fetched = futures_util::stream::iter(first..=last)
             .map(|seq| fetch_required(source.clone(), shutdown.clone(), seq))
@@ -705,6 +708,7 @@ impl Projector {
             committed_at_us: last.committed_at_us,
         };
         let previous = self.checkpoint.last_batch;
+        let writing = std::time::Instant::now();
         let (store, events) = (&self.store, &round.events);
         retry(&mut self.shutdown, "writing events", || async {
             Ok(store.insert_events(events).await?)
@@ -729,6 +733,7 @@ impl Projector {
             return Err(Interrupt::Lost);
         }
         self.checkpoint = checkpoint;
+        record_round(round, &checkpoint, writing.elapsed());
         self.log_progress(round);
         *round = Round::default();
         Ok(())
@@ -750,6 +755,53 @@ impl Projector {
             self.progress = Progress::new();
         }
     }
+}
+
+/// Names and meanings of the projector's metrics (served by `keel project --metrics-listen`).
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        "keel_projector_checkpoint_batch",
+        "last batch the projection holds whole (its checkpoint)"
+    );
+    metrics::describe_gauge!(
+        "keel_projector_checkpoint_event",
+        "last event sequence the projection holds whole"
+    );
+    metrics::describe_gauge!(
+        "keel_projector_lag_seconds",
+        "age of the checkpoint's batch when it was written: commit in Keel to visible in MongoDB"
+    );
+    metrics::describe_counter!(
+        "keel_projector_events_total",
+        "events written to MongoDB (a repeated round after a crash counts again)"
+    );
+    metrics::describe_counter!("keel_projector_batches_total", "batches written to MongoDB");
+    metrics::describe_counter!(
+        "keel_projector_retries_total",
+        "MongoDB, NATS or source operations retried after a transient failure"
+    );
+    metrics::describe_counter!(
+        "keel_projector_repaired_batches_total",
+        "batches taken from Keel's HTTP API instead of the stream (gaps, oversized batches)"
+    );
+    metrics::describe_histogram!(
+        "keel_projector_round_seconds",
+        "time to write one round (events, aggregates, checkpoint) to MongoDB"
+    );
+}
+
+/// The metrics of a round just written.
+fn record_round(round: &Round, checkpoint: &Checkpoint, writing: Duration) {
+    metrics::gauge!("keel_projector_checkpoint_batch").set(checkpoint.last_batch as f64);
+    metrics::gauge!("keel_projector_checkpoint_event").set(checkpoint.last_seq as f64);
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let lag = now_us.saturating_sub(checkpoint.committed_at_us) as f64 / 1e6;
+    metrics::gauge!("keel_projector_lag_seconds").set(lag);
+    metrics::counter!("keel_projector_events_total").increment(round.events.len() as u64);
+    metrics::counter!("keel_projector_batches_total").increment(round.batches);
+    metrics::histogram!("keel_projector_round_seconds").record(writing.as_secs_f64());
 }
 
 /// What a delivered message stands for: its verified batch, or the batch to take from the

@@ -18,7 +18,14 @@ async fn every_committed_event_is_projected_exactly_once() -> anyhow::Result<()>
     let (nats, mongo) = (Nats::start(), Mongo::start_memory());
     let data = tempfile::tempdir()?;
     let keel = Keel::start(data.path(), &nats.url(), &names, &[]);
-    let projector = ProjectorProcess::start(&nats.url(), &mongo.url(), &keel.url, &names, &[]);
+    let metrics_address = format!("127.0.0.1:{}", harness::free_port());
+    let projector = ProjectorProcess::start(
+        &nats.url(),
+        &mongo.url(),
+        &keel.url,
+        &names,
+        &["--metrics-listen", &metrics_address],
+    );
     let workload = Workload {
         accounts: 40,
         skus: 15,
@@ -46,6 +53,35 @@ async fn every_committed_event_is_projected_exactly_once() -> anyhow::Result<()>
     let db = mongo.database(&names.db).await;
     let last = wait_converged(&db, &names.durable, &keel.url, Duration::from_secs(120)).await?;
     verify(&db, &keel.url, &workload.ids()).await?;
+
+    // The projector's metrics tell where it stands.
+    let metrics = http()
+        .get(format!("http://{metrics_address}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let value = |name: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    ensure!(
+        value("keel_projector_checkpoint_event") == Some(last as f64),
+        "checkpoint metric: {metrics}"
+    );
+    ensure!(
+        value("keel_projector_events_total") >= Some(last as f64),
+        "events metric: {metrics}"
+    );
+    ensure!(
+        value("keel_projector_lag_seconds").is_some_and(|lag| lag >= 0.0)
+            && metrics.contains("keel_projector_round_seconds_count"),
+        "lag and round metrics: {metrics}"
+    );
     let batches = wait_published(&http(), &keel.url, Duration::from_secs(30)).await?;
     println!("projected {last} events of {batches} batches ({report:?})");
 
