@@ -61,6 +61,57 @@ pub struct ServeConfig {
     /// Most publishes awaiting their JetStream ack at once.
     #[arg(long, env = "KEEL_PUBLISH_INFLIGHT_MAX", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub publish_inflight_max: u32,
+    /// How long the stream keeps a batch (at least 2 minutes, its duplicate window); applied to
+    /// the stream at every start.
+    #[arg(long, env = "KEEL_NATS_STREAM_MAX_AGE", default_value = "7days", value_parser = parse_stream_age)]
+    pub nats_stream_max_age: Duration,
+    /// The stream's size bound, e.g. `4GiB`, `512MiB` or bytes (at least 64MiB, its largest
+    /// message); JetStream reserves it from the server's `max_file_store`.
+    #[arg(long, env = "KEEL_NATS_STREAM_MAX_BYTES", default_value = "4GiB", value_parser = parse_stream_bytes)]
+    pub nats_stream_max_bytes: i64,
+}
+
+fn parse_stream_age(text: &str) -> Result<Duration, String> {
+    let age = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if age < keel_projection::nats::DUPLICATE_WINDOW {
+        return Err(format!(
+            "{text} is shorter than the stream's duplicate window ({} s)",
+            keel_projection::nats::DUPLICATE_WINDOW.as_secs()
+        ));
+    }
+    Ok(age)
+}
+
+/// A byte size: digits with an optional `KiB`, `MiB`, `GiB` or `TiB`.
+fn parse_stream_bytes(text: &str) -> Result<i64, String> {
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let shift = match &text[digits.len()..] {
+        "" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        unit => {
+            return Err(format!(
+                "unknown unit `{unit}` (use KiB, MiB, GiB, TiB or bytes)"
+            ));
+        }
+    };
+    let number: i64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like 4GiB"))?;
+    let bytes = number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text} is too large"))?;
+    let least = i64::from(keel_projection::nats::STREAM_MAX_MESSAGE_BYTES);
+    if bytes < least {
+        return Err(format!(
+            "{text} is below the stream's largest message ({} MiB)",
+            least >> 20
+        ));
+    }
+    Ok(bytes)
 }
 
 impl ServeConfig {
@@ -82,6 +133,10 @@ impl ServeConfig {
                 stream: self.nats_stream.clone(),
                 subject: self.nats_subject.clone(),
                 inflight_max: self.publish_inflight_max as usize,
+                limits: keel_projection::nats::StreamLimits {
+                    max_age: self.nats_stream_max_age,
+                    max_bytes: self.nats_stream_max_bytes,
+                },
             })
     }
 }
@@ -142,5 +197,30 @@ impl ProjectArgs {
             round_events_max: self.round_events_max as usize,
             idle_probe: Duration::from_secs(self.idle_probe_secs),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_sizes_parse_with_binary_units_and_refuse_the_rest() {
+        assert_eq!(parse_stream_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_stream_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_stream_bytes("67108864"), Ok(64 << 20));
+        for bad in ["4GB", "GiB", "-1GiB", "1MiB", "9999999999TiB", ""] {
+            assert!(parse_stream_bytes(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn stream_ages_cover_the_duplicate_window() {
+        assert_eq!(
+            parse_stream_age("7days"),
+            Ok(Duration::from_secs(7 * 86400))
+        );
+        assert!(parse_stream_age("1m").is_err());
+        assert!(parse_stream_age("soon").is_err());
     }
 }

@@ -25,8 +25,26 @@ pub const STREAM_MAX_BYTES: i64 = 4 << 30;
 /// larger batch is published as an empty placeholder and projected from the source.
 pub const STREAM_MAX_MESSAGE_BYTES: i32 = 64 << 20;
 
+/// The stream's retention bounds. `keel serve` (the publisher, which owns the stream) applies
+/// the operator's values at every start; the projector creates the stream with the defaults
+/// only when it starts first, and never changes an existing stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamLimits {
+    pub max_age: Duration,
+    pub max_bytes: i64,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            max_age: STREAM_MAX_AGE,
+            max_bytes: STREAM_MAX_BYTES,
+        }
+    }
+}
+
 /// The stream Keel publishes to, with every setting explicit rather than a server default.
-pub fn stream_config(name: &str, subject: &str) -> StreamConfig {
+pub fn stream_config(name: &str, subject: &str, limits: StreamLimits) -> StreamConfig {
     StreamConfig {
         name: name.to_owned(),
         description: Some(
@@ -36,8 +54,8 @@ pub fn stream_config(name: &str, subject: &str) -> StreamConfig {
         storage: StorageType::File,
         retention: RetentionPolicy::Limits,
         discard: DiscardPolicy::Old,
-        max_age: STREAM_MAX_AGE,
-        max_bytes: STREAM_MAX_BYTES,
+        max_age: limits.max_age,
+        max_bytes: limits.max_bytes,
         max_messages: -1,
         max_messages_per_subject: -1,
         max_message_size: STREAM_MAX_MESSAGE_BYTES,

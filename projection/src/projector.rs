@@ -306,7 +306,11 @@ impl Projector {
         let (js, config) = (&self.js, &self.config);
         retry(&mut self.shutdown, "deleting the durable consumer", || async {
             let stream = js
-                .get_or_create_stream(nats::stream_config(&config.stream, &config.subject))
+                .get_or_create_stream(nats::stream_config(
+                    &config.stream,
+                    &config.subject,
+                    nats::StreamLimits::default(),
+                ))
                 .await
                 .map_err(transient)?;
             match stream.delete_consumer(&config.durable).await {
@@ -365,7 +369,11 @@ impl Projector {
         };
         retry(&mut self.shutdown, "subscribing to JetStream", || async {
             let stream = js
-                .get_or_create_stream(nats::stream_config(&config.stream, &config.subject))
+                .get_or_create_stream(nats::stream_config(
+                    &config.stream,
+                    &config.subject,
+                    nats::StreamLimits::default(),
+                ))
                 .await
                 .map_err(transient)?;
             stream

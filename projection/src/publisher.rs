@@ -34,6 +34,8 @@ pub struct PublisherConfig {
     pub subject: String,
     /// Most publishes awaiting their JetStream ack at once.
     pub inflight_max: usize,
+    /// The stream's retention bounds, applied at every start.
+    pub limits: crate::nats::StreamLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -287,7 +289,11 @@ impl Publisher {
     }
 
     async fn ensure_stream(&self) -> Result<(), PublishError> {
-        let config = nats::stream_config(&self.config.stream, &self.config.subject);
+        let config = nats::stream_config(
+            &self.config.stream,
+            &self.config.subject,
+            self.config.limits,
+        );
         self.js
             .create_or_update_stream(config)
             .await

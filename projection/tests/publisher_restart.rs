@@ -1,6 +1,7 @@
 //! The publisher across restarts of `keel serve`: after SIGTERM its cursor covers every batch;
 //! after kill -9 it resends from its last recorded cursor and JetStream drops the duplicates
-//! by `Nats-Msg-Id`, so the stream holds every batch exactly once.
+//! by `Nats-Msg-Id`, so the stream holds every batch exactly once. A restart with other
+//! stream limits applies them to the existing stream.
 
 mod harness;
 
@@ -56,20 +57,29 @@ async fn restarts_resend_without_duplicates_or_holes() -> anyhow::Result<()> {
     engine.reader().set_publish_cursor(cursor - 50)?;
     drop(engine);
 
-    let keel = Keel::start_on(data.path(), port, &nats.url(), &names, &[]);
+    // This start also sets other stream limits: the publisher applies them to the existing
+    // stream.
+    let limits = [
+        "--nats-stream-max-age",
+        "1h",
+        "--nats-stream-max-bytes",
+        "256MiB",
+    ];
+    let keel = Keel::start_on(data.path(), port, &nats.url(), &names, &limits);
     load(&keel.url, &workload, 4, SHAPE).await?;
     let batches = wait_published(&client, &keel.url, Duration::from_secs(60)).await?;
     let js = harness::jetstream(&nats.url()).await?;
-    let stored = js
-        .get_stream(&names.stream)
-        .await?
-        .info()
-        .await?
-        .state
-        .messages;
+    let info = js.get_stream(&names.stream).await?.info().await?.clone();
+    let stored = info.state.messages;
     ensure!(
         stored == batches,
         "the stream holds {stored} messages for {batches} batches"
+    );
+    ensure!(
+        info.config.max_age == Duration::from_secs(3600) && info.config.max_bytes == 256 << 20,
+        "the stream's limits were not applied: {:?} {}",
+        info.config.max_age,
+        info.config.max_bytes
     );
 
     let _projector = ProjectorProcess::start(&nats.url(), &mongo.url(), &keel.url, &names, &[]);
