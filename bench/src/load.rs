@@ -41,8 +41,8 @@ pub struct LoadConfig {
     pub progress: bool,
 }
 
-/// Counters over the whole run.
-#[derive(Clone, Debug, Default)]
+/// Counters over the whole run (flattened into the result file).
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Counters {
     pub items_committed: u64,
     pub items_rejected: u64,

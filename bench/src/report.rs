@@ -9,7 +9,6 @@ use crate::sampler::SampleRow;
 use crate::stats::LatencySummaryMs;
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -181,16 +180,9 @@ pub struct LoadReport {
     pub batches_per_sec: f64,
     /// Per request, from the (intended) send to the answer; successful requests only.
     pub latency_ms: LatencySummaryMs,
-    pub items_committed: u64,
-    pub items_rejected: u64,
-    pub items_replayed: u64,
-    pub items_designed_to_reject: u64,
-    pub requests_ok: u64,
-    pub requests_failed: u64,
-    pub http_503: u64,
-    pub http_429: u64,
-    pub rejected_by_code: BTreeMap<String, u64>,
-    pub errors_by_kind: BTreeMap<String, u64>,
+    /// `items_committed`, `requests_ok`, `http_503`, ... at the top level of the file.
+    #[serde(flatten)]
+    pub counters: Counters,
     pub setup: SetupOutcome,
     pub parameters: Parameters,
     pub machine: Machine,
@@ -219,16 +211,7 @@ impl LoadReport {
             rejected_per_sec: c.items_rejected as f64 / secs,
             batches_per_sec: c.requests_ok as f64 / secs,
             latency_ms: outcome.latency.summary_ms(),
-            items_committed: c.items_committed,
-            items_rejected: c.items_rejected,
-            items_replayed: c.items_replayed,
-            items_designed_to_reject: c.items_designed_to_reject,
-            requests_ok: c.requests_ok,
-            requests_failed: c.requests_failed,
-            http_503: c.http_503,
-            http_429: c.http_429,
-            rejected_by_code: c.rejected_by_code.clone(),
-            errors_by_kind: c.errors_by_kind.clone(),
+            counters: c.clone(),
             setup: outcome.setup.clone(),
             parameters,
             machine,
@@ -266,20 +249,23 @@ impl LoadReport {
                 format!("{:.3} / {:.3}", l.p99, l.p999),
             ),
             ("latency max ms", format!("{:.3}", l.max)),
-            ("items committed", group(self.items_committed as f64)),
+            (
+                "items committed",
+                group(self.counters.items_committed as f64),
+            ),
             (
                 "items rejected",
                 format!(
                     "{} ({} designed to be)",
-                    group(self.items_rejected as f64),
-                    self.items_designed_to_reject
+                    group(self.counters.items_rejected as f64),
+                    self.counters.items_designed_to_reject
                 ),
             ),
             (
                 "failed requests",
                 format!(
                     "{} (503: {}, 429: {})",
-                    self.requests_failed, self.http_503, self.http_429
+                    self.counters.requests_failed, self.counters.http_503, self.counters.http_429
                 ),
             ),
         ];
@@ -290,7 +276,7 @@ impl LoadReport {
             rows.push(("fsync p99 ms (max)", opt(server.fsync_p99_ms_max)));
             rows.push(("items per fsync (mean)", opt(server.batch_items_mean)));
         }
-        for (kind, n) in &self.errors_by_kind {
+        for (kind, n) in &self.counters.errors_by_kind {
             rows.push(("  error", format!("{kind}: {n}")));
         }
         render_rows(&rows)

@@ -88,22 +88,25 @@ fn closed_loop_two_workers_writes_the_documented_results() {
     ]);
     let report = run(&args);
 
-    assert!(report.items_committed > 0, "nothing committed");
+    assert!(report.counters.items_committed > 0, "nothing committed");
     assert_eq!(
-        report.requests_failed, 0,
+        report.counters.requests_failed, 0,
         "errors: {:?}",
-        report.errors_by_kind
+        report.counters.errors_by_kind
     );
     assert_eq!(
-        report.items_rejected, 0,
+        report.counters.items_rejected, 0,
         "rejections: {:?}",
-        report.rejected_by_code
+        report.counters.rejected_by_code
     );
-    assert_eq!(report.items_committed, report.requests_ok * 100);
+    assert_eq!(
+        report.counters.items_committed,
+        report.counters.requests_ok * 100
+    );
     // The server counted exactly what the bench counted, plus setup (200 opens + 200 deposits).
     assert_eq!(
         server_items_committed(&server.url),
-        (report.items_committed + 400) as f64
+        (report.counters.items_committed + 400) as f64
     );
 
     let v = read_json(&json);
@@ -127,7 +130,7 @@ fn closed_loop_two_workers_writes_the_documented_results() {
     assert!((1.9..10.0).contains(&duration), "duration {duration}");
     let items_per_sec = v["items_per_sec"].as_f64().unwrap();
     assert!(
-        (items_per_sec - report.items_committed as f64 / duration).abs()
+        (items_per_sec - report.counters.items_committed as f64 / duration).abs()
             < 1e-6 * items_per_sec.max(1.0)
     );
     assert_eq!(v["parameters"]["workers"], 2);
@@ -207,18 +210,18 @@ fn open_loop_mixed_workload_rejects_exactly_the_designed_items() {
     let report = run(&args);
     assert_eq!(report.parameters.mode, "open");
     assert_eq!(
-        report.requests_failed, 0,
+        report.counters.requests_failed, 0,
         "errors: {:?}",
-        report.errors_by_kind
+        report.counters.errors_by_kind
     );
-    assert!(report.items_committed > 0);
-    assert!(report.items_rejected > 0);
+    assert!(report.counters.items_committed > 0);
+    assert!(report.counters.items_rejected > 0);
     assert_eq!(
-        report.items_rejected, report.items_designed_to_reject,
+        report.counters.items_rejected, report.counters.items_designed_to_reject,
         "{:?}",
-        report.rejected_by_code
+        report.counters.rejected_by_code
     );
-    for code in report.rejected_by_code.keys() {
+    for code in report.counters.rejected_by_code.keys() {
         assert!(
             ["insufficient_funds", "insufficient_stock"].contains(&code.as_str()),
             "unexpected {code}"
@@ -226,7 +229,11 @@ fn open_loop_mixed_workload_rejects_exactly_the_designed_items() {
     }
     // The open loop never sends ahead of its schedule: 20,000 items/s in 100-item requests for
     // 2 s is at most 400 requests.
-    assert!(report.requests_ok <= 400, "{} requests", report.requests_ok);
+    assert!(
+        report.counters.requests_ok <= 400,
+        "{} requests",
+        report.counters.requests_ok
+    );
 }
 
 #[test]
@@ -250,12 +257,13 @@ fn atomic_requests_with_a_rejected_item_roll_back_whole() {
     ]);
     let report = run(&args);
     assert_eq!(
-        report.requests_failed, 0,
+        report.counters.requests_failed, 0,
         "errors: {:?}",
-        report.errors_by_kind
+        report.counters.errors_by_kind
     );
     assert!(
         report
+            .counters
             .rejected_by_code
             .get("atomic_rollback")
             .copied()
@@ -263,10 +271,10 @@ fn atomic_requests_with_a_rejected_item_roll_back_whole() {
             > 0
     );
     // All or nothing: committed items come in whole requests of 10.
-    assert_eq!(report.items_committed % 10, 0);
+    assert_eq!(report.counters.items_committed % 10, 0);
     assert_eq!(
-        report.items_committed + report.items_rejected,
-        report.requests_ok * 10
+        report.counters.items_committed + report.counters.items_rejected,
+        report.counters.requests_ok * 10
     );
 }
 
