@@ -111,9 +111,8 @@ fn audit(args: &AuditArgs) -> anyhow::Result<bool> {
             .with_context(|| format!("auditing {}", data.display()))?;
     let projection = match projection {
         Some((target, mut summary)) => {
-            let live = matches!(snapshot.mode(), SnapshotMode::Secondary { .. });
             target
-                .compare(&snapshot, &log, live, &mut summary, &mut report)
+                .compare(&snapshot, &log, &mut summary, &mut report)
                 .context("comparing the MongoDB projection")?;
             Some(summary)
         }

@@ -17,10 +17,12 @@
 //! - The checkpoint names a batch of the log with that batch's hash and last event.
 
 use crate::redact_credentials;
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use keel_projection::documents::{self, Checkpoint, bson_u64};
-use keel_projection::store::{AGGREGATES, CHECKPOINTS, EVENTS};
-use keel_sequencer::audit::{AggregateAt, AuditReport, Check, Divergence, LogState, Snapshot};
+use keel_projection::store::{AGGREGATES, CHECKPOINTS, EVENTS, Store};
+use keel_sequencer::audit::{
+    AggregateAt, AuditReport, Check, Divergence, LogState, Snapshot, SnapshotMode, shorten,
+};
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::options::{ClientOptions, ReadPreference, SelectionCriteria};
 use mongodb::{Client, Cursor, Database};
@@ -36,7 +38,7 @@ const SHOWN_CHARS_MAX: usize = 600;
 /// Where the projection lives and how long to wait for it.
 pub struct ProjectionTarget {
     runtime: tokio::runtime::Runtime,
-    db: Database,
+    store: Store,
     url: String,
     db_name: String,
     durable: String,
@@ -114,7 +116,7 @@ impl ProjectionTarget {
         })?;
         Ok(Self {
             runtime,
-            db: client.database(db),
+            store: Store::with_database(client.database(db), durable),
             url: shown,
             db_name: db.to_owned(),
             durable: durable.to_owned(),
@@ -155,16 +157,12 @@ impl ProjectionTarget {
     }
 
     async fn checkpoint(&self) -> anyhow::Result<Option<Checkpoint>> {
-        let found = self
-            .db
-            .collection::<Document>(CHECKPOINTS)
-            .find_one(doc! {"_id": &self.durable})
-            .await
-            .with_context(|| format!("reading {CHECKPOINTS} from {}", self.url))?;
-        found
-            .map(|d| documents::parse_checkpoint_document(&d))
-            .transpose()
-            .map_err(|e| anyhow!("{CHECKPOINTS}/{}: {e}", self.durable))
+        self.store.checkpoint().await.with_context(|| {
+            format!(
+                "reading {CHECKPOINTS} from {} (`{}`)",
+                self.url, self.durable
+            )
+        })
     }
 
     /// Compares the projection with the log at `summary.point`, recording every difference in
@@ -173,7 +171,6 @@ impl ProjectionTarget {
         &self,
         snapshot: &Snapshot,
         log: &LogState,
-        live: bool,
         summary: &mut ProjectionSummary,
         report: &mut AuditReport,
     ) -> anyhow::Result<()> {
@@ -183,7 +180,7 @@ impl ProjectionTarget {
         let mut run = Compare {
             snapshot,
             log,
-            live,
+            live: matches!(snapshot.mode(), SnapshotMode::Secondary { .. }),
             summary,
             report,
             url: &self.url,
@@ -192,8 +189,8 @@ impl ProjectionTarget {
         let started = Instant::now();
         run.checkpoint()?;
         self.runtime.block_on(async {
-            run.aggregates(&self.db).await?;
-            run.events(&self.db).await
+            run.aggregates(self.store.database()).await?;
+            run.events(self.store.database()).await
         })?;
         summary.elapsed = started.elapsed();
         // A projection dropped (`keel project --rebuild`) or restored while it was read would
@@ -707,14 +704,5 @@ fn differing_fields(expected: &Value, found: &Value) -> String {
 }
 
 fn shown(value: &Value) -> String {
-    let mut text = value.to_string();
-    if text.len() > SHOWN_CHARS_MAX {
-        let cut = (0..=SHOWN_CHARS_MAX)
-            .rev()
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(0);
-        text.truncate(cut);
-        text.push_str("...");
-    }
-    text
+    shorten(value.to_string(), SHOWN_CHARS_MAX)
 }

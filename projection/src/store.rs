@@ -58,6 +58,19 @@ pub struct Store {
 }
 
 impl Store {
+    /// The projection in `db`, read or written for `consumer` (whose checkpoint it uses), on a
+    /// client the caller configured (`keel audit` reads from the primary only).
+    pub fn with_database(db: Database, consumer: &str) -> Self {
+        Self {
+            db,
+            consumer: consumer.to_owned(),
+        }
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
     /// Prepares a client for `url` (no IO yet: the driver connects on first use).
     pub async fn connect(url: &str, database: &str, consumer: &str) -> Result<Self, StoreError> {
         let mut options = ClientOptions::parse(url).await?;

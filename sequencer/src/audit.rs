@@ -761,9 +761,15 @@ impl Run<'_> {
 const DESCRIBE_CHARS_MAX: usize = 400;
 
 fn describe(aggregate: &Aggregate) -> String {
-    let mut text = format!("version {} {:?}", aggregate.version, aggregate.state);
-    if text.len() > DESCRIBE_CHARS_MAX {
-        let cut = (0..=DESCRIBE_CHARS_MAX)
+    let text = format!("version {} {:?}", aggregate.version, aggregate.state);
+    shorten(text, DESCRIBE_CHARS_MAX)
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, with `...` when cut: how a
+/// report shows a long value.
+pub fn shorten(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let cut = (0..=max)
             .rev()
             .find(|i| text.is_char_boundary(*i))
             .unwrap_or(0);

@@ -278,29 +278,8 @@ impl Sequencer {
         limit: usize,
     ) -> Result<(Vec<CommittedEvent>, u64), ReadError> {
         let tip = self.reader.tip()?;
-        let stored = self.reader.events(after, limit)?;
-        let mut events = Vec::with_capacity(stored.len());
-        let mut batch_time = (0, 0);
-        for event in stored {
-            if event.seq > tip.last_event {
-                break; // committed after the tip was read; the next page has it
-            }
-            if batch_time.0 != event.batch {
-                let header = self.reader.batch(event.batch)?.ok_or_else(|| {
-                    EngineError::Corrupt(format!(
-                        "event {} names missing batch {}",
-                        event.seq, event.batch
-                    ))
-                })?;
-                batch_time = (event.batch, header.committed_at_us);
-            }
-            events.push(CommittedEvent {
-                seq: event.seq,
-                batch: event.batch,
-                committed_at_us: batch_time.1,
-                logged: codec::decode_event(&event.payload)?,
-            });
-        }
+        // Events committed after the tip was read are left for the next page.
+        let events = committed_events(&self.reader, after, limit, tip.last_event)?;
         Ok((events, tip.last_event))
     }
 
@@ -309,6 +288,38 @@ impl Sequencer {
     pub fn batch_message(&self, seq: u64) -> Result<Option<Vec<u8>>, ReadError> {
         Ok(self.reader.batch_message(seq)?)
     }
+}
+
+/// Up to `limit` events after `after` and up to `last`, decoded, each with its batch's commit
+/// time: what `GET /v1/events` serves, and what the audit compares a server and a projection
+/// with.
+pub(crate) fn committed_events(
+    reader: &Reader,
+    after: u64,
+    limit: usize,
+    last: u64,
+) -> Result<Vec<CommittedEvent>, ReadError> {
+    let stored = reader.events(after, limit)?;
+    let mut events = Vec::with_capacity(stored.len());
+    let mut batch_time = (0, 0);
+    for event in stored.into_iter().take_while(|e| e.seq <= last) {
+        if batch_time.0 != event.batch {
+            let header = reader.batch(event.batch)?.ok_or_else(|| {
+                EngineError::Corrupt(format!(
+                    "event {} names missing batch {}",
+                    event.seq, event.batch
+                ))
+            })?;
+            batch_time = (event.batch, header.committed_at_us);
+        }
+        events.push(CommittedEvent {
+            seq: event.seq,
+            batch: event.batch,
+            committed_at_us: batch_time.1,
+            logged: codec::decode_event(&event.payload)?,
+        });
+    }
+    Ok(events)
 }
 
 impl Drop for Sequencer {

@@ -8,7 +8,6 @@ use keel_engine::{
     BatchHeader, Cf, ChainTip, LockProbe, Reader, RocksStorage, Storage, StorageError, Visit,
     WriteSet,
 };
-use keel_invariants::codec;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -129,28 +128,7 @@ impl Snapshot {
     /// `GET /v1/events` reads them (for comparing what a server serves with the snapshot).
     pub fn events(&self, after: u64, limit: usize) -> Result<Vec<CommittedEvent>, ReadError> {
         let storage: Arc<dyn Storage> = self.storage.clone();
-        let reader = Reader::detached(storage);
-        let stored = reader.events(after, limit)?;
-        let mut events = Vec::with_capacity(stored.len());
-        let mut batch_time = (0, 0);
-        for event in stored {
-            if batch_time.0 != event.batch {
-                let header = reader.batch(event.batch)?.ok_or_else(|| {
-                    keel_engine::EngineError::Corrupt(format!(
-                        "event {} names missing batch {}",
-                        event.seq, event.batch
-                    ))
-                })?;
-                batch_time = (event.batch, header.committed_at_us);
-            }
-            events.push(CommittedEvent {
-                seq: event.seq,
-                batch: event.batch,
-                committed_at_us: batch_time.1,
-                logged: codec::decode_event(&event.payload)?,
-            });
-        }
-        Ok(events)
+        crate::committed_events(&Reader::detached(storage), after, limit, u64::MAX)
     }
 }
 
