@@ -93,14 +93,16 @@ data_disk
 
 # Writes the VERDICT file (first line: PASSED, FAILED or INTERRUPTED) and shows it. It names no
 # path of this machine: the folder is copied elsewhere (deploy/cloud/fetch-results.sh).
+# The file comes first: when the run is stopped from afar, the terminal (an ssh channel) may be
+# gone already, and the verdict must still be written.
 verdict() {
   printf '%s\n' "$@" >"$RESULTS_DIR/VERDICT"
   if [[ $1 == PASSED* ]]; then
-    cat "$RESULTS_DIR/VERDICT"
+    cat "$RESULTS_DIR/VERDICT" || true
   else
-    cat "$RESULTS_DIR/VERDICT" >&2
+    cat "$RESULTS_DIR/VERDICT" >&2 || true
   fi
-  echo "[$NAME] results in $RESULTS_DIR" >&2
+  echo "[$NAME] results in $RESULTS_DIR" >&2 || true
 }
 
 # Stops the server if it still runs and removes the temporary data directory.
@@ -108,7 +110,13 @@ verdict() {
 cleanup() {
   local status=$?
   if [[ ! -s $RESULTS_DIR/VERDICT ]]; then
-    verdict "FAILED: $NAME stopped (exit $status) before a verdict; not a result"
+    # 128+N: a step died of signal N (the run's process group was stopped) before this shell's
+    # own trap could run; it is an interruption like any other.
+    if ((status > 128 && status < 160)); then
+      interrupted_verdict "$(kill -l $((status - 128)) 2>/dev/null || echo "signal $((status - 128))")"
+    else
+      verdict "FAILED: $NAME stopped (exit $status) before a verdict; not a result"
+    fi
   fi
   if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
     kill -TERM "$SERVER_PID" 2>/dev/null || true
@@ -124,10 +132,16 @@ cleanup() {
 }
 trap cleanup EXIT
 # shellcheck disable=SC2317  # invoked by the signal traps
-interrupted() {
-  log "interrupted by SIG$1"
+interrupted_verdict() {
+  # A closed stdout/stderr must not kill this shell before the verdict and the cleanup.
+  trap '' PIPE
+  log "interrupted by SIG$1" || true
   verdict "INTERRUPTED: $NAME stopped by SIG$1 before its end; its numbers are not a result (not audited)" \
     "  data disk: $DATA_DISK"
+}
+# shellcheck disable=SC2317  # invoked by the signal traps
+interrupted() {
+  interrupted_verdict "$1"
   exit 130
 }
 for signal in INT TERM HUP; do

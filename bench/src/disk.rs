@@ -61,7 +61,10 @@ pub fn parse_findmnt_json(text: &str) -> Option<DataDisk> {
 
 /// The line the summaries print.
 pub fn describe(disk: Option<&DataDisk>) -> String {
-    disk.map_or_else(|| "unknown (findmnt gave no answer)".to_owned(), ToString::to_string)
+    disk.map_or_else(
+        || "unknown (findmnt gave no answer)".to_owned(),
+        ToString::to_string,
+    )
 }
 
 #[cfg(test)]

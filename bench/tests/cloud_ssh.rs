@@ -101,7 +101,12 @@ impl Sshd {
             .env("BENCH_DATA_ROOT", self.data_root())
             .env("KEEL_FETCH_DIR", self.local_results())
             .stdin(Stdio::null());
-        for name in ["BENCH_WORKERS", "BENCH_BATCH", "BENCH_DURATION", "BENCH_RUN_ID"] {
+        for name in [
+            "BENCH_WORKERS",
+            "BENCH_BATCH",
+            "BENCH_DURATION",
+            "BENCH_RUN_ID",
+        ] {
             command.env_remove(name);
         }
         for (key, value) in env {
@@ -152,7 +157,9 @@ fn run_bounded(mut command: Command, limit: Duration) -> Output {
                 return false;
             }
         }
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
         true
     });
     let output = child.wait_with_output().unwrap();
@@ -277,7 +284,11 @@ fn a_cloud_run_names_its_disk_and_reports_its_own_verdict() {
     let all = text(&output);
     assert!(output.status.success(), "bench.sh failed:\n{all}");
     let fetched = new_result_folders(&sshd.local_results(), &before);
-    assert_eq!(fetched.len(), 1, "one new result folder: {fetched:?}\n{all}");
+    assert_eq!(
+        fetched.len(),
+        1,
+        "one new result folder: {fetched:?}\n{all}"
+    );
     let folder = &fetched[0];
     let verdict = std::fs::read_to_string(folder.join("VERDICT")).unwrap();
     let (device, fstype, mount) = findmnt(&sshd.data_root());
@@ -291,7 +302,10 @@ fn a_cloud_run_names_its_disk_and_reports_its_own_verdict() {
         !verdict.contains(sshd.vm_dir().to_str().unwrap()),
         "{verdict}"
     );
-    assert!(all.contains(&format!("(local copy: {})", folder.display())), "{all}");
+    assert!(
+        all.contains(&format!("(local copy: {})", folder.display())),
+        "{all}"
+    );
     let result: serde_json::Value =
         serde_json::from_slice(&std::fs::read(folder.join("result.json")).unwrap()).unwrap();
     let data_disk = &result["machine"]["data_disk"];
@@ -380,7 +394,10 @@ fn ctrl_c_stops_the_remote_run_and_marks_it_interrupted() {
         remote_verdict.starts_with("INTERRUPTED: broker"),
         "{remote_verdict}"
     );
-    assert!(!folder.join("audit.txt").exists(), "an interrupted run is never audited");
+    assert!(
+        !folder.join("audit.txt").exists(),
+        "an interrupted run is never audited"
+    );
     let fetched = new_result_folders(&sshd.local_results(), &before_local);
     assert_eq!(fetched.len(), 1, "{fetched:?}");
     let local_verdict = std::fs::read_to_string(fetched[0].join("VERDICT")).unwrap();
@@ -399,7 +416,9 @@ fn run_to_end(child: Child, limit: Duration) -> Output {
                 return;
             }
         }
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
     });
     let output = child.wait_with_output().unwrap();
     watchdog.join().unwrap();
@@ -413,7 +432,10 @@ fn fetch_flags_folders_without_a_verdict_and_reports_only_the_run_asked_for() {
     let sshd = Sshd::start();
     let results = sshd.vm_dir().join("bench/results");
     for (folder, verdict) in [
-        ("20990101T000000Z-1-broker", Some("PASSED: broker (INTEGRITY_OK) on x")),
+        (
+            "20990101T000000Z-1-broker",
+            Some("PASSED: broker (INTEGRITY_OK) on x"),
+        ),
         ("20990101T000001Z-2-broker", None),
     ] {
         let dir = results.join(folder);
@@ -432,18 +454,26 @@ fn fetch_flags_folders_without_a_verdict_and_reports_only_the_run_asked_for() {
     let only_passed = fetch(&["20990101T000000Z-1"]);
     let all = text(&only_passed);
     assert!(only_passed.status.success(), "{all}");
-    assert!(all.contains("PASSED: broker") && !all.contains("NO VERDICT"), "{all}");
+    assert!(
+        all.contains("PASSED: broker") && !all.contains("NO VERDICT"),
+        "{all}"
+    );
     let unfinished = fetch(&["20990101T000001Z-2"]);
     let all = text(&unfinished);
     assert_eq!(unfinished.status.code(), Some(1), "{all}");
     assert!(
-        all.contains("NO VERDICT") && all.contains("20990101T000001Z-2-broker") && !all.contains("PASSED"),
+        all.contains("NO VERDICT")
+            && all.contains("20990101T000001Z-2-broker")
+            && !all.contains("PASSED"),
         "{all}"
     );
     let everything = fetch(&[]);
     let all = text(&everything);
     assert_eq!(everything.status.code(), Some(1), "{all}");
-    assert!(all.contains("PASSED: broker") && all.contains("NO VERDICT"), "{all}");
+    assert!(
+        all.contains("PASSED: broker") && all.contains("NO VERDICT"),
+        "{all}"
+    );
     let none = fetch(&["20990101T000002Z-3"]);
     assert_eq!(none.status.code(), Some(1));
     assert!(text(&none).contains("left no result folder"));

@@ -298,14 +298,19 @@ fn prometheus_and_grafana_are_wired_to_the_services_and_the_dashboard() {
     // port that service serves /metrics on.
     let prometheus = &services["prometheus"];
     let config_host = bind_mount(prometheus, "/etc/prometheus/prometheus.yml").unwrap();
-    assert!(strings(&prometheus["command"]).contains(&"--config.file=/etc/prometheus/prometheus.yml".to_owned()));
-    let config: Value = serde_yaml::from_str(
-        &std::fs::read_to_string(compose_dir.join(&config_host)).unwrap(),
+    assert!(
+        strings(&prometheus["command"])
+            .contains(&"--config.file=/etc/prometheus/prometheus.yml".to_owned())
+    );
+    let config: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(compose_dir.join(&config_host)).unwrap())
+            .unwrap();
+    let keel_port = flag_port(&strings(&services["keel"]["command"]), "--listen").unwrap();
+    let project_port = flag_port(
+        &strings(&services["keel-project"]["command"]),
+        "--metrics-listen",
     )
     .unwrap();
-    let keel_port = flag_port(&strings(&services["keel"]["command"]), "--listen").unwrap();
-    let project_port =
-        flag_port(&strings(&services["keel-project"]["command"]), "--metrics-listen").unwrap();
     let mut jobs = BTreeMap::new();
     for job in config["scrape_configs"].as_sequence().unwrap() {
         let name = job["job_name"].as_str().unwrap().to_owned();
@@ -314,11 +319,17 @@ fn prometheus_and_grafana_are_wired_to_the_services_and_the_dashboard() {
         jobs.insert(name, targets);
     }
     assert_eq!(jobs["keel"], vec![format!("keel:{keel_port}")]);
-    assert_eq!(jobs["keel-project"], vec![format!("keel-project:{project_port}")]);
+    assert_eq!(
+        jobs["keel-project"],
+        vec![format!("keel-project:{project_port}")]
+    );
     for targets in jobs.values() {
         for target in targets {
             let service = target.split(':').next().unwrap();
-            assert!(!services[service].is_null(), "{target} is no compose service");
+            assert!(
+                !services[service].is_null(),
+                "{target} is no compose service"
+            );
         }
     }
     // Grafana: provisioning and dashboards from the repository.
@@ -327,8 +338,12 @@ fn prometheus_and_grafana_are_wired_to_the_services_and_the_dashboard() {
     let dashboards = bind_mount(grafana, "/etc/grafana/dashboards").unwrap();
     assert!(compose_dir.join(&provisioning).join("datasources").is_dir());
     let datasources: Value = serde_yaml::from_str(
-        &std::fs::read_to_string(compose_dir.join(&provisioning).join("datasources/prometheus.yaml"))
-            .unwrap(),
+        &std::fs::read_to_string(
+            compose_dir
+                .join(&provisioning)
+                .join("datasources/prometheus.yaml"),
+        )
+        .unwrap(),
     )
     .unwrap();
     let datasource = &datasources["datasources"][0];
@@ -355,12 +370,23 @@ fn prometheus_and_grafana_are_wired_to_the_services_and_the_dashboard() {
     let mut ids = std::collections::BTreeSet::new();
     for panel in panels {
         let title = panel["title"].as_str().unwrap();
-        assert!(ids.insert(panel["id"].as_u64().unwrap()), "duplicate id: {title}");
-        assert_eq!(panel["datasource"]["uid"].as_str(), Some(datasource_uid), "{title}");
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "duplicate id: {title}"
+        );
+        assert_eq!(
+            panel["datasource"]["uid"].as_str(),
+            Some(datasource_uid),
+            "{title}"
+        );
         let targets = panel["targets"].as_array().unwrap();
         assert!(!targets.is_empty(), "{title}");
         for target in targets {
-            assert_eq!(target["datasource"]["uid"].as_str(), Some(datasource_uid), "{title}");
+            assert_eq!(
+                target["datasource"]["uid"].as_str(),
+                Some(datasource_uid),
+                "{title}"
+            );
             let expr = target["expr"].as_str().unwrap();
             if let Some(rest) = expr.split("job=~\"").nth(1) {
                 for job in rest.split('"').next().unwrap().split('|') {
@@ -381,7 +407,9 @@ fn prometheus_and_grafana_are_wired_to_the_services_and_the_dashboard() {
         "poisoned",
     ] {
         assert!(
-            panels.iter().any(|p| p["title"].as_str().unwrap().contains(want)),
+            panels
+                .iter()
+                .any(|p| p["title"].as_str().unwrap().contains(want)),
             "no panel for {want}"
         );
     }

@@ -278,12 +278,10 @@ fn the_make_path_runs_on_the_vm_data_disk_with_ssh_port_and_options() {
         .find(|c| c.starts_with("ssh\n") && c.contains("vm-bench.sh "))
         .unwrap_or_else(|| panic!("no remote run in:\n{calls}"));
     let args: Vec<&str> = run_call.lines().collect();
+    assert!(args.windows(2).any(|w| w == ["-p", "2222"]), "{run_call}");
     assert!(
-        args.windows(2).any(|w| w == ["-p", "2222"]),
-        "{run_call}"
-    );
-    assert!(
-        args.windows(2).any(|w| w == ["-o", "ProxyJump=bastion.invalid"]),
+        args.windows(2)
+            .any(|w| w == ["-o", "ProxyJump=bastion.invalid"]),
         "{run_call}"
     );
     let remote = args.last().unwrap();
@@ -293,7 +291,10 @@ fn the_make_path_runs_on_the_vm_data_disk_with_ssh_port_and_options() {
     );
     assert!(!remote.contains("sre-laptop-tmp"), "{remote}");
     assert!(remote.contains("BENCH_DURATION=2m"), "{remote}");
-    assert!(!remote.contains("BENCH_WORKERS="), "empty knob forwarded: {remote}");
+    assert!(
+        !remote.contains("BENCH_WORKERS="),
+        "empty knob forwarded: {remote}"
+    );
     let rsync_call = calls
         .split("---\n")
         .find(|c| c.starts_with("rsync\n") && c.contains("--delete"))
@@ -307,7 +308,10 @@ fn the_make_path_runs_on_the_vm_data_disk_with_ssh_port_and_options() {
     assert!(calls.contains("BENCH_DATA_ROOT=/mnt/nvme/keel"), "{calls}");
     // The local preflight target still defaults to TMPDIR.
     let preflight = make_dry("preflight", &["TMPDIR=/tmp/sre-laptop-tmp"]);
-    assert!(preflight.contains("--dir \"/tmp/sre-laptop-tmp\""), "{preflight}");
+    assert!(
+        preflight.contains("--dir \"/tmp/sre-laptop-tmp\""),
+        "{preflight}"
+    );
 }
 
 /// Issue 13, fault 3: without ssh or rsync on the SRE's machine the scripts say how to get them.

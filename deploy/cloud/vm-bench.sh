@@ -58,6 +58,13 @@ watchdog_pid=$!
 exec 3<&-
 status=0
 wait "$run_pid" || status=$?
+# make exits at once when it is signalled; the scenario then still writes its verdict and stops
+# its server. Wait (bounded) for the whole group, so the ssh session, and what bench.sh fetches
+# after it, come after that.
+for _ in $(seq 1 1200); do
+  kill -0 -- "-$run_pid" 2>/dev/null || break
+  sleep 0.1
+done
 rm -f "$pidfile"
 kill "$watchdog_pid" 2>/dev/null || true
 exit "$status"

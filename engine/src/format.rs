@@ -241,7 +241,10 @@ mod chain_tip_display {
         };
         assert_eq!(
             tip.to_string(),
-            format!("batch 7 event 70 hash {} committed_at_us 5", "ab".repeat(32))
+            format!(
+                "batch 7 event 70 hash {} committed_at_us 5",
+                "ab".repeat(32)
+            )
         );
     }
 }
