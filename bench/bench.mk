@@ -35,17 +35,23 @@ BENCH_IN_FLIGHT ?=
 BENCH_CEILING_BATCHES ?=
 BENCH_PREFLIGHT ?= 1
 BENCH_KEEP_DATA ?= 0
-BENCH_DATA_ROOT ?= $(or $(TMPDIR),/tmp)
+# Empty: run-scenario.sh's default ($TMPDIR or /tmp) here, and the VM's data disk
+# (/var/lib/keel/bench) on the cloud path. A default set here would be exported to
+# deploy/cloud/bench.sh and measure the VM's /tmp instead of its data disk (issue 13, fault 1).
+BENCH_DATA_ROOT ?=
+# Names this run's result folders (<BENCH_RUN_ID>-<scenario>); deploy/cloud/bench.sh sets it so
+# that it reports the verdict of the run it made and no other.
+BENCH_RUN_ID ?=
 FSYNC_MAX_LAT_US ?= 5000
 FIO_RUNTIME ?= 10s
 KEEL_SERVE_ARGS ?=
 export BENCH_ACCOUNTS BENCH_SKUS BENCH_MIX BENCH_PAYLOAD_BYTES BENCH_RATE BENCH_ATOMIC
 export BENCH_REJECT_RATIO BENCH_SEED BENCH_SAMPLE_INTERVAL BENCH_MAX_REQUESTS BENCH_IN_FLIGHT
 export BENCH_CEILING_BATCHES BENCH_PREFLIGHT BENCH_KEEP_DATA BENCH_DATA_ROOT FSYNC_MAX_LAT_US
-export FIO_RUNTIME KEEL_SERVE_ARGS
+export FIO_RUNTIME KEEL_SERVE_ARGS BENCH_RUN_ID
 
 RUN_SCENARIO := $(BENCH_MK_DIR)/run-scenario.sh
-BENCH_STAMP = $(shell date -u +%Y%m%dT%H%M%SZ)
+BENCH_STAMP = $(or $(BENCH_RUN_ID),$(shell date -u +%Y%m%dT%H%M%SZ))
 
 .PHONY: bench-build preflight bench bench-broker bench-ceiling bench-dense bench-engine \
 	cloud-bench-broker cloud-bench-dense bench-test
@@ -58,7 +64,7 @@ bench-build:
 preflight: bench-build
 	@$(BENCH_MK_DIR)/ensure-fio.sh
 	@mkdir -p $(BENCH_MK_DIR)/results
-	$(KEEL_BENCH_BIN) --preflight --dir "$(BENCH_DATA_ROOT)" --fsync-max-lat-us $(FSYNC_MAX_LAT_US) \
+	$(KEEL_BENCH_BIN) --preflight --dir "$(or $(BENCH_DATA_ROOT),$(TMPDIR),/tmp)" --fsync-max-lat-us $(FSYNC_MAX_LAT_US) \
 		--fio-runtime $(FIO_RUNTIME) --json $(BENCH_MK_DIR)/results/preflight-$(BENCH_STAMP).json
 
 ## Short smoke run (< 1 minute): 1 worker x batch 1000 for 15 s.
@@ -86,7 +92,8 @@ bench-engine: bench-build
 	BENCH_KIND=engine BENCH_BATCH=$(or $(BENCH_BATCH),1000) \
 	BENCH_DURATION=$(or $(BENCH_DURATION),30s) $(RUN_SCENARIO) engine
 
-## The same scenarios on a VM over ssh (KEEL_VM_HOST, KEEL_VM_USER, KEEL_VM_KEY).
+## The same scenarios on a VM over ssh (KEEL_VM_HOST, KEEL_VM_USER, KEEL_VM_KEY, KEEL_VM_PORT,
+## KEEL_VM_SSH_OPTS); the stores and the preflight go on the VM's /var/lib/keel/bench.
 cloud-bench-broker:
 	$(REPO_ROOT_FROM_BENCH)/deploy/cloud/bench.sh bench-broker
 

@@ -9,7 +9,7 @@ set -euo pipefail
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/keel-target}
 KEEL_BENCH_BIN=${KEEL_BENCH_BIN:-$CARGO_TARGET_DIR/release/keel-bench}
-BASE=${1:-${RESULTS_DIR:-$REPO_ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)-ceiling}}
+BASE=${1:-${RESULTS_DIR:-$REPO_ROOT/bench/results/${BENCH_RUN_ID:-$(date -u +%Y%m%dT%H%M%SZ)}-ceiling}}
 BENCH_CEILING_BATCHES=${BENCH_CEILING_BATCHES:-1000 2000}
 
 read -r -a batches <<<"$BENCH_CEILING_BATCHES"
@@ -20,7 +20,15 @@ specs=()
 for batch in "${batches[@]}"; do
   [[ $batch =~ ^[0-9]+$ ]] || { echo "batch size '$batch' is not a number" >&2; exit 2; }
   # The result directory is passed explicitly, so RESULTS_DIR must not leak into the child.
-  RESULTS_DIR='' BENCH_BATCH=$batch "$REPO_ROOT/bench/run-scenario.sh" "ceiling-batch$batch" "$BASE/batch$batch" || status=1
+  scenario_status=0
+  RESULTS_DIR='' BENCH_BATCH=$batch "$REPO_ROOT/bench/run-scenario.sh" "ceiling-batch$batch" "$BASE/batch$batch" ||
+    scenario_status=$?
+  # 130: the scenario was interrupted (its VERDICT says so); the next batch size must not start.
+  if ((scenario_status >= 128)); then
+    echo "ceiling: interrupted during batch $batch; the remaining batch sizes did not run" >&2
+    exit "$scenario_status"
+  fi
+  ((scenario_status == 0)) || status=1
   if [[ -f $BASE/batch$batch/result.json ]]; then
     specs+=("batch$batch=$BASE/batch$batch/result.json")
   fi

@@ -3,7 +3,10 @@
 #   fio preflight of the data disk -> fresh `keel serve` on a temporary data directory and a free
 #   loopback port -> wait for /readyz -> keel-bench load (JSON, CSV, plots) -> SIGTERM and wait
 #   for a clean stop -> `keel audit --data DIR` must end with INTEGRITY_OK.
-# Everything lands in RESULTS_DIR (default bench/results/<UTC date>-<NAME>/).
+# Everything lands in RESULTS_DIR (default bench/results/<BENCH_RUN_ID or UTC date>-<NAME>/).
+# The VERDICT file is the run's outcome: PASSED or FAILED with the disk measured, or INTERRUPTED
+# (a signal stopped the run: whatever else the folder holds is not a result). A folder without
+# a VERDICT is a run that is still going or was killed outright.
 #
 # With BENCH_KIND=engine the server and HTTP are left out: `keel-bench engine` drives the
 # sequencer and RocksDB in-process on DATA_DIR, and the audit runs on that store.
@@ -14,7 +17,7 @@
 #   BENCH_PAYLOAD_BYTES BENCH_RATE BENCH_ATOMIC BENCH_REJECT_RATIO BENCH_SEED
 #   BENCH_SAMPLE_INTERVAL BENCH_MAX_REQUESTS BENCH_DATA_ROOT BENCH_PREFLIGHT FSYNC_MAX_LAT_US
 #   FIO_RUNTIME BENCH_KEEP_DATA BENCH_STOP_TIMEOUT_S BENCH_KIND BENCH_IN_FLIGHT KEEL_SERVE_ARGS
-#   KEEL_BIN KEEL_BENCH_BIN
+#   KEEL_BIN KEEL_BENCH_BIN BENCH_RUN_ID
 set -euo pipefail
 
 usage() {
@@ -30,7 +33,8 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/keel-target}
 KEEL_BIN=${KEEL_BIN:-$CARGO_TARGET_DIR/release/keel}
 KEEL_BENCH_BIN=${KEEL_BENCH_BIN:-$CARGO_TARGET_DIR/release/keel-bench}
-RESULTS_DIR=${2:-${RESULTS_DIR:-$REPO_ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)-$NAME}}
+BENCH_RUN_ID=${BENCH_RUN_ID:-$(date -u +%Y%m%dT%H%M%SZ)}
+RESULTS_DIR=${2:-${RESULTS_DIR:-$REPO_ROOT/bench/results/$BENCH_RUN_ID-$NAME}}
 
 BENCH_WORKERS=${BENCH_WORKERS:-1}
 BENCH_BATCH=${BENCH_BATCH:-1000}
@@ -75,9 +79,45 @@ failures=()
 SERVER_PID=
 DATA_DIR=
 
+# The disk the stores and the preflight are on, so that a wrong disk shows in every result.
+data_disk() {
+  local source fstype target
+  if read -r source fstype target < <(findmnt -no SOURCE,FSTYPE,TARGET --target "$BENCH_DATA_ROOT" 2>/dev/null); then
+    DATA_DISK_DEVICE=$source DATA_DISK_FSTYPE=$fstype DATA_DISK_MOUNT=$target
+  else
+    DATA_DISK_DEVICE=unknown DATA_DISK_FSTYPE=unknown DATA_DISK_MOUNT=unknown
+  fi
+  DATA_DISK="$DATA_DISK_DEVICE ($DATA_DISK_FSTYPE, mounted at $DATA_DISK_MOUNT) for $BENCH_DATA_ROOT"
+}
+data_disk
+
+# Writes the VERDICT file (first line: PASSED, FAILED or INTERRUPTED) and shows it. It names no
+# path of this machine: the folder is copied elsewhere (deploy/cloud/fetch-results.sh).
+# The file comes first: when the run is stopped from afar, the terminal (an ssh channel) may be
+# gone already, and the verdict must still be written.
+verdict() {
+  printf '%s\n' "$@" >"$RESULTS_DIR/VERDICT"
+  if [[ $1 == PASSED* ]]; then
+    cat "$RESULTS_DIR/VERDICT" || true
+  else
+    cat "$RESULTS_DIR/VERDICT" >&2 || true
+  fi
+  echo "[$NAME] results in $RESULTS_DIR" >&2 || true
+}
+
 # Stops the server if it still runs and removes the temporary data directory.
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
+  local status=$?
+  if [[ ! -s $RESULTS_DIR/VERDICT ]]; then
+    # 128+N: a step died of signal N (the run's process group was stopped) before this shell's
+    # own trap could run; it is an interruption like any other.
+    if ((status > 128 && status < 160)); then
+      interrupted_verdict "$(kill -l $((status - 128)) 2>/dev/null || echo "signal $((status - 128))")"
+    else
+      verdict "FAILED: $NAME stopped (exit $status) before a verdict; not a result"
+    fi
+  fi
   if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
     kill -TERM "$SERVER_PID" 2>/dev/null || true
     for _ in $(seq 1 50); do
@@ -91,7 +131,23 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT TERM
+# shellcheck disable=SC2317  # invoked by the signal traps
+interrupted_verdict() {
+  # A closed stdout/stderr must not kill this shell before the verdict and the cleanup.
+  trap '' PIPE
+  log "interrupted by SIG$1" || true
+  verdict "INTERRUPTED: $NAME stopped by SIG$1 before its end; its numbers are not a result (not audited)" \
+    "  data disk: $DATA_DISK"
+}
+# shellcheck disable=SC2317  # invoked by the signal traps
+interrupted() {
+  interrupted_verdict "$1"
+  exit 130
+}
+for signal in INT TERM HUP; do
+  # shellcheck disable=SC2064  # the signal name is fixed when the trap is set, on purpose
+  trap "interrupted $signal" "$signal"
+done
 
 # Records what ran, so the directory explains itself.
 {
@@ -100,11 +156,14 @@ trap 'log "interrupted"; exit 130' INT TERM
   echo "host=$(hostname 2>/dev/null || echo unknown)"
   echo "nproc=$(nproc 2>/dev/null || echo unknown)"
   echo "kernel=$(uname -r)"
+  echo "data_disk_device=$DATA_DISK_DEVICE"
+  echo "data_disk_fstype=$DATA_DISK_FSTYPE"
+  echo "data_disk_mount=$DATA_DISK_MOUNT"
   echo "git_commit=$(git -C "$REPO_ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
   for var in BENCH_WORKERS BENCH_BATCH BENCH_DURATION BENCH_ACCOUNTS BENCH_SKUS BENCH_MIX \
     BENCH_PAYLOAD_BYTES BENCH_RATE BENCH_ATOMIC BENCH_REJECT_RATIO BENCH_SEED BENCH_SAMPLE_INTERVAL \
     BENCH_MAX_REQUESTS BENCH_DATA_ROOT BENCH_PREFLIGHT FSYNC_MAX_LAT_US FIO_RUNTIME KEEL_SERVE_ARGS \
-    BENCH_KIND BENCH_IN_FLIGHT; do
+    BENCH_KIND BENCH_IN_FLIGHT BENCH_RUN_ID; do
     echo "$var=${!var}"
   done
 } >"$RESULTS_DIR/scenario.env"
@@ -113,14 +172,14 @@ trap 'log "interrupted"; exit 130' INT TERM
 preflight_args=()
 if [[ $BENCH_PREFLIGHT == 1 ]]; then
   "$REPO_ROOT/bench/ensure-fio.sh"
-  log "preflight: fio fsync latency of $BENCH_DATA_ROOT (FSYNC_MAX_LAT_US=$FSYNC_MAX_LAT_US)"
+  log "preflight: fio fsync latency of $DATA_DISK (FSYNC_MAX_LAT_US=$FSYNC_MAX_LAT_US)"
   preflight_status=0
   "$KEEL_BENCH_BIN" --preflight --dir "$BENCH_DATA_ROOT" --fsync-max-lat-us "$FSYNC_MAX_LAT_US" \
     --fio-runtime "$FIO_RUNTIME" --json "$RESULTS_DIR/preflight.json" \
     | tee "$RESULTS_DIR/preflight.txt" || preflight_status=$?
   if [[ $preflight_status != 0 ]]; then
-    echo "FAILED: preflight (exit $preflight_status): the data disk is too slow or fio failed; see $RESULTS_DIR/preflight.txt" \
-      | tee "$RESULTS_DIR/VERDICT" >&2
+    verdict "FAILED: preflight of $NAME (exit $preflight_status): the data disk is too slow or fio failed; see preflight.txt" \
+      "  data disk: $DATA_DISK"
     exit 3
   fi
   preflight_args=(--preflight-json "$RESULTS_DIR/preflight.json")
@@ -157,7 +216,7 @@ run_http() {
   echo "$SERVER_PID" >"$RESULTS_DIR/server.pid"
   if ! "$KEEL_BENCH_BIN" wait-ready --url "$URL" --timeout 60s; then
     tail -n 20 "$RESULTS_DIR/server.log" >&2 || true
-    echo "FAILED: the server did not become ready; see $RESULTS_DIR/server.log" | tee "$RESULTS_DIR/VERDICT" >&2
+    verdict "FAILED: $NAME: the server did not become ready; see server.log" "  data disk: $DATA_DISK"
     exit 1
   fi
 
@@ -169,6 +228,7 @@ run_http() {
     --max-requests "$BENCH_MAX_REQUESTS" --label "$NAME"
     --json "$RESULTS_DIR/result.json" --sample-metrics "$RESULTS_DIR/metrics.csv"
     --sample-interval "$BENCH_SAMPLE_INTERVAL" --server-pid "$SERVER_PID" --plot-dir "$RESULTS_DIR"
+    --data-dir "$DATA_DIR"
   )
   if [[ -n $BENCH_RATE ]]; then
     load_args+=(--rate "$BENCH_RATE")
@@ -222,11 +282,8 @@ fi
 
 # 6. The verdict.
 if ((${#failures[@]} == 0)); then
-  echo "PASSED: $NAME (INTEGRITY_OK); results in $RESULTS_DIR" | tee "$RESULTS_DIR/VERDICT"
+  verdict "PASSED: $NAME (INTEGRITY_OK) on $DATA_DISK"
   exit 0
 fi
-{
-  echo "FAILED: $NAME; results in $RESULTS_DIR"
-  printf '  - %s\n' "${failures[@]}"
-} | tee "$RESULTS_DIR/VERDICT" >&2
+verdict "FAILED: $NAME on $DATA_DISK" "${failures[@]/#/  - }"
 exit 1

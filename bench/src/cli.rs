@@ -136,6 +136,10 @@ pub struct LoadArgs {
     /// The preflight JSON of the data disk, copied into the result's machine facts.
     #[arg(long)]
     pub preflight_json: Option<PathBuf>,
+    /// The server's data directory (on this machine): its device, file system and mount point
+    /// go into the result and the summary, so the disk measured is named.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     /// A name for this run in the result and the plot titles.
     #[arg(long)]
     pub label: Option<String>,

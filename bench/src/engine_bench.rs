@@ -305,7 +305,8 @@ impl EngineReport {
              latency p99/p999 ms     {:.3} / {:.3}\n\
              latency max ms          {:.3}\n\
              rejected items          {}\n\
-             overloaded submits      {}\n",
+             overloaded submits      {}\n\
+             data disk               {}\n",
             self.parameters.batch,
             self.parameters.in_flight,
             self.parameters.batch_items_max,
@@ -321,6 +322,7 @@ impl EngineReport {
             l.max,
             self.items_rejected,
             self.overloaded,
+            crate::disk::describe(self.machine.data_disk.as_ref()),
         )
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod answer;
 pub mod cli;
+pub mod disk;
 pub mod engine_bench;
 pub mod load;
 pub mod plot;
@@ -87,7 +88,8 @@ pub async fn run_load_command(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         .map_or(0, |d| d.as_millis());
     let run_id = workload::run_id_from_millis(millis);
     let config = Arc::new(args.to_config(run_id.clone())?);
-    let mut machine = Machine::read(args.preflight_json.as_deref())?;
+    let mut machine =
+        Machine::read(args.preflight_json.as_deref())?.with_data_dir(args.data_dir.as_deref());
     load::check_health(&config.base_url).await?;
     let setup = load::run_setup(&config).await?;
     if !args.quiet {
@@ -245,7 +247,10 @@ fn run_engine_command(args: &EngineArgs) -> anyhow::Result<()> {
         seed: args.seed,
         submissions_max: args.max_submissions,
     };
-    let machine = Machine::read(args.preflight_json.as_deref())?;
+    // The disk of the store: the kept store's own, else the parent of the temporary one.
+    let store_disk_dir = args.store.as_deref().unwrap_or(&config.dir);
+    let machine =
+        Machine::read(args.preflight_json.as_deref())?.with_data_dir(Some(store_disk_dir));
     let report = engine_bench::run(&config, machine, args.label.clone())?;
     if let Some(path) = &args.json {
         write_json(path, &report)?;

@@ -10,6 +10,7 @@
 //! `--direct=1` (O_DIRECT) is refused by some file systems (tmpfs, some overlays). Then the
 //! run is repeated without it and the result says so (`direct: false` and a `note`).
 
+use crate::disk::DataDisk;
 use anyhow::{Context, anyhow, bail};
 use serde::Serialize;
 use serde_json::Value;
@@ -33,6 +34,8 @@ pub struct PreflightConfig {
 pub struct PreflightResult {
     pub schema: &'static str,
     pub dir: String,
+    /// The disk `dir` is on (device, file system, mount point), as findmnt says.
+    pub disk: Option<DataDisk>,
     pub fio_version: Option<String>,
     pub direct: bool,
     pub note: Option<String>,
@@ -164,6 +167,7 @@ pub fn run(config: &PreflightConfig) -> anyhow::Result<PreflightResult> {
     Ok(PreflightResult {
         schema: PREFLIGHT_SCHEMA,
         dir: config.dir.display().to_string(),
+        disk: DataDisk::of(&config.dir),
         fio_version: numbers.fio_version,
         direct,
         note,
@@ -247,13 +251,14 @@ pub fn describe(result: &PreflightResult) -> String {
         )
     };
     format!(
-        "fsync preflight on {}{}\n  write IOPS (4 KiB, O_SYNC): {:.0}\n  fsync latency avg: {:.0} us  p50: {}  p99: {:.0} us  max: {}\n  {verdict}\n",
+        "fsync preflight on {}{}\n  data disk: {}\n  write IOPS (4 KiB, O_SYNC): {:.0}\n  fsync latency avg: {:.0} us  p50: {}  p99: {:.0} us  max: {}\n  {verdict}\n",
         result.dir,
         if result.direct {
             ""
         } else {
             " (WITHOUT O_DIRECT)"
         },
+        crate::disk::describe(result.disk.as_ref()),
         result.write_iops,
         result.fsync_avg_us,
         result
@@ -366,6 +371,7 @@ mod tests {
         let mut r = PreflightResult {
             schema: PREFLIGHT_SCHEMA,
             dir: "/d".into(),
+            disk: None,
             fio_version: None,
             direct: true,
             note: None,

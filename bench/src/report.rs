@@ -4,6 +4,7 @@
 //! (answered requests per second) and `latency_ms` (`p50`, `p90`, `p99`, `p999`, `max` per
 //! request) are a contract: make scenarios, docs and comparisons read them.
 
+use crate::disk::DataDisk;
 use crate::load::{Counters, LoadOutcome, SetupOutcome};
 use crate::sampler::SampleRow;
 use crate::stats::LatencySummaryMs;
@@ -41,6 +42,9 @@ pub struct Machine {
     pub loadavg_1m_end: Option<f64>,
     /// The fio preflight of the data disk (`--preflight-json`), as it wrote it.
     pub disk_fsync: Option<Value>,
+    /// The disk the store was on (device, file system, mount point); `None`: not asked for
+    /// (no `--data-dir`) or findmnt could not say.
+    pub data_disk: Option<DataDisk>,
 }
 
 impl Machine {
@@ -64,7 +68,14 @@ impl Machine {
             loadavg_1m_start: loadavg_1m(),
             loadavg_1m_end: None,
             disk_fsync,
+            data_disk: None,
         })
+    }
+
+    /// Names the disk `dir` is on (the store's directory or its parent).
+    pub fn with_data_dir(mut self, dir: Option<&Path>) -> Self {
+        self.data_disk = dir.and_then(DataDisk::of);
+        self
     }
 }
 
@@ -269,6 +280,10 @@ impl LoadReport {
                 ),
             ),
         ];
+        rows.push((
+            "data disk",
+            crate::disk::describe(self.machine.data_disk.as_ref()),
+        ));
         if let Some(server) = &self.server {
             let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
             rows.push(("server cpu % (mean)", opt(server.server_cpu_percent_mean)));

@@ -28,7 +28,15 @@ fn compose_file_has_every_service_with_healthchecks_on_loopback_ports() {
     let compose: Value = serde_yaml::from_str(&read("deploy/compose/compose.yaml")).unwrap();
     let services = compose["services"].as_mapping().unwrap();
     let names: Vec<&str> = services.keys().filter_map(Value::as_str).collect();
-    for name in ["nats", "mongo", "mongo-express", "keel", "keel-project"] {
+    for name in [
+        "nats",
+        "mongo",
+        "mongo-express",
+        "keel",
+        "keel-project",
+        "prometheus",
+        "grafana",
+    ] {
         assert!(names.contains(&name), "service {name} missing");
     }
     for (name, service) in services {
@@ -71,7 +79,7 @@ fn compose_file_has_every_service_with_healthchecks_on_loopback_ports() {
         "{project}"
     );
     assert!(
-        project.ends_with("--source-url http://keel:8080"),
+        project.contains("--source-url http://keel:8080"),
         "{project}"
     );
     let depends = compose["services"]["keel-project"]["depends_on"]
@@ -258,4 +266,151 @@ fn sysusers_entry_creates_the_keel_user() {
         .unwrap();
     assert!(line.starts_with("u keel - "), "{line}");
     assert!(line.contains("/var/lib/keel"));
+}
+
+/// The port of an address flag in a service's command (`--listen 0.0.0.0:8080` -> 8080).
+fn flag_port(command: &[String], flag: &str) -> Option<u16> {
+    let at = command.iter().position(|a| a == flag)?;
+    command.get(at + 1)?.rsplit(':').next()?.parse().ok()
+}
+
+/// Where a service mounts a host path of the repository (`../grafana/x:/etc/x:ro`): the host
+/// path (relative to deploy/compose/) for the container path.
+fn bind_mount(service: &Value, container_path: &str) -> Option<String> {
+    strings(&service["volumes"]).into_iter().find_map(|v| {
+        let mut parts = v.split(':');
+        let host = parts.next()?;
+        (parts.next()? == container_path && host.starts_with("../")).then(|| host.to_owned())
+    })
+}
+
+/// Issue 13: the monitoring in the compose file cannot run here (no Docker engine), so its
+/// wiring is checked: Prometheus scrapes the services and ports that serve /metrics, Grafana's
+/// provisioning and dashboard are mounted from files that exist, and every panel names the
+/// provisioned datasource. (projection/tests/dashboard.rs checks the panels' metrics against
+/// real processes.)
+#[test]
+fn prometheus_and_grafana_are_wired_to_the_services_and_the_dashboard() {
+    let compose: Value = serde_yaml::from_str(&read("deploy/compose/compose.yaml")).unwrap();
+    let compose_dir = repo_root().join("deploy/compose");
+    let services = &compose["services"];
+    // Prometheus: its config is the repository's, and each scrape target is a service at the
+    // port that service serves /metrics on.
+    let prometheus = &services["prometheus"];
+    let config_host = bind_mount(prometheus, "/etc/prometheus/prometheus.yml").unwrap();
+    assert!(
+        strings(&prometheus["command"])
+            .contains(&"--config.file=/etc/prometheus/prometheus.yml".to_owned())
+    );
+    let config: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(compose_dir.join(&config_host)).unwrap())
+            .unwrap();
+    let keel_port = flag_port(&strings(&services["keel"]["command"]), "--listen").unwrap();
+    let project_port = flag_port(
+        &strings(&services["keel-project"]["command"]),
+        "--metrics-listen",
+    )
+    .unwrap();
+    let mut jobs = BTreeMap::new();
+    for job in config["scrape_configs"].as_sequence().unwrap() {
+        let name = job["job_name"].as_str().unwrap().to_owned();
+        assert_eq!(job["metrics_path"].as_str(), Some("/metrics"), "{name}");
+        let targets = strings(&job["static_configs"][0]["targets"]);
+        jobs.insert(name, targets);
+    }
+    assert_eq!(jobs["keel"], vec![format!("keel:{keel_port}")]);
+    assert_eq!(
+        jobs["keel-project"],
+        vec![format!("keel-project:{project_port}")]
+    );
+    for targets in jobs.values() {
+        for target in targets {
+            let service = target.split(':').next().unwrap();
+            assert!(
+                !services[service].is_null(),
+                "{target} is no compose service"
+            );
+        }
+    }
+    // Grafana: provisioning and dashboards from the repository.
+    let grafana = &services["grafana"];
+    let provisioning = bind_mount(grafana, "/etc/grafana/provisioning").unwrap();
+    let dashboards = bind_mount(grafana, "/etc/grafana/dashboards").unwrap();
+    assert!(compose_dir.join(&provisioning).join("datasources").is_dir());
+    let datasources: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(
+            compose_dir
+                .join(&provisioning)
+                .join("datasources/prometheus.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let datasource = &datasources["datasources"][0];
+    assert_eq!(datasource["type"].as_str(), Some("prometheus"));
+    assert_eq!(datasource["url"].as_str(), Some("http://prometheus:9090"));
+    assert!(strings(&prometheus["ports"]).contains(&"127.0.0.1:9090:9090".to_owned()));
+    let datasource_uid = datasource["uid"].as_str().unwrap();
+    let providers: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(compose_dir.join(&provisioning).join("dashboards/keel.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        providers["providers"][0]["options"]["path"].as_str(),
+        Some("/etc/grafana/dashboards")
+    );
+    // The dashboard: valid JSON with a uid and a title, unique panel ids, every panel and query
+    // on the provisioned datasource, and jobs that Prometheus scrapes.
+    let json = std::fs::read_to_string(compose_dir.join(&dashboards).join("keel.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(!dashboard["uid"].as_str().unwrap().is_empty());
+    assert_eq!(dashboard["title"].as_str(), Some("Keel"));
+    let panels = dashboard["panels"].as_array().unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap();
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "duplicate id: {title}"
+        );
+        assert_eq!(
+            panel["datasource"]["uid"].as_str(),
+            Some(datasource_uid),
+            "{title}"
+        );
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title}");
+        for target in targets {
+            assert_eq!(
+                target["datasource"]["uid"].as_str(),
+                Some(datasource_uid),
+                "{title}"
+            );
+            let expr = target["expr"].as_str().unwrap();
+            if let Some(rest) = expr.split("job=~\"").nth(1) {
+                for job in rest.split('"').next().unwrap().split('|') {
+                    assert!(jobs.contains_key(job), "{title}: job {job} is not scraped");
+                }
+            }
+        }
+    }
+    for want in [
+        "Throughput",
+        "Rejections by code",
+        "Batch size",
+        "fsync latency",
+        "queue",
+        "Request latency",
+        "Publish lag",
+        "Projection lag",
+        "poisoned",
+    ] {
+        assert!(
+            panels
+                .iter()
+                .any(|p| p["title"].as_str().unwrap().contains(want)),
+            "no panel for {want}"
+        );
+    }
 }

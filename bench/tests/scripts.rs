@@ -7,7 +7,8 @@
 mod common;
 
 use common::repo_root;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The scripts this crate owns, by directory. A script added or removed changes this list.
@@ -19,6 +20,8 @@ const SCRIPTS: &[&str] = &[
     "deploy/cloud/common.sh",
     "deploy/cloud/fetch-results.sh",
     "deploy/cloud/up.sh",
+    "deploy/cloud/vm-bench.sh",
+    "deploy/cloud/vm-prepare.sh",
 ];
 
 fn shell_scripts_in(dir: &str) -> Vec<String> {
@@ -212,4 +215,132 @@ fn make_targets_pass_scenario_defaults_and_overrides() {
     assert!(workers.contains("BENCH_WORKERS=3 "), "{workers}");
     // The release profile only, in the shared target directory.
     assert!(!bench.contains("--profile") && !bench.contains("target/debug"));
+}
+
+/// A directory of stand-ins for ssh and rsync that log their arguments (one per line, then
+/// `---`) and succeed, so a cloud script runs to its end without any network.
+fn stub_ssh_and_rsync(dir: &Path) -> PathBuf {
+    let log = dir.join("calls.log");
+    for tool in ["ssh", "rsync"] {
+        let path = dir.join(tool);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\n{{ echo {tool}; printf '%s\\n' \"$@\"; echo ---; }} >>{}\nexit 0\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    log
+}
+
+/// Issue 13, faults 1, 2 and 7: `make cloud-bench-broker` ran the VM's scenario on the TMPDIR
+/// of the SRE's machine (bench.mk exported it), knew no ssh port or options, and forwarded
+/// every empty knob. Now: the VM's data disk, -p and the extra options on ssh and rsync, and
+/// only the knobs that have a value.
+#[test]
+fn the_make_path_runs_on_the_vm_data_disk_with_ssh_port_and_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = stub_ssh_and_rsync(dir.path());
+    let key = dir.path().join("key");
+    std::fs::write(&key, "not a real key").unwrap();
+    let run = |vars: &[&str]| {
+        let _ = std::fs::remove_file(&log);
+        let output = Command::new("make")
+            .args(["-s", "-f", "bench/bench.mk", "cloud-bench-broker"])
+            .args(vars)
+            .current_dir(repo_root())
+            .env_clear()
+            .env("PATH", format!("{}:/usr/bin:/bin", dir.path().display()))
+            .env("HOME", dir.path())
+            .env("TMPDIR", "/tmp/sre-laptop-tmp")
+            .env("KEEL_VM_HOST", "vm.invalid")
+            .env("KEEL_VM_PORT", "2222")
+            .env("KEEL_VM_KEY", &key)
+            .env("KEEL_VM_SSH_OPTS", "-o ProxyJump=bastion.invalid")
+            .env("KEEL_FETCH_DIR", dir.path().join("results"))
+            .output()
+            .unwrap();
+        (output, std::fs::read_to_string(&log).unwrap_or_default())
+    };
+    let (output, calls) = run(&["BENCH_DURATION=2m"]);
+    // The stub VM produced no result folder: the run is not reported as a success.
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("left no result folder"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let run_call = calls
+        .split("---\n")
+        .find(|c| c.starts_with("ssh\n") && c.contains("vm-bench.sh "))
+        .unwrap_or_else(|| panic!("no remote run in:\n{calls}"));
+    let args: Vec<&str> = run_call.lines().collect();
+    assert!(args.windows(2).any(|w| w == ["-p", "2222"]), "{run_call}");
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["-o", "ProxyJump=bastion.invalid"]),
+        "{run_call}"
+    );
+    let remote = args.last().unwrap();
+    assert!(
+        remote.contains("BENCH_DATA_ROOT=/var/lib/keel/bench"),
+        "{remote}"
+    );
+    assert!(!remote.contains("sre-laptop-tmp"), "{remote}");
+    assert!(remote.contains("BENCH_DURATION=2m"), "{remote}");
+    assert!(
+        !remote.contains("BENCH_WORKERS="),
+        "empty knob forwarded: {remote}"
+    );
+    let rsync_call = calls
+        .split("---\n")
+        .find(|c| c.starts_with("rsync\n") && c.contains("--delete"))
+        .unwrap();
+    assert!(
+        rsync_call.contains("-p 2222") && rsync_call.contains("ProxyJump=bastion.invalid"),
+        "{rsync_call}"
+    );
+    // A data root given explicitly is the one used.
+    let (_, calls) = run(&["BENCH_DATA_ROOT=/mnt/nvme/keel"]);
+    assert!(calls.contains("BENCH_DATA_ROOT=/mnt/nvme/keel"), "{calls}");
+    // The local preflight target still defaults to TMPDIR.
+    let preflight = make_dry("preflight", &["TMPDIR=/tmp/sre-laptop-tmp"]);
+    assert!(
+        preflight.contains("--dir \"/tmp/sre-laptop-tmp\""),
+        "{preflight}"
+    );
+}
+
+/// Issue 13, fault 3: without ssh or rsync on the SRE's machine the scripts say how to get them.
+#[test]
+fn a_missing_local_tool_is_named_with_how_to_install_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for tool in ["bash", "dirname"] {
+        std::os::unix::fs::symlink(format!("/bin/{tool}"), dir.path().join(tool)).unwrap();
+    }
+    let output = Command::new(dir.path().join("bash"))
+        .arg(repo_root().join("deploy/cloud/fetch-results.sh"))
+        .env_clear()
+        .env("PATH", dir.path())
+        .env("HOME", "/nonexistent")
+        .env("KEEL_VM_HOST", "vm.invalid")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("ssh is required on this machine")
+            && stderr.contains("apt-get install openssh-client"),
+        "{stderr}"
+    );
+    let output = run_clean(
+        "deploy/cloud/fetch-results.sh",
+        &[],
+        &[("KEEL_VM_HOST", "vm.invalid"), ("KEEL_VM_PORT", "22x")],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("KEEL_VM_PORT=22x"));
 }

@@ -207,7 +207,44 @@ impl ChainTip {
     }
 }
 
+/// For logs and messages: the hash in hex (the derived `Debug` prints it as a byte array).
+impl fmt::Display for ChainTip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "batch {} event {} hash {} committed_at_us {}",
+            self.last_batch,
+            self.last_event,
+            hex(&self.last_hash),
+            self.last_committed_at_us
+        )
+    }
+}
+
 /// Lower-case hex of a hash, for messages and reports.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod chain_tip_display {
+    use super::ChainTip;
+
+    /// Issue 13: logs showed the tip's hash as `[171, 205, ...]`; an operator compares hex.
+    #[test]
+    fn the_tip_shows_its_hash_in_hex() {
+        let tip = ChainTip {
+            last_batch: 7,
+            last_event: 70,
+            last_hash: [0xab; 32],
+            last_committed_at_us: 5,
+        };
+        assert_eq!(
+            tip.to_string(),
+            format!(
+                "batch 7 event 70 hash {} committed_at_us 5",
+                "ab".repeat(32)
+            )
+        );
+    }
 }

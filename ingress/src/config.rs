@@ -12,8 +12,19 @@ use std::time::Duration;
     about = "Keel: an invariant-validating, single-writer transaction platform"
 )]
 pub struct Cli {
+    /// Log lines on stderr as text (for people; colours only on a terminal) or JSON (one object
+    /// per line, for log shippers).
+    #[arg(long, global = true, env = "KEEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How `keel` writes its log lines (`--log-format`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]

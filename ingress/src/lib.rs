@@ -46,6 +46,20 @@ fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         .context("installing the Prometheus recorder")
 }
 
+/// Registers the series that only move on a rare event (a poisoned engine, a writer panic, a
+/// failed publish, a projector retry) at zero, so that they are on /metrics from the start and
+/// a dashboard panel on them shows 0 instead of "no data". `increment(0)` registers without
+/// overwriting a value already recorded.
+fn register_rare_event_metrics(names: &[&'static str]) {
+    for &name in names {
+        if name.ends_with("_total") {
+            metrics::counter!(name).increment(0);
+        } else {
+            metrics::gauge!(name).increment(0.0);
+        }
+    }
+}
+
 /// Opens the store, starts the writer and serves HTTP until SIGTERM or Ctrl-C; then stops
 /// accepting, lets in-flight requests finish, drains the writer and closes RocksDB.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
@@ -72,6 +86,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let metrics = metrics_handle()?;
+    register_rare_event_metrics(&["keel_poisoned", "keel_writer_panics_total"]);
+    if config.nats_url.is_some() {
+        register_rare_event_metrics(&["keel_publish_errors_total"]);
+    }
     spawn_metrics_upkeep(metrics.clone());
     let publisher = match config.publisher() {
         Some(publisher) => {
@@ -109,6 +127,10 @@ pub async fn project(args: config::ProjectArgs) -> anyhow::Result<()> {
     if let Some(address) = args.metrics_listen {
         let handle = metrics_handle()?;
         keel_projection::projector::describe_metrics();
+        register_rare_event_metrics(&[
+            "keel_projector_retries_total",
+            "keel_projector_repaired_batches_total",
+        ]);
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("--metrics-listen {address}"))?;

@@ -1,18 +1,27 @@
 //! The `keel` binary.
 
 use clap::Parser;
-use keel_ingress::config::{Cli, Command};
+use keel_ingress::config::{Cli, Command, LogFormat};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
+/// Log lines go to stderr, filtered by RUST_LOG (default `info`). Text has ANSI colours only
+/// when stderr is a terminal: in a file, journald or `docker logs` escape codes are noise.
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.with_ansi(false).json().init(),
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logs(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

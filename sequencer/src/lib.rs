@@ -167,7 +167,7 @@ impl Sequencer {
     /// Opens (or creates) the RocksDB store in `dir` and starts the writer over it.
     pub fn open(dir: &std::path::Path, config: Config) -> Result<Self, ReadError> {
         let engine = Engine::open_rocksdb(dir)?;
-        tracing::info!(tip = ?engine.tip(), "store opened");
+        tracing::info!(tip = %engine.tip(), "store opened");
         Self::start(engine, config)
     }
 

@@ -98,7 +98,7 @@ impl Writer {
             self.fill(&rx, &mut group, &mut closing);
             self.commit_group(&mut group);
         }
-        tracing::info!(tip = ?self.engine.tip(), "sequencer stopped; engine closed");
+        tracing::info!(tip = %self.engine.tip(), "sequencer stopped; engine closed");
     }
 
     /// The first submission of the next batch; `None` when it is time to stop.
