@@ -221,9 +221,30 @@ impl fmt::Display for ChainTip {
     }
 }
 
-/// Lower-case hex of a hash, for messages and reports.
+/// Lower-case hex of a hash or key, for messages and reports: the workspace's one hex encoder
+/// (the audit's reports, the projection's checkpoints and the engine's errors all use it).
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    text
+}
+
+#[cfg(test)]
+mod hex_tests {
+    use super::hex;
+
+    #[test]
+    fn hex_is_two_lower_case_digits_per_byte_high_nibble_first() {
+        assert_eq!(hex(&[]), "");
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff, 0x12]), "000fa0ff12");
+        let all: Vec<u8> = (0..=255).collect();
+        let expected: String = all.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex(&all), expected);
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 //! itself; it never answers a batch before the sequencer says the batch is durable.
 
 pub mod audit_cmd;
-mod audit_projection;
 pub mod batches_route;
 pub mod config;
 pub mod http;

@@ -1,4 +1,4 @@
-//! `keel audit --mongo-url` (issue 4, check 5) against a projection built by the real
+//! `keel audit --mongo-url` (the `projection` check) against a projection built by the real
 //! pipeline: `keel serve` -> NATS JetStream -> `keel project` -> MongoDB wire server.
 //!
 //! A converged projection of a live store is intact; a lagging one is compared at its

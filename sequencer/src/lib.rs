@@ -7,7 +7,6 @@
 //! any domain's rules (that is invariants). Readers get [`Sequencer::aggregate`] and
 //! [`Sequencer::events`], served from the engine's durable view, never from the writer's cache.
 
-pub mod audit;
 mod writer;
 
 use keel_engine::{Engine, EngineError, Reader};
@@ -291,9 +290,9 @@ impl Sequencer {
 }
 
 /// Up to `limit` events after `after` and up to `last`, decoded, each with its batch's commit
-/// time: what `GET /v1/events` serves, and what the audit compares a server and a projection
-/// with.
-pub(crate) fn committed_events(
+/// time: what `GET /v1/events` serves, and what the audit (`keel-audit`) compares a server and
+/// a projection with. One reader for both, so the audit sees events exactly as they are served.
+pub fn committed_events(
     reader: &Reader,
     after: u64,
     limit: usize,

@@ -1,19 +1,28 @@
-//! The integrity audit behind `keel audit`: proves that a store is exactly what its committed
-//! log says and that every invariant holds.
+//! Keel's integrity audit (`keel audit`): proves that a store is exactly what its committed log
+//! says, that every invariant holds, and optionally that a running server serves that log and
+//! that the MongoDB projection equals it.
 //!
 //! It opens a [`Snapshot`] (read-only when no server holds the store, a RocksDB secondary
 //! instance when one does), then runs, in one pass over the log and one over each other key
-//! space: (1) the hash chain ([`keel_engine::verify_chain`]); (2) a replay of every event from
-//! genesis through [`keel_invariants::apply`], compared with the stored state of every
-//! aggregate; (3) every invariant on every stored aggregate; (4) the command-id index against
-//! the events that carry ids; (6) the conservation laws every domain declares
-//! ([`keel_invariants::Conservation`]), summed straight from the events and not through `apply`.
-//! (5, the MongoDB projection, is compared by `keel audit --mongo-url` against the [`LogState`]
-//! this audit hands back.) It writes nothing and reports what it finds as [`Divergence`]s with their
-//! location; only a store it cannot read at all is an [`AuditError`].
+//! space, the checks named by [`Check`]: `chain`, the hash chain ([`keel_engine::verify_chain`]);
+//! `state`, a replay of every event from genesis through [`keel_invariants::apply`] compared with
+//! the stored state of every aggregate; `invariant`, every invariant on every stored aggregate;
+//! `command_index`, the command-id index against the events that carry ids;
+//! `conservation`, the laws every domain declares ([`keel_invariants::Conservation`]), summed
+//! straight from the events and not through `apply`. `projection` ([`projection`]) compares the
+//! MongoDB projection with the [`LogState`] this audit hands back, and `served_log`
+//! what a server serves with the snapshot (`keel audit --url`).
+//!
+//! It writes nothing and reports what it finds as [`Divergence`]s with their location; only a
+//! store it cannot read at all is an [`AuditError`]. It is not a repair tool, holds no
+//! domain-specific code (the domains declare their laws), and knows no wire format: the
+//! `keel` binary parses the flags and hands it the server's event rendering.
 
+pub mod command;
 mod command_ids;
+pub mod projection;
 mod replay;
+mod served_log;
 mod snapshot;
 
 use command_ids::Fingerprints;
@@ -40,27 +49,28 @@ pub enum AuditError {
     Storage(#[from] StorageError),
 }
 
-/// Which check found a divergence. Numbers follow issue 4.
+/// Which check found a divergence. Each has one stable name ([`Check::as_str`]), used in the
+/// text summary, the JSON report (`checks`, a divergence's `check`) and docs/AUDIT.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Check {
-    /// The snapshot is not one point in time (its tip and its log disagree).
+    /// `snapshot`: the snapshot is not one point in time (its tip and its log disagree).
     Snapshot,
-    /// (1) The hash chain: headers, links, hashes, event sequences, the stored tip.
+    /// `chain`: the hash chain: headers, links, hashes, event sequences, the stored tip.
     Chain,
-    /// (2) Replay: an undecodable event, or a stored aggregate that differs from, is missing
+    /// `state`: the replay: an undecodable event, or a stored aggregate that differs from, is missing
     /// from or is not in the replay.
     State,
-    /// (3) A stored aggregate breaks an invariant of its domain.
+    /// `invariant`: a stored aggregate breaks an invariant of its domain.
     Invariant,
-    /// (4) The command-id index disagrees with the events that carry ids.
+    /// `command_index`: the command-id index disagrees with the events that carry ids.
     CommandIndex,
-    /// (6) A conservation law of a domain does not hold.
+    /// `conservation`: a conservation law of a domain does not hold.
     Conservation,
-    /// (5) The MongoDB projection differs from the log (`keel audit --mongo-url`).
+    /// `projection`: the MongoDB projection differs from the log (`keel audit --mongo-url`).
     Projection,
-    /// RocksDB itself reports corruption (a checksum mismatch) while reading.
+    /// `storage`: RocksDB itself reports corruption (a checksum mismatch) while reading.
     Storage,
-    /// What a server serves over HTTP differs from the snapshot (`keel audit --url`).
+    /// `served_log`: what a server serves over HTTP differs from the snapshot (`keel audit --url`).
     ServedLog,
 }
 
@@ -225,7 +235,7 @@ pub struct AuditReport {
     pub attempts: u32,
     /// Divergences found by each earlier attempt.
     pub earlier_attempts: Vec<u64>,
-    /// The conservation laws checked (check 6).
+    /// The conservation laws checked (`conservation`).
     pub laws: Vec<Law>,
     max_divergences: usize,
 }
@@ -400,6 +410,10 @@ fn check_format(storage: &dyn Storage) -> Result<(), AuditError> {
 
 /// True when RocksDB reports damage it found itself (a block checksum), which is a finding of
 /// the audit, not a reason to give up without a verdict.
+///
+/// The one place the audit tells corruption from other storage errors, and it does so by the
+/// message text RocksDB gives (`Corruption: ...`), because `StorageError` has no kind for it
+/// yet; when the engine reports corruption as its own kind, only this function changes.
 fn is_corruption(error: &StorageError) -> bool {
     matches!(error, StorageError::Io(message) if message.starts_with("Corruption"))
 }

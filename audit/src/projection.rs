@@ -1,5 +1,5 @@
-//! Check 5 of `keel audit`: the MongoDB projection equals the log (docs/AUDIT.md, "The
-//! projection").
+//! The `projection` check of `keel audit --mongo-url`: the MongoDB projection equals the log
+//! (docs/AUDIT.md, "The projection").
 //!
 //! The projection trails the store, and a live projector keeps moving while it is read, so the
 //! comparison has a point: the projector's checkpoint (`checkpoints/<durable>`, the last batch
@@ -16,13 +16,15 @@
 //!   event up to the point has one.
 //! - The checkpoint names a batch of the log with that batch's hash and last event.
 
-use crate::redact_credentials;
-use anyhow::{Context, bail};
-use keel_projection::documents::{self, Checkpoint, bson_u64};
-use keel_projection::store::{AGGREGATES, CHECKPOINTS, EVENTS, Store};
-use keel_sequencer::audit::{
+use crate::command::MongoRequest;
+use crate::{
     AggregateAt, AuditReport, Check, Divergence, LogState, Snapshot, SnapshotMode, shorten,
 };
+use anyhow::{Context, bail};
+use keel_engine::format::hex;
+use keel_projection::documents::{self, Checkpoint, bson_u64};
+use keel_projection::store::{AGGREGATES, CHECKPOINTS, EVENTS, Store};
+use keel_sequencer::CommittedEvent;
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::options::{ClientOptions, ReadPreference, SelectionCriteria};
 use mongodb::{Client, Cursor, Database};
@@ -78,7 +80,7 @@ impl ProjectionSummary {
     pub fn json(&self, divergences: u64) -> Value {
         let checkpoint = self.checkpoint.map(|c| {
             json!({"batch": c.last_batch, "event": c.last_seq,
-                   "hash": crate::audit_cmd::hex(&c.last_hash)})
+                   "hash": hex(&c.last_hash)})
         });
         json!({
             "checked": true, "url": self.url, "db": self.db, "durable": self.durable,
@@ -95,14 +97,15 @@ impl ProjectionSummary {
 
 impl ProjectionTarget {
     /// Prepares a client (the driver connects on first use).
-    pub fn connect(url: &str, db: &str, durable: &str) -> anyhow::Result<Self> {
+    pub fn connect(request: &MongoRequest) -> anyhow::Result<Self> {
+        let (url, db, durable) = (&request.url, &request.db, &request.durable);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the async runtime for MongoDB")?;
-        let shown = redact_credentials(url);
+        let shown = request.url_shown.clone();
         let client = runtime.block_on(async {
-            let mut options = ClientOptions::parse(url)
+            let mut options = ClientOptions::parse(url.as_str())
                 .await
                 .with_context(|| format!("--mongo-url {shown}"))?;
             options.app_name = Some("keel-audit".into());
@@ -118,8 +121,8 @@ impl ProjectionTarget {
             runtime,
             store: Store::with_database(client.database(db), durable),
             url: shown,
-            db_name: db.to_owned(),
-            durable: durable.to_owned(),
+            db_name: db.clone(),
+            durable: durable.clone(),
         })
     }
 
@@ -262,7 +265,7 @@ impl Compare<'_> {
             let describe = |(event, hash, at): (u64, [u8; 32], u64)| {
                 format!(
                     "last event {event}, hash {}, committed_at_ms {}",
-                    crate::audit_cmd::hex(&hash),
+                    hex(&hash),
                     at / 1000
                 )
             };
@@ -639,7 +642,7 @@ fn unseen_ranges(seen: &[u64], tip: u64) -> Vec<(u64, u64)> {
 /// while the projection's documents come in sequence order, small ones when they do not.
 struct OurEvents<'a> {
     snapshot: &'a Snapshot,
-    page: Vec<keel_sequencer::CommittedEvent>,
+    page: Vec<CommittedEvent>,
 }
 
 /// Events read after a miss that does not follow the current page.
@@ -654,10 +657,8 @@ impl<'a> OurEvents<'a> {
     }
 
     /// The snapshot's event `seq`, if it has it.
-    fn get(&mut self, seq: u64) -> anyhow::Result<Option<&keel_sequencer::CommittedEvent>> {
-        let in_page = |page: &[keel_sequencer::CommittedEvent]| {
-            page.binary_search_by_key(&seq, |e| e.seq).ok()
-        };
+    fn get(&mut self, seq: u64) -> anyhow::Result<Option<&CommittedEvent>> {
+        let in_page = |page: &[CommittedEvent]| page.binary_search_by_key(&seq, |e| e.seq).ok();
         if let Some(i) = in_page(&self.page) {
             return Ok(self.page.get(i));
         }
@@ -668,7 +669,7 @@ impl<'a> OurEvents<'a> {
             EVENTS_PAGE_SMALL
         };
         // A page with an undecodable event or a missing header fails whole; read this event
-        // alone then, and skip it if it is the broken one (checks 1 and 2 report it).
+        // alone then, and skip it if it is the broken one (the `chain` and `state` checks report it).
         self.page = match self.snapshot.events(seq - 1, limit) {
             Ok(page) => page,
             Err(_) => self.snapshot.events(seq - 1, 1).unwrap_or_default(),

@@ -110,10 +110,10 @@ impl Feeder {
 pub(super) struct Replay {
     /// Keyed by the aggregate id's text so that a decoded event's id looks up without a copy.
     pub(super) aggregates: HashMap<Box<str>, Replayed>,
-    /// Every event that carries a command id, by the id's fingerprint (check 4).
+    /// Every event that carries a command id, by the id's fingerprint (the `command_index` check).
     pub(super) carried: Vec<Carried>,
     fingerprints: Fingerprints,
-    /// The conservation laws of every domain (check 6), and the flows of the `Total` ones
+    /// The conservation laws of every domain (the `conservation` check), and the flows of the `Total` ones
     /// summed over the log, indexed like `laws`.
     pub(super) laws: Vec<Law>,
     pub(super) total_flows: Vec<i128>,

@@ -2,12 +2,12 @@
 //! as a RocksDB secondary instance (docs/AUDIT.md, "Stopped and live stores").
 
 use super::AuditError;
-use crate::{CommittedEvent, ReadError};
 use keel_engine::format::{META_TIP, seq_key};
 use keel_engine::{
     BatchHeader, Cf, ChainTip, LockProbe, Reader, RocksStorage, Storage, StorageError, Visit,
     WriteSet,
 };
+use keel_sequencer::{CommittedEvent, ReadError, committed_events};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -128,7 +128,7 @@ impl Snapshot {
     /// `GET /v1/events` reads them (for comparing what a server serves with the snapshot).
     pub fn events(&self, after: u64, limit: usize) -> Result<Vec<CommittedEvent>, ReadError> {
         let storage: Arc<dyn Storage> = self.storage.clone();
-        crate::committed_events(&Reader::detached(storage), after, limit, u64::MAX)
+        committed_events(&Reader::detached(storage), after, limit, u64::MAX)
     }
 }
 

@@ -2,14 +2,14 @@
 //! after mixed load is intact; each kind of tampering is detected and located; a live store is
 //! audited through a secondary instance while the writer keeps committing.
 
+use keel_audit::{
+    self as audit, AuditError, AuditOptions, AuditReport, Check, Divergence, Snapshot, SnapshotMode,
+};
 use keel_engine::format::{decode_seq_key, seq_key, split_event_value};
 use keel_engine::{BatchHeader, Cf, Engine, RocksStorage, Storage, WriteSet};
 use keel_invariants::{
     Aggregate, AggregateId, Command, CommandOutcome, Envelope, LoggedEvent, State,
     check_invariants, codec, inventory, ledger,
-};
-use keel_sequencer::audit::{
-    self, AuditError, AuditOptions, AuditReport, Check, Divergence, Snapshot, SnapshotMode,
 };
 use keel_sequencer::{Config, ItemResult, Reply, Sequencer};
 use std::error::Error;

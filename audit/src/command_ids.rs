@@ -1,4 +1,4 @@
-//! Check 4: the command-id index against the events that carry command ids.
+//! The `command_index` check: the command-id index against the events that carry command ids.
 //!
 //! Both sides are reduced to (fingerprint, seq) records, sorted and merge-joined: sequential
 //! work and 32 bytes per id. A hash map of the ids themselves cost an allocation and two
