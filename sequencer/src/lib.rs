@@ -301,8 +301,12 @@ impl Sequencer {
     /// and recovery runs; this future is how it learns. Never resolves otherwise.
     pub async fn writer_failed(&self) -> String {
         let mut failure = self.shared.failure.subscribe();
-        match failure.wait_for(Option::is_some).await {
-            Ok(reason) => reason.clone().unwrap_or_default(),
+        let reason = failure
+            .wait_for(Option::is_some)
+            .await
+            .map(|reason| reason.clone().unwrap_or_default());
+        match reason {
+            Ok(reason) => reason,
             // The sender lives in `Shared`, as long as `self`: unreachable, but never spin.
             Err(_) => std::future::pending().await,
         }
