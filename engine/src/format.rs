@@ -106,14 +106,31 @@ impl BatchHeader {
         prev_hash.copy_from_slice(&value[21..53]);
         let mut hash = [0u8; 32];
         hash.copy_from_slice(&value[53..85]);
-        Ok(Self {
+        let header = Self {
             seq,
             first_event: u64_at(1),
             count: u32::from_be_bytes(count),
             committed_at_us: u64_at(13),
             prev_hash,
             hash,
-        })
+        };
+        // A committed batch holds at least one event, numbered from 1, and its last event's
+        // sequence fits in u64. Checked here so that no reader computes `first_event - 1` or
+        // `last_event()` from a header that breaks this (regression: a damaged header with
+        // first event 0 made the outbox subtract below zero).
+        let valid = header.first_event > 0
+            && header.count > 0
+            && header
+                .first_event
+                .checked_add(u64::from(header.count - 1))
+                .is_some();
+        if !valid {
+            return Err(FormatError(format!(
+                "batch {seq}: header names {} events from event {}; a batch holds 1 or more events numbered from 1",
+                header.count, header.first_event
+            )));
+        }
+        Ok(header)
     }
 }
 
@@ -267,5 +284,41 @@ mod chain_tip_display {
                 "ab".repeat(32)
             )
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BatchHeader;
+
+    fn header(first_event: u64, count: u32) -> BatchHeader {
+        BatchHeader {
+            seq: 7,
+            first_event,
+            count,
+            committed_at_us: 1,
+            prev_hash: [1; 32],
+            hash: [2; 32],
+        }
+    }
+
+    #[test]
+    fn a_header_round_trips() {
+        let h = header(10, 3);
+        assert_eq!(BatchHeader::decode(7, &h.encode()), Ok(h));
+        assert_eq!(h.last_event(), 12);
+    }
+
+    /// Regression: a stored header with first event 0 decoded, and the outbox then computed
+    /// `first_event - 1` (an overflow panic in the publisher). Count 0 and a range past u64 are
+    /// refused the same way.
+    #[test]
+    fn a_header_with_an_impossible_event_range_is_refused() {
+        for (first_event, count) in [(0, 1), (0, 0), (5, 0), (u64::MAX, 2)] {
+            let bytes = header(first_event, count).encode();
+            let error = BatchHeader::decode(7, &bytes).expect_err("must be refused");
+            assert!(error.0.contains("numbered from 1"), "{error:?}");
+        }
+        assert!(BatchHeader::decode(7, &header(u64::MAX, 1).encode()).is_ok());
     }
 }

@@ -170,3 +170,117 @@ async fn power_loss_during_commit_keeps_exactly_the_acknowledged_batches() {
         }
     }
 }
+
+/// A storage whose next write panics once armed: stands in for any bug or failed assertion in
+/// the writer thread (the invariant check after apply panics the same way).
+struct PanickingStorage {
+    inner: Arc<MemoryStorage>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl keel_engine::Storage for PanickingStorage {
+    fn write(
+        &self,
+        set: &keel_engine::WriteSet,
+        sync: bool,
+    ) -> Result<(), keel_engine::StorageError> {
+        if self.armed.load(std::sync::atomic::Ordering::Acquire) {
+            panic!("injected writer fault");
+        }
+        self.inner.write(set, sync)
+    }
+    fn get(
+        &self,
+        cf: keel_engine::Cf,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, keel_engine::StorageError> {
+        self.inner.get(cf, key)
+    }
+    fn multi_get(
+        &self,
+        cf: keel_engine::Cf,
+        keys: &[&[u8]],
+    ) -> Result<Vec<Option<Vec<u8>>>, keel_engine::StorageError> {
+        self.inner.multi_get(cf, keys)
+    }
+    fn scan(
+        &self,
+        cf: keel_engine::Cf,
+        start: &[u8],
+        visit: keel_engine::Visit<'_>,
+    ) -> Result<(), keel_engine::StorageError> {
+        self.inner.scan(cf, start, visit)
+    }
+    fn last(
+        &self,
+        cf: keel_engine::Cf,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, keel_engine::StorageError> {
+        self.inner.last(cf)
+    }
+    fn checkpoint(&self, dir: &std::path::Path) -> Result<(), keel_engine::StorageError> {
+        self.inner.checkpoint(dir)
+    }
+}
+
+/// Regression: a panic of the writer thread left every POST answering 503 `Retry-After`
+/// forever while `/healthz` and `/readyz` kept answering ok. Now the panic poisons the write
+/// path: the waiting request and every later one get `engine_poisoned`, reads and both health
+/// checks fail, `writer_failed` tells `keel serve` to exit, and a restart holds exactly the
+/// acknowledged batches.
+#[tokio::test]
+async fn a_writer_panic_poisons_the_write_path_and_fails_the_health_checks() {
+    let memory = Arc::new(MemoryStorage::new(FaultPlan::default()));
+    let storage = Arc::new(PanickingStorage {
+        inner: Arc::clone(&memory),
+        armed: std::sync::atomic::AtomicBool::new(false),
+    });
+    let engine = Engine::open(Arc::clone(&storage) as Arc<dyn keel_engine::Storage>).unwrap();
+    let sequencer = Arc::new(Sequencer::start(engine, Config::default()).unwrap());
+    let app = router(AppState {
+        sequencer: Arc::clone(&sequencer),
+        metrics: keel_ingress::metrics_handle().unwrap(),
+        body_bytes_max: 1 << 20,
+        retry_after_secs: 1,
+    });
+    let open = json!({"commands": [{"type": "open_account", "account": "a"}]});
+    assert_eq!(call(&app, "POST", "/v1/batches", Some(open)).await.0, StatusCode::OK);
+    assert_eq!(call(&app, "POST", "/v1/batches", Some(deposit(1))).await.0, StatusCode::OK);
+    assert_eq!(call(&app, "GET", "/readyz", None).await.0, StatusCode::OK);
+
+    storage.armed.store(true, std::sync::atomic::Ordering::Release);
+    let (status, body) = call(&app, "POST", "/v1/batches", Some(deposit(2))).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("engine_poisoned")),
+        "{body}"
+    );
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(5), sequencer.writer_failed())
+        .await
+        .expect("writer_failed resolves after the panic");
+    assert!(reason.contains("injected writer fault"), "{reason}");
+    assert!(sequencer.is_poisoned());
+    for (method, uri, body) in [
+        ("POST", "/v1/batches", Some(deposit(3))),
+        ("GET", "/v1/aggregates/account:a", None),
+        ("GET", "/v1/events", None),
+        ("GET", "/healthz", None),
+        ("GET", "/readyz", None),
+    ] {
+        let (status, body) = call(&app, method, uri, body).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("engine_poisoned")),
+            "{method} {uri}: {body}"
+        );
+    }
+
+    drop(app);
+    sequencer.shutdown();
+    let (app, _sequencer) = start_app(Arc::new(memory.after_power_loss()));
+    let (_, a) = call(&app, "GET", "/v1/aggregates/account:a", None).await;
+    assert_eq!(
+        (a["version"].as_u64(), a["state"]["balance"].as_i64()),
+        (Some(2), Some(1)),
+        "exactly the acknowledged deposit"
+    );
+}

@@ -79,7 +79,9 @@ pub enum SubmitError {
     Overloaded,
     #[error("the writer is shutting down")]
     ShuttingDown,
-    #[error("the engine is poisoned by a failed commit and accepts no writes; restart it")]
+    #[error(
+        "the write path is poisoned (a failed commit or a writer fault) and accepts no writes; restart it"
+    )]
     Poisoned,
 }
 
@@ -111,8 +113,35 @@ pub struct CommittedEvent {
 pub(crate) struct Submission {
     commands: Vec<Envelope>,
     atomic: bool,
-    reply: oneshot::Sender<Result<Reply, SubmitError>>,
+    reply: Responder,
     enqueued_at: Instant,
+}
+
+/// The way back to one waiting request. Every request gets an explicit answer: dropped
+/// unanswered while the writer thread unwinds from a panic, it answers `Poisoned`; dropped
+/// unanswered otherwise (the queue torn down at shutdown), `ShuttingDown`.
+pub(crate) struct Responder(Option<oneshot::Sender<Result<Reply, SubmitError>>>);
+
+impl Responder {
+    pub(crate) fn send(mut self, answer: Result<Reply, SubmitError>) {
+        if let Some(tx) = self.0.take() {
+            // The request may have gone (client hung up); nothing to do then.
+            let _ = tx.send(answer);
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let error = if std::thread::panicking() {
+                SubmitError::Poisoned
+            } else {
+                SubmitError::ShuttingDown
+            };
+            let _ = tx.send(Err(error));
+        }
+    }
 }
 
 pub(crate) enum Message {
@@ -126,6 +155,29 @@ pub(crate) struct Shared {
     queued_items: AtomicUsize,
     poisoned: AtomicBool,
     closing: AtomicBool,
+    /// Set once, when the writer thread died of a panic: why. Watched by [`Sequencer::writer_failed`].
+    failure: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl Shared {
+    pub(crate) fn poison(&self, error: &str) {
+        tracing::error!(error, "write path poisoned; refusing all further writes");
+        self.poisoned.store(true, Ordering::Release);
+        metrics::gauge!("keel_poisoned").set(1.0);
+    }
+}
+
+/// Poisons the write path when dropped during a panic. The writer holds one as its first
+/// local, so the flag is set before the queue (a parameter, dropped last) is torn down: a
+/// request that finds the queue gone already sees `Poisoned`.
+pub(crate) struct PoisonOnPanic<'a>(pub(crate) &'a Shared);
+
+impl Drop for PoisonOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.poison("the writer thread panicked");
+        }
+    }
 }
 
 /// The handle to the running writer. Cheap to share behind an `Arc`.
@@ -148,11 +200,13 @@ impl Sequencer {
             queued_items: AtomicUsize::new(0),
             poisoned: AtomicBool::new(engine.is_poisoned()),
             closing: AtomicBool::new(false),
+            failure: tokio::sync::watch::Sender::new(None),
         });
         let writer = writer::Writer::new(engine, cache, config.clone(), Arc::clone(&shared));
+        let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("keel-sequencer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || run_writer(writer, rx, &thread_shared))
             .map_err(|e| EngineError::Storage(keel_engine::StorageError::Io(e.to_string())))?;
         Ok(Self {
             config,
@@ -202,7 +256,7 @@ impl Sequencer {
         let submission = Submission {
             commands,
             atomic,
-            reply,
+            reply: Responder(Some(reply)),
             enqueued_at: Instant::now(),
         };
         match self.tx.try_send(Message::Submit(submission)) {
@@ -211,6 +265,7 @@ impl Sequencer {
                 self.shared.queued_items.fetch_sub(items, Ordering::AcqRel);
                 Err(match e {
                     TrySendError::Full(_) => SubmitError::Overloaded,
+                    TrySendError::Disconnected(_) if self.is_poisoned() => SubmitError::Poisoned,
                     TrySendError::Disconnected(_) => SubmitError::ShuttingDown,
                 })
             }
@@ -238,6 +293,24 @@ impl Sequencer {
         self.shared.poisoned.load(Ordering::Acquire)
     }
 
+    /// Resolves if the writer thread dies of a panic (a bug, or a failed invariant assertion),
+    /// with the panic's message. The write path is poisoned by then: every waiting and later
+    /// request is answered `Poisoned`, nothing of the batch being decided was written. The
+    /// policy of `keel serve` is to stop and exit non-zero, so that its supervisor restarts it
+    /// and recovery runs; this future is how it learns. Never resolves otherwise.
+    pub async fn writer_failed(&self) -> String {
+        let mut failure = self.shared.failure.subscribe();
+        let reason = failure
+            .wait_for(Option::is_some)
+            .await
+            .map(|reason| reason.clone().unwrap_or_default());
+        match reason {
+            Ok(reason) => reason,
+            // The sender lives in `Shared`, as long as `self`: unreachable, but never spin.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// True once [`Sequencer::shutdown`] began.
     pub fn is_closing(&self) -> bool {
         self.shared.closing.load(Ordering::Acquire)
@@ -252,9 +325,19 @@ impl Sequencer {
             // The queue may be full; a blocking send waits for the writer to make room.
             let _ = self.tx.send(Message::Shutdown);
             if thread.join().is_err() {
-                tracing::error!("the sequencer thread panicked");
+                tracing::error!("the sequencer thread panicked while stopping");
             }
         }
+    }
+
+    /// Reads are refused once the write path is poisoned, whatever poisoned it: the engine
+    /// refuses them itself after a failed commit, and after a writer panic nobody knows how far
+    /// the batch being written got, so nothing read now may be shown as committed.
+    fn check_readable(&self) -> Result<(), ReadError> {
+        if self.is_poisoned() {
+            return Err(ReadError::Engine(EngineError::Poisoned));
+        }
+        Ok(())
     }
 
     /// The read handle on the committed store.
@@ -264,6 +347,7 @@ impl Sequencer {
 
     /// The committed state of aggregate `id`.
     pub fn aggregate(&self, id: &AggregateId) -> Result<Option<Aggregate>, ReadError> {
+        self.check_readable()?;
         match self.reader.state(id.as_str().as_bytes())? {
             Some(bytes) => Ok(Some(codec::decode_aggregate(&bytes)?)),
             None => Ok(None),
@@ -276,6 +360,7 @@ impl Sequencer {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<CommittedEvent>, u64), ReadError> {
+        self.check_readable()?;
         let tip = self.reader.tip()?;
         // Events committed after the tip was read are left for the next page.
         let events = committed_events(&self.reader, after, limit, tip.last_event)?;
@@ -285,7 +370,26 @@ impl Sequencer {
     /// Committed batch `seq` as a hash-verified batch message (docs/PROJECTION.md), the source
     /// a projector repairs gaps from; `None` when no such batch is committed.
     pub fn batch_message(&self, seq: u64) -> Result<Option<Vec<u8>>, ReadError> {
+        self.check_readable()?;
         Ok(self.reader.batch_message(seq)?)
+    }
+}
+
+/// The writer thread's body: runs the writer and, if it panics, records why. The panic has
+/// already poisoned the write path and answered every waiting request (see [`PoisonOnPanic`],
+/// [`Responder`]); the engine was dropped (RocksDB closed) while unwinding.
+fn run_writer(writer: writer::Writer, rx: std::sync::mpsc::Receiver<Message>, shared: &Shared) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(rx)));
+    if let Err(panic) = outcome {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        tracing::error!(reason, "the writer thread died; the write path is poisoned");
+        metrics::counter!("keel_writer_panics_total").increment(1);
+        shared.poisoned.store(true, Ordering::Release);
+        shared.failure.send_replace(Some(reason));
     }
 }
 

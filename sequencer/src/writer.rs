@@ -1,6 +1,9 @@
 //! The writer thread: group commit over the bounded queue.
 
-use crate::{ItemResult, Message, ReadError, Reply, Shared, Submission, SubmitError};
+use crate::{
+    ItemResult, Message, PoisonOnPanic, ReadError, Reply, Responder, Shared, Submission,
+    SubmitError,
+};
 use keel_engine::{Engine, PendingBatch};
 use keel_invariants::{
     Aggregate, AggregateId, CommandOutcome, Envelope, LoggedEvent, RejectCode, Rejection, State,
@@ -65,7 +68,7 @@ struct Scratch {
 
 /// What the writer decided for one submission, waiting for the fsync.
 struct Decided {
-    reply: tokio::sync::oneshot::Sender<Result<Reply, SubmitError>>,
+    reply: Responder,
     results: Vec<ItemResult>,
     committed: usize,
     enqueued_at: Instant,
@@ -90,6 +93,9 @@ impl Writer {
     }
 
     pub(crate) fn run(mut self, rx: Receiver<Message>) {
+        // First local: dropped after every other local of this frame and before `rx`.
+        let shared = Arc::clone(&self.shared);
+        let _poison_on_panic = PoisonOnPanic(&shared);
         let mut closing = false;
         let mut group = Vec::new();
         while let Some(first) = self.next_submission(&rx, &mut closing) {
@@ -169,16 +175,16 @@ impl Writer {
     fn commit_group(&mut self, group: &mut Vec<Submission>) {
         if self.shared.poisoned.load(Ordering::Acquire) {
             for s in group.drain(..) {
-                let _ = s.reply.send(Err(SubmitError::Poisoned));
+                s.reply.send(Err(SubmitError::Poisoned));
             }
             return;
         }
         let decided = match self.decide_group(group) {
             Ok(decided) => decided,
             Err(error) => {
-                self.poison(&error.to_string());
+                self.shared.poison(&error.to_string());
                 for s in group.drain(..) {
-                    let _ = s.reply.send(Err(SubmitError::Poisoned));
+                    s.reply.send(Err(SubmitError::Poisoned));
                 }
                 return;
             }
@@ -196,7 +202,7 @@ impl Writer {
                     metrics::histogram!("keel_queue_wait_seconds")
                         .record(d.enqueued_at.elapsed().as_secs_f64());
                     let batch = if d.committed > 0 { batch } else { None };
-                    let _ = d.reply.send(Ok(Reply {
+                    d.reply.send(Ok(Reply {
                         batch,
                         committed_at_us,
                         results: d.results,
@@ -206,18 +212,12 @@ impl Writer {
             Err(error) => {
                 // The cache now holds effects that are not durable. Nothing of this batch is
                 // acknowledged, and nothing is ever written again by this process.
-                self.poison(&error.to_string());
+                self.shared.poison(&error.to_string());
                 for d in decided {
-                    let _ = d.reply.send(Err(SubmitError::Poisoned));
+                    d.reply.send(Err(SubmitError::Poisoned));
                 }
             }
         }
-    }
-
-    fn poison(&self, error: &str) {
-        tracing::error!(error, "write path poisoned; refusing all further writes");
-        self.shared.poisoned.store(true, Ordering::Release);
-        metrics::gauge!("keel_poisoned").set(1.0);
     }
 
     fn record_metrics(&mut self, events: u32, fsync_seconds: f64, submissions: usize) {
@@ -401,7 +401,19 @@ impl Writer {
                 self.scratch.undo.push((id.clone(), previous.clone()));
             }
             let next = apply(&logged.event, index, previous);
-            debug_assert!(keel_invariants::check_invariants(&next).is_ok(), "{next:?}");
+            // A real check in release builds (the only profile): `decide` accepted this command,
+            // so a violation here means decide and apply disagree, a bug in the domain. The
+            // batch is not committed and nothing of it is acknowledged: the panic poisons the
+            // write path (see `run_writer`) and `keel serve` exits so that recovery runs.
+            if let Err(violation) = keel_invariants::check_invariants(&next) {
+                panic!(
+                    "invariant `{}` violated after applying a {} event to {id}: {}; \
+                     the batch is not committed",
+                    violation.invariant,
+                    logged.event.type_name(),
+                    violation.detail
+                );
+            }
             match self.cache.get_mut(id) {
                 Some(slot) => *slot = next,
                 None => {
