@@ -450,7 +450,7 @@ where
     let sequencer = Arc::clone(&state.sequencer);
     let task = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        read(&*sequencer)
+        read(&sequencer)
     });
     match tokio::time::timeout(limits.read_timeout, task).await {
         Ok(Ok(answer)) => answer.map_err(ApiError::read),
