@@ -58,8 +58,32 @@ pub struct ServeConfig {
     #[arg(long, env = "KEEL_LINGER_US", default_value_t = 0)]
     pub linger_us: u64,
     /// Largest request body in bytes; larger bodies get 413.
-    #[arg(long, env = "KEEL_BODY_BYTES_MAX", default_value_t = 16 << 20)]
-    pub body_bytes_max: usize,
+    #[arg(long, env = "KEEL_BODY_BYTES_MAX", default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    pub body_bytes_max: u64,
+    /// Most request bodies read and parsed at once; a request waits up to 1 s for a slot, then
+    /// gets 503. Worst-case parse memory is about this many times 2 x --body-bytes-max.
+    #[arg(long, env = "KEEL_PARSE_CONCURRENCY_MAX", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub parse_concurrency_max: u32,
+    /// How long reading one request body may take, in milliseconds; slower bodies get 408.
+    #[arg(long, env = "KEEL_BODY_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_ms: u64,
+    /// How long a connection may take to send a request's headers, in milliseconds (also how
+    /// long an idle keep-alive connection stays open); then it is closed.
+    #[arg(long, env = "KEEL_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_ms: u64,
+    /// Most open client connections; a connection over the bound is closed at once.
+    #[arg(long, env = "KEEL_CONNECTIONS_MAX", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connections_max: u32,
+    /// Most store reads (GET aggregates, events, batches) at once; more get 503 at once.
+    #[arg(long, env = "KEEL_READ_CONCURRENCY_MAX", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub read_concurrency_max: u32,
+    /// How long a store read may take before it is answered 503 `read_timeout`, in milliseconds.
+    #[arg(long, env = "KEEL_READ_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub read_timeout_ms: u64,
+    /// On SIGTERM, how long open connections may take to finish their requests, in seconds;
+    /// then they are closed and the store is shut down.
+    #[arg(long, env = "KEEL_SHUTDOWN_DRAIN_SECS", default_value_t = 10)]
+    pub shutdown_drain_secs: u64,
     /// NATS server URL; when set, every committed batch is published to JetStream.
     #[arg(long, env = "KEEL_NATS_URL")]
     pub nats_url: Option<String>,
@@ -132,6 +156,29 @@ impl ServeConfig {
             queue_depth_max: self.queue_depth_max as usize,
             queue_items_max: (self.queue_items_max as usize).max(self.batch_items_max as usize),
             linger: Duration::from_micros(self.linger_us),
+        }
+    }
+
+    /// The bounds of request handling.
+    pub fn http_limits(&self) -> crate::http::HttpLimits {
+        crate::http::HttpLimits {
+            // At most 1 GiB (the flag's range), so it fits usize everywhere Keel runs.
+            body_bytes_max: usize::try_from(self.body_bytes_max).unwrap_or(usize::MAX),
+            body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
+            parse_concurrency_max: self.parse_concurrency_max as usize,
+            parse_wait_max: crate::http::PARSE_WAIT_MAX,
+            read_concurrency_max: self.read_concurrency_max as usize,
+            read_timeout: Duration::from_millis(self.read_timeout_ms),
+            retry_after_secs: 1,
+        }
+    }
+
+    /// The bounds of the connection loop.
+    pub fn connection_limits(&self) -> crate::server::ConnectionLimits {
+        crate::server::ConnectionLimits {
+            connections_max: self.connections_max as usize,
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            shutdown_drain: Duration::from_secs(self.shutdown_drain_secs),
         }
     }
 

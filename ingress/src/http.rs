@@ -1,29 +1,83 @@
 //! The axum router: handlers, error answers, overload answers.
 
-use crate::wire::{self, BatchResponse, WireError};
+use crate::wire::{self, BatchResponse, WireError, quote};
 use axum::Json;
 use axum::Router;
-use axum::body::{Body, to_bytes};
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use http_body_util::BodyExt;
 use keel_invariants::AggregateId;
 use keel_sequencer::{ReadError, Sequencer, SubmitError};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The bounds of request handling (docs/API.md "Bounds"; the flags of `keel serve`).
+#[derive(Clone, Debug)]
+pub struct HttpLimits {
+    /// Largest request body in bytes; larger bodies get 413.
+    pub body_bytes_max: usize,
+    /// How long reading a request body may take; slower bodies get 408.
+    pub body_read_timeout: Duration,
+    /// Most request bodies read and parsed at once (each holds up to `body_bytes_max` bytes).
+    pub parse_concurrency_max: usize,
+    /// How long a request waits for a parse slot before 503 `overloaded`.
+    pub parse_wait_max: Duration,
+    /// Most store reads (`GET /v1/aggregates`, `/v1/events`, `/v1/batches`) at once; more get
+    /// 503 `overloaded` at once.
+    pub read_concurrency_max: usize,
+    /// How long a store read may take before 503 `read_timeout`.
+    pub read_timeout: Duration,
+    /// Seconds a client is told to wait after a 503 for overload.
+    pub retry_after_secs: u32,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            body_bytes_max: 16 << 20,
+            body_read_timeout: Duration::from_secs(10),
+            parse_concurrency_max: 4,
+            parse_wait_max: PARSE_WAIT_MAX,
+            read_concurrency_max: 8,
+            read_timeout: Duration::from_secs(5),
+            retry_after_secs: 1,
+        }
+    }
+}
+
+/// How long a request waits for a parse slot: long enough to ride out a burst (parsing a full
+/// 16 MiB body takes tens of milliseconds), short enough that overload is answered fast.
+pub const PARSE_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub sequencer: Arc<Sequencer>,
     pub metrics: PrometheusHandle,
-    pub body_bytes_max: usize,
-    /// Seconds a client is told to wait after a 503 for overload.
-    pub retry_after_secs: u32,
+    pub limits: HttpLimits,
+    parse_permits: Arc<Semaphore>,
+    read_permits: Arc<Semaphore>,
+}
+
+impl AppState {
+    pub fn new(sequencer: Arc<Sequencer>, metrics: PrometheusHandle, limits: HttpLimits) -> Self {
+        assert!(limits.parse_concurrency_max > 0 && limits.read_concurrency_max > 0);
+        Self {
+            sequencer,
+            metrics,
+            parse_permits: Arc::new(Semaphore::new(limits.parse_concurrency_max)),
+            read_permits: Arc::new(Semaphore::new(limits.read_concurrency_max)),
+            limits,
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -36,6 +90,14 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        // axum adds the `Allow` header listing the route's methods to this answer.
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("this route does not answer {method}; see the `Allow` header"),
+            )
+        })
         .with_state(state)
 }
 
@@ -46,6 +108,9 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     retry_after_secs: Option<u32>,
+    /// Answer with `Connection: close`: the request body was not read to its end, so the
+    /// connection cannot carry another request.
+    close: bool,
 }
 
 impl ApiError {
@@ -55,7 +120,37 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after_secs: None,
+            close: false,
         }
+    }
+
+    /// 503 with `Retry-After`: try again shortly.
+    pub fn unavailable(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after_secs: u32,
+    ) -> Self {
+        Self {
+            retry_after_secs: Some(retry_after_secs),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        }
+    }
+
+    fn closing(self) -> Self {
+        Self {
+            close: true,
+            ..self
+        }
+    }
+
+    /// 400 `invalid_path`: a path parameter that cannot be read (e.g. not UTF-8 once
+    /// percent-decoded).
+    pub fn invalid_path(rejection: &PathRejection) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            keel_sequencer::audit::shorten(rejection.body_text(), ERROR_TEXT_BYTES_MAX),
+        )
     }
 
     fn bad_request(e: WireError) -> Self {
@@ -63,7 +158,7 @@ impl ApiError {
     }
 
     /// Internal faults: logged with detail, answered generically.
-    fn internal(context: &str, error: &dyn std::fmt::Display) -> Self {
+    pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Self {
         tracing::error!(%error, context, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -79,21 +174,17 @@ impl ApiError {
             SubmitError::TooManyItems { .. } => {
                 Self::new(StatusCode::BAD_REQUEST, "too_many_items", message)
             }
-            SubmitError::Overloaded => Self {
-                retry_after_secs: Some(retry_after_secs),
-                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
-            },
-            SubmitError::ShuttingDown => Self {
-                retry_after_secs: Some(retry_after_secs),
-                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
-            },
+            SubmitError::Overloaded => Self::unavailable("overloaded", message, retry_after_secs),
+            SubmitError::ShuttingDown => {
+                Self::unavailable("shutting_down", message, retry_after_secs)
+            }
             SubmitError::Poisoned => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "engine_poisoned", message)
             }
         }
     }
 
-    fn read(e: ReadError) -> Self {
+    pub fn read(e: ReadError) -> Self {
         if e.is_poisoned() {
             return Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -114,9 +205,17 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if self.close {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
+
+/// Longest text of a library's error (a rejection's body text) put in an error message.
+const ERROR_TEXT_BYTES_MAX: usize = 160;
 
 fn is_json(headers: &HeaderMap) -> bool {
     headers
@@ -124,6 +223,45 @@ fn is_json(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Refuses a body in a coding Keel does not decode: a `Transfer-Encoding` other than `chunked`
+/// (hyper removes the chunked framing and would hand the rest, e.g. gzip, over as if plain), or
+/// a `Content-Encoding` other than `identity`.
+fn check_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
+    let codings = |name| {
+        headers
+            .get_all(name)
+            .into_iter()
+            .flat_map(|value: &HeaderValue| {
+                value
+                    .to_str()
+                    .unwrap_or("(not ASCII)")
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|coding| !coding.is_empty())
+            })
+    };
+    let refused = codings(header::TRANSFER_ENCODING)
+        .find(|coding| !coding.eq_ignore_ascii_case("chunked"))
+        .map(|coding| ("Transfer-Encoding", coding))
+        .or_else(|| {
+            codings(header::CONTENT_ENCODING)
+                .find(|coding| !coding.eq_ignore_ascii_case("identity"))
+                .map(|coding| ("Content-Encoding", coding))
+        });
+    match refused {
+        None => Ok(()),
+        Some((name, coding)) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            format!(
+                "{name} {} is not supported; send the body uncompressed (chunked framing is fine)",
+                quote(coding)
+            ),
+        )
+        .closing()),
+    }
 }
 
 async fn post_batch(
@@ -155,55 +293,205 @@ async fn submit_batch(
             "send the batch as `Content-Type: application/json`",
         ));
     }
-    // Refuse at once when the writer is overloaded or poisoned, before reading the body.
+    check_encoding(headers)?;
+    let declared = declared_length(headers, state.limits.body_bytes_max)?;
+    // Refuse at once when the writer is poisoned, before reading the body.
+    let retry_after_secs = state.limits.retry_after_secs;
     if state.sequencer.is_poisoned() {
-        return Err(ApiError::submit(
-            SubmitError::Poisoned,
-            state.retry_after_secs,
-        ));
+        return Err(ApiError::submit(SubmitError::Poisoned, retry_after_secs));
     }
-    let bytes = to_bytes(body, state.body_bytes_max).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the body exceeds {} bytes", state.body_bytes_max),
-        )
-    })?;
-    let batch_items_max = state.sequencer.config().batch_items_max;
-    let (commands, atomic) =
-        wire::parse_batch(&bytes, batch_items_max).map_err(ApiError::bad_request)?;
+    let (commands, atomic) = {
+        // The permit bounds the bodies held and parsed at once; it is released before the
+        // request waits for the writer (the queue has its own bounds).
+        let _permit = parse_permit(state).await?;
+        let bytes = read_body(body, declared, &state.limits).await?;
+        let batch_items_max = state.sequencer.config().batch_items_max;
+        wire::parse_batch(&bytes, batch_items_max).map_err(ApiError::bad_request)?
+    };
     let receiver = state
         .sequencer
         .submit(commands, atomic)
-        .map_err(|e| ApiError::submit(e, state.retry_after_secs))?;
+        .map_err(|e| ApiError::submit(e, retry_after_secs))?;
     match receiver.await {
         Ok(Ok(reply)) => Ok(BatchResponse::from(reply)),
-        Ok(Err(e)) => Err(ApiError::submit(e, state.retry_after_secs)),
+        Ok(Err(e)) => Err(ApiError::submit(e, retry_after_secs)),
         Err(_) => Err(ApiError::submit(
             SubmitError::ShuttingDown,
-            state.retry_after_secs,
+            retry_after_secs,
         )),
+    }
+}
+
+/// A parse slot, waited for at most `parse_wait_max`; then 503 `overloaded`.
+async fn parse_permit(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    let permits = Arc::clone(&state.parse_permits);
+    match tokio::time::timeout(state.limits.parse_wait_max, permits.acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_)) | Err(_) => {
+            metrics::counter!("keel_http_refused_total", "reason" => "parse_busy").increment(1);
+            Err(ApiError::unavailable(
+                "overloaded",
+                format!(
+                    "{} request bodies are being parsed; retry shortly",
+                    state.limits.parse_concurrency_max
+                ),
+                state.limits.retry_after_secs,
+            )
+            .closing())
+        }
+    }
+}
+
+fn body_too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("the body exceeds {limit} bytes"),
+    )
+    .closing()
+}
+
+/// The body's `Content-Length` (0 when not given), refused with 413 before anything is read
+/// when it is over `limit`.
+fn declared_length(headers: &HeaderMap, limit: usize) -> Result<usize, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    match usize::try_from(declared) {
+        Ok(n) if n <= limit => Ok(n),
+        _ => Err(body_too_large(limit)),
+    }
+}
+
+/// Reads the whole body: at most `body_bytes_max` bytes (413 beyond), within
+/// `body_read_timeout` (408), and refuses a body the connection delivered broken (bad chunked
+/// framing, fewer bytes than `Content-Length`) with 400 `malformed_body`.
+async fn read_body(body: Body, declared: usize, limits: &HttpLimits) -> Result<Vec<u8>, ApiError> {
+    let limit = limits.body_bytes_max;
+    match tokio::time::timeout(
+        limits.body_read_timeout,
+        collect_body(body, limit, declared),
+    )
+    .await
+    {
+        Ok(Ok(Some(bytes))) => Ok(bytes),
+        Ok(Ok(None)) => Err(body_too_large(limit)),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "malformed request body");
+            Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_body",
+                format!(
+                    "the body could not be read: {}",
+                    keel_sequencer::audit::shorten(error.to_string(), ERROR_TEXT_BYTES_MAX)
+                ),
+            )
+            .closing())
+        }
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the body did not arrive within {} ms",
+                limits.body_read_timeout.as_millis()
+            ),
+        )
+        .closing()),
+    }
+}
+
+/// The body's bytes, or `None` once they pass `limit`. The buffer never grows past `limit`:
+/// it is sized from `Content-Length` when given, else doubled up to `limit`.
+async fn collect_body(
+    mut body: Body,
+    limit: usize,
+    declared: usize,
+) -> Result<Option<Vec<u8>>, axum::Error> {
+    let mut bytes = Vec::with_capacity(declared.min(limit));
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue; // trailers carry nothing Keel reads
+        };
+        let needed = bytes.len() + data.len();
+        if needed > limit {
+            return Ok(None);
+        }
+        if needed > bytes.capacity() {
+            let target = needed.max(bytes.capacity() * 2).min(limit);
+            bytes.reserve_exact(target - bytes.len());
+        }
+        bytes.extend_from_slice(&data);
+    }
+    Ok(Some(bytes))
+}
+
+/// Runs a store read on the blocking pool, never on an async worker: at most
+/// `read_concurrency_max` at once (503 `overloaded` at once beyond), answered within
+/// `read_timeout` (503 `read_timeout`; the read itself runs on and keeps its slot until done).
+pub async fn read_store<T, F>(state: &AppState, read: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Sequencer) -> Result<T, ReadError> + Send + 'static,
+{
+    let limits = &state.limits;
+    let Ok(permit) = Arc::clone(&state.read_permits).try_acquire_owned() else {
+        metrics::counter!("keel_http_refused_total", "reason" => "read_busy").increment(1);
+        return Err(ApiError::unavailable(
+            "overloaded",
+            format!(
+                "{} reads are running; retry shortly",
+                limits.read_concurrency_max
+            ),
+            limits.retry_after_secs,
+        ));
+    };
+    let sequencer = Arc::clone(&state.sequencer);
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        read(&sequencer)
+    });
+    match tokio::time::timeout(limits.read_timeout, task).await {
+        Ok(Ok(answer)) => answer.map_err(ApiError::read),
+        Ok(Err(e)) => Err(ApiError::internal("read task", &e)),
+        Err(_) => {
+            metrics::counter!("keel_http_refused_total", "reason" => "read_timeout").increment(1);
+            Err(ApiError::unavailable(
+                "read_timeout",
+                format!(
+                    "the read took longer than {} ms; retry shortly",
+                    limits.read_timeout.as_millis()
+                ),
+                limits.retry_after_secs,
+            ))
+        }
     }
 }
 
 async fn get_aggregate(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::invalid_path(&e))?;
     if !id.contains(':') {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_name",
-            format!("aggregate id `{id}` must look like `<kind>:<name>`, e.g. `account:alice`"),
+            format!(
+                "aggregate id {} must look like `<kind>:<name>`, e.g. `account:alice`",
+                quote(&id)
+            ),
         ));
     }
     let id = AggregateId::from_full(id);
-    match state.sequencer.aggregate(&id).map_err(ApiError::read)? {
+    let key = id.clone();
+    match read_store(&state, move |sequencer| sequencer.aggregate(&key)).await? {
         Some(aggregate) => Ok(Json(wire::aggregate_json(&id, &aggregate)).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("aggregate `{id}` does not exist"),
+            format!("aggregate {} does not exist", quote(id.as_str())),
         )),
     }
 }
@@ -221,10 +509,15 @@ struct EventsQuery {
 
 async fn get_events(
     State(state): State<AppState>,
-    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            keel_sequencer::audit::shorten(e.body_text(), ERROR_TEXT_BYTES_MAX),
+        )
+    })?;
     let limit = query.limit.unwrap_or(100);
     if limit == 0 || limit > EVENTS_LIMIT_MAX {
         return Err(ApiError::new(
@@ -233,13 +526,10 @@ async fn get_events(
             format!("`limit` must be from 1 to {EVENTS_LIMIT_MAX}"),
         ));
     }
-    let sequencer = Arc::clone(&state.sequencer);
+    let after = query.after;
     let (events, last_seq) =
-        tokio::task::spawn_blocking(move || sequencer.events(query.after, limit))
-            .await
-            .map_err(|e| ApiError::internal("events task", &e))?
-            .map_err(ApiError::read)?;
-    let next_after = events.last().map_or(query.after, |e| e.seq);
+        read_store(&state, move |sequencer| sequencer.events(after, limit)).await?;
+    let next_after = events.last().map_or(after, |e| e.seq);
     let events: Vec<_> = events.iter().map(wire::event_json).collect();
     Ok(
         Json(json!({"events": events, "next_after": next_after, "last_seq": last_seq}))
@@ -259,7 +549,7 @@ async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value
     if state.sequencer.is_poisoned() {
         return Err(ApiError::submit(
             SubmitError::Poisoned,
-            state.retry_after_secs,
+            state.limits.retry_after_secs,
         ));
     }
     Ok(Json(json!({"status": "ok"})))
@@ -271,19 +561,19 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     if sequencer.is_poisoned() {
         return Err(ApiError::submit(
             SubmitError::Poisoned,
-            state.retry_after_secs,
+            state.limits.retry_after_secs,
         ));
     }
     if sequencer.is_closing() {
         return Err(ApiError::submit(
             SubmitError::ShuttingDown,
-            state.retry_after_secs,
+            state.limits.retry_after_secs,
         ));
     }
     if sequencer.queued_items() >= sequencer.config().queue_items_max {
         return Err(ApiError::submit(
             SubmitError::Overloaded,
-            state.retry_after_secs,
+            state.limits.retry_after_secs,
         ));
     }
     Ok(Json(

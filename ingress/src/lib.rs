@@ -9,6 +9,7 @@ pub mod audit_cmd;
 pub mod batches_route;
 pub mod config;
 pub mod http;
+pub mod server;
 pub mod wire;
 
 use anyhow::Context;
@@ -60,7 +61,8 @@ fn register_rare_event_metrics(names: &[&'static str]) {
 }
 
 /// Opens the store, starts the writer and serves HTTP until SIGTERM or Ctrl-C; then stops
-/// accepting, lets in-flight requests finish, drains the writer and closes RocksDB.
+/// accepting, lets in-flight requests finish for at most `--shutdown-drain-secs` (then drops the
+/// connections left), drains the writer and closes RocksDB.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(
         data = %config.data.display(),
@@ -74,6 +76,13 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         nats_stream = %config.nats_stream,
         nats_subject = %config.nats_subject,
         publish_inflight_max = config.publish_inflight_max,
+        parse_concurrency_max = config.parse_concurrency_max,
+        body_read_timeout_ms = config.body_read_timeout_ms,
+        header_read_timeout_ms = config.header_read_timeout_ms,
+        connections_max = config.connections_max,
+        read_concurrency_max = config.read_concurrency_max,
+        read_timeout_ms = config.read_timeout_ms,
+        shutdown_drain_secs = config.shutdown_drain_secs,
         "keel serve starting"
     );
     std::fs::create_dir_all(&config.data)
@@ -96,20 +105,18 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let state = http::AppState {
-        sequencer: Arc::clone(&sequencer),
-        metrics,
-        body_bytes_max: config.body_bytes_max,
-        retry_after_secs: 1,
-    };
+    let state = http::AppState::new(Arc::clone(&sequencer), metrics, config.http_limits());
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, "serving HTTP");
     // One plain line on stdout for scripts and tests that listen on port 0.
     println!("keel: listening on http://{local}");
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    server::serve(
+        listener,
+        http::router(state),
+        &config.connection_limits(),
+        shutdown_signal(),
+    )
+    .await;
     tracing::info!("HTTP stopped; draining the write queue");
     let sequencer_for_drain = Arc::clone(&sequencer);
     tokio::task::spawn_blocking(move || sequencer_for_drain.shutdown()).await?;

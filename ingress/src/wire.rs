@@ -1,13 +1,15 @@
 //! JSON wire types of the HTTP API (docs/API.md) and their translation to and from the domain.
 //! Only this module knows the JSON shape; the domain types are not `Serialize` for its sake.
 
+use de::{BatchSeed, ParseContext, Quantity, RawCommand};
 use keel_invariants::{Aggregate, AggregateId, Command, Envelope, Event, State, inventory, ledger};
 use keel_sequencer::{CommittedEvent, ItemResult, Reply};
-use serde::de::{SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::{Number, Value, json};
+use serde::Serialize;
+use serde::de::DeserializeSeed;
+use serde_json::{Value, json};
 use std::fmt;
-use std::time::{Duration, UNIX_EPOCH};
+
+mod de;
 
 /// Longest aggregate name, order name or command id, in bytes.
 pub const NAME_BYTES_MAX: usize = 128;
@@ -28,70 +30,6 @@ impl WireError {
             message: message.into(),
         }
     }
-}
-
-/// `POST /v1/batches` body.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchRequest {
-    pub commands: Commands,
-    #[serde(default)]
-    pub atomic: bool,
-}
-
-/// The command list.
-pub struct Commands(pub Vec<RawCommand>);
-
-thread_local! {
-    /// The index of the command being parsed on this thread, so a parse error can name it
-    /// without wrapping (and so losing the category of) serde_json's error.
-    static PARSING_ITEM: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-}
-
-impl<'de> Deserialize<'de> for Commands {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct CommandsVisitor;
-        impl<'de> Visitor<'de> for CommandsVisitor {
-            type Value = Commands;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an array of commands")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Commands, A::Error> {
-                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(16_384));
-                loop {
-                    PARSING_ITEM.set(Some(items.len()));
-                    match seq.next_element::<RawCommand>()? {
-                        Some(item) => items.push(item),
-                        None => break,
-                    }
-                }
-                PARSING_ITEM.set(None);
-                Ok(Commands(items))
-            }
-        }
-        deserializer.deserialize_seq(CommandsVisitor)
-    }
-}
-
-/// One command as sent: every field of every command type, checked against the type after
-/// parsing. Flat (not an internally tagged enum) so serde parses it in one pass.
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RawCommand {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    id: Option<String>,
-    expected_version: Option<u64>,
-    account: Option<String>,
-    overdraft_limit: Option<Number>,
-    amount: Option<Number>,
-    memo: Option<String>,
-    from: Option<String>,
-    to: Option<String>,
-    sku: Option<String>,
-    on_hand: Option<Number>,
-    qty: Option<Number>,
-    order: Option<String>,
 }
 
 /// The fields a command type takes besides `type`, `id` and `expected_version`.
@@ -146,7 +84,7 @@ impl Item<'_> {
     }
 
     /// A positive integer that fits in i64 (amounts and quantities).
-    fn positive(&self, field: &str, value: Option<Number>) -> Result<u64, WireError> {
+    fn positive(&self, field: &str, value: Option<Quantity>) -> Result<u64, WireError> {
         let n = self.count(field, value)?;
         if n == 0 {
             return Err(self.error(
@@ -157,19 +95,20 @@ impl Item<'_> {
         Ok(n)
     }
 
-    /// A non-negative integer that fits in i64.
-    fn count(&self, field: &str, value: Option<Number>) -> Result<u64, WireError> {
-        let number = self.required(field, value)?;
-        match number.as_u64() {
-            Some(n) if i64::try_from(n).is_ok() => Ok(n),
-            _ => Err(self.error(
-                "invalid_amount",
-                format!(
-                    "field `{field}` is {number}; it must be an integer from 0 to {}",
-                    i64::MAX
-                ),
-            )),
-        }
+    /// A non-negative integer that fits in i64, sent as a JSON integer or a decimal string.
+    fn count(&self, field: &str, value: Option<Quantity>) -> Result<u64, WireError> {
+        let shown = match self.required(field, value)? {
+            Quantity::Whole(n) if i64::try_from(n).is_ok() => return Ok(n),
+            Quantity::Whole(n) => n.to_string(),
+            Quantity::Other(shown) => shown,
+        };
+        Err(self.error(
+            "invalid_amount",
+            format!(
+                "field `{field}` is {shown}; it must be an integer from 0 to {}",
+                i64::MAX
+            ),
+        ))
     }
 
     fn memo(&self, memo: Option<String>) -> Result<Option<String>, WireError> {
@@ -221,7 +160,7 @@ impl RawCommand {
     }
 
     /// Validates the command at `index` and builds its envelope.
-    pub fn into_envelope(mut self, index: usize) -> Result<Envelope, WireError> {
+    fn into_envelope(mut self, index: usize) -> Result<Envelope, WireError> {
         let kind = self.kind.take().ok_or_else(|| {
             WireError::new(
                 "missing_field",
@@ -232,7 +171,10 @@ impl RawCommand {
         let allowed = fields_of(&kind).ok_or_else(|| {
             WireError::new(
                 "unknown_command_type",
-                format!("commands[{index}]: unknown command type `{kind}`; expected one of {COMMAND_TYPES}"),
+                format!(
+                    "commands[{index}]: unknown command type {}; expected one of {COMMAND_TYPES}",
+                    quote(&kind)
+                ),
             )
         })?;
         if let Some(extra) = self.present().find(|f| !allowed.contains(f)) {
@@ -314,39 +256,42 @@ impl RawCommand {
             other => {
                 return Err(item.error(
                     "unknown_command_type",
-                    format!("unknown command type `{other}`"),
+                    format!("unknown command type {}", quote(other)),
                 ));
             }
         })
     }
 }
 
-/// Parses and validates a whole `POST /v1/batches` body.
+/// Parses and validates a whole `POST /v1/batches` body. The command list is refused as soon
+/// as it passes `batch_items_max`, so parsing never holds more than that many commands.
 pub fn parse_batch(
     body: &[u8],
     batch_items_max: usize,
 ) -> Result<(Vec<Envelope>, bool), WireError> {
-    PARSING_ITEM.set(None);
-    let request: BatchRequest =
-        serde_json::from_slice(body).map_err(|e| json_error(e, PARSING_ITEM.take()))?;
-    let items = request.commands.0.len();
+    let context = ParseContext::default();
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let seed = BatchSeed {
+        context: &context,
+        items_max: batch_items_max,
+    };
+    let request = seed
+        .deserialize(&mut deserializer)
+        .and_then(|request| deserializer.end().map(|()| request))
+        .map_err(|e| context.error(e))?;
+    let items = request.commands.len();
     if items == 0 {
         return Err(WireError::new(
             "empty_batch",
             "`commands` is empty; send at least one command",
         ));
     }
-    if items > batch_items_max {
-        return Err(WireError::new(
-            "too_many_items",
-            format!(
-                "`commands` has {items} items; at most {batch_items_max} are allowed per request"
-            ),
-        ));
-    }
+    assert!(
+        items <= batch_items_max,
+        "the parser stops at batch_items_max"
+    );
     let envelopes = request
         .commands
-        .0
         .into_iter()
         .enumerate()
         .map(|(index, raw)| raw.into_envelope(index))
@@ -354,27 +299,57 @@ pub fn parse_batch(
     Ok((envelopes, request.atomic))
 }
 
-/// Classifies a parse error; `item` is the command being parsed when it happened.
-fn json_error(e: serde_json::Error, item: Option<usize>) -> WireError {
-    use serde_json::error::Category;
-    let message = e.to_string();
-    let code = match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => {
-            return WireError::new("invalid_json", message);
-        }
-        Category::Data if message.starts_with("unknown field") => "unknown_field",
-        Category::Data if message.starts_with("missing field") => "missing_field",
-        Category::Data => "invalid_request",
-    };
-    match item {
-        Some(index) => WireError::new(code, format!("commands[{index}]: {message}")),
-        None => WireError::new(code, message),
+/// Most bytes of client input an error message quotes.
+pub const QUOTED_BYTES_MAX: usize = 64;
+
+/// `text` in backticks for an error message; when longer than [`QUOTED_BYTES_MAX`], only its
+/// start (cut at a character boundary) and its length, so an error never echoes a megabyte of
+/// input back.
+pub fn quote(text: &str) -> String {
+    if text.len() <= QUOTED_BYTES_MAX {
+        return format!("`{text}`");
     }
+    // QUOTED_BYTES_MAX + 1 characters hold at least QUOTED_BYTES_MAX + 1 bytes: enough to cut.
+    let head: String = text.chars().take(QUOTED_BYTES_MAX + 1).collect();
+    format!(
+        "`{}` ({} bytes)",
+        keel_sequencer::audit::shorten(head, QUOTED_BYTES_MAX),
+        text.len()
+    )
 }
 
-/// RFC 3339 UTC with microseconds.
+/// Microseconds since the Unix epoch as RFC 3339 UTC with microseconds
+/// (`2026-11-21T22:30:00.123456Z`). Years past 9999, which RFC 3339 cannot write (a clock set far
+/// ahead), get ISO 8601's expanded form (`+10000-01-01T00:00:00.000000Z`) instead of a panic.
 pub fn timestamp(us: u64) -> String {
-    humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(us)).to_string()
+    const US_PER_DAY: u64 = 86_400_000_000;
+    let (days, in_day) = (us / US_PER_DAY, us % US_PER_DAY);
+    let (year, month, day) = civil_from_days(days);
+    let seconds = in_day / 1_000_000;
+    let (hour, minute, second) = (seconds / 3600, seconds / 60 % 60, seconds % 60);
+    let micros = in_day % 1_000_000;
+    let sign = if year > 9999 { "+" } else { "" };
+    format!("{sign}{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{micros:06}Z")
+}
+
+/// The proleptic Gregorian date `days` after 1970-01-01 (Howard Hinnant's `civil_from_days`,
+/// for non-negative days).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
 }
 
 #[derive(Serialize)]
@@ -508,6 +483,160 @@ fn event_data(event: &Event) -> Value {
             | I::Shipped { sku, qty, order },
         ) => {
             json!({"sku": sku.name(), "qty": qty, "order": order})
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(body: &str, items_max: usize) -> (&'static str, String) {
+        match parse_batch(body.as_bytes(), items_max) {
+            Err(e) => (e.code, e.message),
+            Ok(_) => panic!("accepted: {body}"),
+        }
+    }
+
+    #[test]
+    fn timestamps_match_rfc3339_and_never_panic_past_year_9999() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let last_rfc3339_us = 253_402_300_799_999_999; // 9999-12-31T23:59:59.999999Z
+        for sample in [
+            0,
+            1,
+            951_782_400_000_000,
+            1_764_547_200_123_456,
+            last_rfc3339_us,
+        ] {
+            let expected =
+                humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(sample));
+            assert_eq!(timestamp(sample), expected.to_string());
+        }
+        // A spread of days over the whole range, leap years and centuries included.
+        let mut us = 1u64;
+        while us < last_rfc3339_us {
+            let expected = humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(us));
+            assert_eq!(timestamp(us), expected.to_string(), "{us}");
+            us += us / 64 + 86_399_999_977;
+        }
+        // Regression: humantime panicked here (a clock set past year 9999 killed every read).
+        assert_eq!(
+            timestamp(last_rfc3339_us + 1),
+            "+10000-01-01T00:00:00.000000Z"
+        );
+        assert!(timestamp(u64::MAX).starts_with("+586524-"));
+    }
+
+    #[test]
+    fn quotes_are_short_prefixes_cut_at_character_boundaries() {
+        assert_eq!(quote("alice"), "`alice`");
+        let long = "é".repeat(1000);
+        let quoted = quote(&long);
+        assert!(quoted.len() < QUOTED_BYTES_MAX + 40, "{quoted}");
+        assert!(quoted.ends_with("(2000 bytes)"), "{quoted}");
+    }
+
+    /// Regression: derived structs accept a JSON array of their fields, so positional bodies
+    /// and commands were accepted and committed.
+    #[test]
+    fn only_objects_are_requests_and_commands() {
+        let open = r#"{"type":"open_account","account":"x"}"#;
+        assert!(parse_batch(format!(r#"{{"commands":[{open}]}}"#).as_bytes(), 10).is_ok());
+        for body in [
+            format!("[[{open}], false]"),
+            r#"{"commands":[["open_account",null,null,"x"]]}"#.to_string(),
+            format!(r#"{{"commands":[{open}, ["deposit"]]}}"#),
+            r#"{"commands":{"type":"open_account"}}"#.to_string(),
+        ] {
+            assert_eq!(code_of(&body, 10).0, "invalid_request", "{body}");
+        }
+    }
+
+    /// Regression: the whole command list was built before `too_many_items` was checked.
+    #[test]
+    fn the_command_list_is_refused_at_the_first_item_too_many() {
+        // Garbage after the third item: refusing `too_many_items` proves the parser never got
+        // there.
+        let (code, message) = code_of(r#"{"commands":[{},{},{}, this is not JSON"#, 2);
+        assert_eq!(code, "too_many_items", "{message}");
+        assert!(message.contains("at most 2"), "{message}");
+        assert_eq!(code_of(r#"{"commands":[{},{}, nope"#, 2).0, "invalid_json");
+    }
+
+    #[test]
+    fn fields_are_classified_by_type_not_by_message_text() {
+        let cases = [
+            (
+                r#"{"commands":[{"type":"open_account","colour":1}]}"#,
+                "unknown_field",
+                "commands[0]: unknown field `colour`",
+            ),
+            (
+                r#"{"commands":[],"atomik":true}"#,
+                "unknown_field",
+                "`atomik`",
+            ),
+            (r#"{"atomic":true}"#, "missing_field", "`commands`"),
+            (
+                r#"{"commands":[{"type":"open_account","account":"x","account":"y"}]}"#,
+                "invalid_request",
+                "`account` appears more than once",
+            ),
+            (
+                r#"{"commands":[{"type":"open_account","account":"x"}],"atomic":true,"atomic":false}"#,
+                "invalid_request",
+                "`atomic`",
+            ),
+            (
+                r#"{"commands":[{"type":"open_account","account":"x","expected_version":-1}]}"#,
+                "invalid_request",
+                "commands[0]: invalid value",
+            ),
+        ];
+        for (body, code, needle) in cases {
+            let (got, message) = code_of(body, 10);
+            assert_eq!(got, code, "{body}: {message}");
+            assert!(message.contains(needle), "{body}: {message}");
+        }
+    }
+
+    #[test]
+    fn quantities_are_integers_or_canonical_decimal_strings() {
+        let deposit = |amount: &str| {
+            format!(r#"{{"commands":[{{"type":"deposit","account":"a","amount":{amount}}}]}}"#)
+        };
+        for (amount, expected) in [
+            ("5", 5),
+            (r#""5""#, 5),
+            (r#""9007199254740993""#, 9_007_199_254_740_993),
+            ("9223372036854775807", i64::MAX as u64),
+            (r#""9223372036854775807""#, i64::MAX as u64),
+        ] {
+            let (envelopes, _) = parse_batch(deposit(amount).as_bytes(), 10).expect("accepted");
+            let Command::Ledger(ledger::Command::Deposit { amount: got, .. }) =
+                &envelopes[0].command
+            else {
+                panic!("not a deposit");
+            };
+            assert_eq!(*got, expected, "{amount}");
+        }
+        for amount in [
+            r#""0""#,
+            r#""01""#,
+            r#""-1""#,
+            r#""1.0""#,
+            r#""1e3""#,
+            r#"" 1""#,
+            r#""""#,
+            r#""9223372036854775808""#,
+            r#""99999999999999999999999""#,
+            "-1",
+            "1.5",
+            "1e20",
+        ] {
+            let (code, message) = code_of(&deposit(amount), 10);
+            assert_eq!(code, "invalid_amount", "{amount}: {message}");
         }
     }
 }

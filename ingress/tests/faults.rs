@@ -6,7 +6,7 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use keel_engine::{Engine, FaultPlan, MemoryStorage};
-use keel_ingress::http::{AppState, router};
+use keel_ingress::http::{AppState, HttpLimits, router};
 use keel_sequencer::{Config, Sequencer};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -15,12 +15,15 @@ use tower::ServiceExt;
 fn start_app(storage: Arc<MemoryStorage>) -> (axum::Router, Arc<Sequencer>) {
     let engine = Engine::open(storage).unwrap();
     let sequencer = Arc::new(Sequencer::start(engine, Config::default()).unwrap());
-    let state = AppState {
-        sequencer: Arc::clone(&sequencer),
-        metrics: keel_ingress::metrics_handle().unwrap(),
+    let limits = HttpLimits {
         body_bytes_max: 1 << 20,
-        retry_after_secs: 1,
+        ..HttpLimits::default()
     };
+    let state = AppState::new(
+        Arc::clone(&sequencer),
+        keel_ingress::metrics_handle().unwrap(),
+        limits,
+    );
     (router(state), sequencer)
 }
 

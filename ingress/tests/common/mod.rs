@@ -85,3 +85,102 @@ pub fn client() -> reqwest::Client {
         .build()
         .expect("client")
 }
+
+/// `host:port` of a `http://host:port` URL.
+pub fn address(url: &str) -> String {
+    url.trim_start_matches("http://").to_string()
+}
+
+/// An HTTP answer read off a raw socket.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "answer {} is not JSON ({e}): {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Sends `request` as raw bytes on a new connection (then half-closes it when `close_write`),
+/// and reads one answer: what reqwest cannot send (broken framing, codings, bad paths).
+pub fn raw_exchange(url: &str, request: &[u8], close_write: bool) -> RawAnswer {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address(url)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    stream.write_all(request).expect("send");
+    if close_write {
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+    }
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if let Some(answer) = parse_answer(&received) {
+            return answer;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => panic!(
+                "connection closed before a whole answer: {:?}",
+                String::from_utf8_lossy(&received)
+            ),
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!(
+                "no whole answer ({e}); got {:?}",
+                String::from_utf8_lossy(&received)
+            ),
+        }
+    }
+}
+
+/// A whole answer with a `Content-Length` body, once `bytes` hold it.
+fn parse_answer(bytes: &[u8]) -> Option<RawAnswer> {
+    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&bytes[..head_end]).expect("ASCII head");
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().expect("status");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map_or(0, |(_, v)| v.parse().expect("content-length"));
+    let body = bytes.get(head_end + 4..head_end + 4 + length)?.to_vec();
+    Some(RawAnswer {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}

@@ -1,0 +1,140 @@
+//! The connection loop of `keel serve`: accepts TCP connections up to a bound, serves each with
+//! hyper's HTTP/1 server under a header read timeout, and on shutdown drains open connections for
+//! a bounded time before dropping what is left.
+//!
+//! `axum::serve` sets no timer, so hyper's header read timeout never applied (a client that sent
+//! half a request head held its connection forever), and its graceful shutdown waits for every
+//! connection without a bound (SIGTERM hung while a client held a half-sent request).
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+/// The bounds of the connection loop (`keel serve` flags; ARCHITECTURE.md "Bounds").
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    /// Most open connections; one more is closed as soon as it is accepted.
+    pub connections_max: usize,
+    /// How long a connection may take to send a request head; also how long an idle keep-alive
+    /// connection is kept.
+    pub header_read_timeout: Duration,
+    /// How long open connections may take to finish after shutdown begins.
+    pub shutdown_drain: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets open
+/// connections finish their current request for at most `shutdown_drain`, and drops the rest.
+/// Returns once no connection task (and so no clone of `app`'s state) is left.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: &ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    assert!(limits.connections_max > 0);
+    let permits = Arc::new(Semaphore::new(limits.connections_max));
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    let mut http = http1::Builder::new();
+    // Half-close: a client may shut down its sending side after the request and still get the
+    // answer (without it hyper drops the connection, and the answer, on that EOF).
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .half_close(true);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(done) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(error) = done {
+                    tracing::error!(%error, "a connection task failed");
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                        // Over the bound: close at once rather than queue (a slow client must
+                        // not make others wait behind it).
+                        metrics::counter!("keel_http_refused_total", "reason" => "connections")
+                            .increment(1);
+                        drop(stream);
+                        continue;
+                    };
+                    let connection = serve_connection(&http, &graceful, stream, app.clone(), permit);
+                    connections.spawn(connection);
+                }
+                Err(error) => accept_failed(error).await,
+            },
+        }
+    }
+    drop(listener);
+    drain(graceful, connections, limits.shutdown_drain).await;
+}
+
+/// One connection, watched by the graceful shutdown, holding its permit until it ends.
+fn serve_connection(
+    http: &http1::Builder,
+    graceful: &GracefulShutdown,
+    stream: TcpStream,
+    app: Router,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send + 'static {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "cannot set TCP_NODELAY");
+    }
+    let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    let connection = graceful.watch(connection);
+    async move {
+        metrics::gauge!("keel_http_connections").increment(1.0);
+        if let Err(error) = connection.await {
+            // Timeouts, resets and malformed request heads end up here; none is a server fault.
+            tracing::debug!(%error, "connection ended with an error");
+        }
+        metrics::gauge!("keel_http_connections").decrement(1.0);
+        drop(permit);
+    }
+}
+
+/// Asks every connection to finish its current request and close; after `bound`, drops the
+/// connections still open (a client holding a half-sent request cannot delay shutdown).
+async fn drain(graceful: GracefulShutdown, mut connections: JoinSet<()>, bound: Duration) {
+    let open = connections.len();
+    tracing::info!(
+        open,
+        bound_secs = bound.as_secs_f64(),
+        "draining connections"
+    );
+    if tokio::time::timeout(bound, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            still_open = connections.len(),
+            "connections did not finish within the drain bound; closing them"
+        );
+    }
+    // Aborts what is left and waits until every task (and its clone of the app) is gone.
+    connections.shutdown().await;
+}
+
+/// Accept errors such as EMFILE would spin the loop; wait a moment (as hyper 0.14 and axum do)
+/// unless the error was one peer's.
+async fn accept_failed(error: std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(%error, "accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}

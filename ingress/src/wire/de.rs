@@ -1,0 +1,402 @@
+//! The request body's deserializers, written by hand instead of derived, for three reasons:
+//!
+//! - Only the documented object shapes are accepted. A derived struct also accepts a JSON array
+//!   of its fields in order (`[[{...}], false]`), which no client means and which made positional
+//!   garbage commit.
+//! - The command list stops at `--batch-items-max`: a 16 MiB body of `{}` items is refused after
+//!   the first item too many, not after 5.6 million of them were built.
+//! - Errors the visitors find carry their code as a value ([`ParseContext`]), not as message
+//!   text for the caller to match, and quote client input only as a short prefix.
+//!
+//! Each field is parsed straight into its slot: no intermediate `serde_json::Value`, no extra
+//! allocation per field (this is the request hot path).
+
+use super::{WireError, quote};
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use std::cell::Cell;
+use std::fmt;
+
+/// What a visitor knows about a failure that serde's error type cannot carry: the command being
+/// parsed, and an error the visitors classified themselves.
+#[derive(Default)]
+pub(super) struct ParseContext {
+    item: Cell<Option<usize>>,
+    failure: Cell<Option<WireError>>,
+}
+
+impl ParseContext {
+    /// Records a classified failure and returns the serde error that unwinds the parse.
+    fn fail<E: de::Error>(&self, code: &'static str, message: String) -> E {
+        self.failure.set(Some(WireError::new(code, message)));
+        E::custom(code)
+    }
+
+    /// The request error for a failed parse: the visitors' own failure when they recorded one,
+    /// else serde_json's error classified by its category; named by the command it happened in.
+    pub(super) fn error(&self, e: serde_json::Error) -> WireError {
+        let error = self.failure.take().unwrap_or_else(|| json_error(&e));
+        match self.item.get() {
+            Some(index) => {
+                WireError::new(error.code, format!("commands[{index}]: {}", error.message))
+            }
+            None => error,
+        }
+    }
+}
+
+/// Longest part of a serde_json error message kept (its text can hold client input verbatim, e.g.
+/// `invalid type: string "<the whole string>"`).
+const JSON_MESSAGE_BYTES_MAX: usize = 160;
+
+fn json_error(e: &serde_json::Error) -> WireError {
+    use serde_json::error::Category;
+    let code = match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => "invalid_json",
+        Category::Data => "invalid_request",
+    };
+    let text = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    let head = text.strip_suffix(&position).unwrap_or(&text);
+    let head = keel_sequencer::audit::shorten(head.to_owned(), JSON_MESSAGE_BYTES_MAX);
+    let position = if e.line() == 0 { "" } else { &position };
+    WireError::new(code, format!("{head}{position}"))
+}
+
+/// A parsed `POST /v1/batches` body, before validation.
+pub(super) struct BatchRequest {
+    pub commands: Vec<RawCommand>,
+    pub atomic: bool,
+}
+
+/// Parses a batch body: one object `{"commands": [...], "atomic": bool}`.
+pub(super) struct BatchSeed<'a> {
+    pub context: &'a ParseContext,
+    pub items_max: usize,
+}
+
+#[derive(Clone, Copy)]
+enum BatchField {
+    Commands,
+    Atomic,
+}
+
+const BATCH_FIELDS: &[(&str, BatchField)] = &[
+    ("commands", BatchField::Commands),
+    ("atomic", BatchField::Atomic),
+];
+
+impl<'de> DeserializeSeed<'de> for BatchSeed<'_> {
+    type Value = BatchRequest;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<BatchRequest, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BatchSeed<'_> {
+    type Value = BatchRequest;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(r#"an object {"commands": [...], "atomic": false}"#)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<BatchRequest, A::Error> {
+        let context = self.context;
+        let (mut commands, mut atomic) = (None, None);
+        let key = || KeySeed {
+            context,
+            fields: BATCH_FIELDS,
+            owner: "the body",
+        };
+        while let Some((field, name)) = map.next_key_seed(key())? {
+            let duplicate = match field {
+                BatchField::Commands => commands
+                    .replace(map.next_value_seed(CommandsSeed {
+                        context,
+                        items_max: self.items_max,
+                    })?)
+                    .is_some(),
+                BatchField::Atomic => atomic.replace(map.next_value::<bool>()?).is_some(),
+            };
+            if duplicate {
+                return Err(duplicate_field(context, name));
+            }
+        }
+        let commands = commands.ok_or_else(|| {
+            context.fail::<A::Error>(
+                "missing_field",
+                "field `commands` is required: {\"commands\": [...]}".to_owned(),
+            )
+        })?;
+        Ok(BatchRequest {
+            commands,
+            atomic: atomic.unwrap_or(false),
+        })
+    }
+}
+
+fn duplicate_field<E: de::Error>(context: &ParseContext, name: &str) -> E {
+    context.fail(
+        "invalid_request",
+        format!("field `{name}` appears more than once"),
+    )
+}
+
+/// Parses the command list, refusing the first item past `items_max` without reading further.
+struct CommandsSeed<'a> {
+    context: &'a ParseContext,
+    items_max: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for CommandsSeed<'_> {
+    type Value = Vec<RawCommand>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CommandsSeed<'_> {
+    type Value = Vec<RawCommand>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of commands")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let context = self.context;
+        // The list's length is unknown until it ends; grow as items come (bounded by items_max).
+        let mut items = Vec::new();
+        loop {
+            context.item.set(Some(items.len()));
+            let Some(item) = seq.next_element_seed(CommandSeed { context })? else {
+                break;
+            };
+            if items.len() == self.items_max {
+                context.item.set(None);
+                return Err(context.fail(
+                    "too_many_items",
+                    format!(
+                        "`commands` has more than {max} items; at most {max} are allowed per request",
+                        max = self.items_max
+                    ),
+                ));
+            }
+            items.push(item);
+        }
+        context.item.set(None);
+        Ok(items)
+    }
+}
+
+/// One command as sent: every field of every command type, checked against the type after
+/// parsing. Flat (not an internally tagged enum) so it is parsed in one pass.
+#[derive(Default)]
+pub(super) struct RawCommand {
+    pub kind: Option<String>,
+    pub id: Option<String>,
+    pub expected_version: Option<u64>,
+    pub account: Option<String>,
+    pub overdraft_limit: Option<Quantity>,
+    pub amount: Option<Quantity>,
+    pub memo: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub sku: Option<String>,
+    pub on_hand: Option<Quantity>,
+    pub qty: Option<Quantity>,
+    pub order: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CommandField {
+    Type,
+    Id,
+    ExpectedVersion,
+    Account,
+    OverdraftLimit,
+    Amount,
+    Memo,
+    From,
+    To,
+    Sku,
+    OnHand,
+    Qty,
+    Order,
+}
+
+const COMMAND_FIELDS: &[(&str, CommandField)] = &[
+    ("type", CommandField::Type),
+    ("id", CommandField::Id),
+    ("expected_version", CommandField::ExpectedVersion),
+    ("account", CommandField::Account),
+    ("overdraft_limit", CommandField::OverdraftLimit),
+    ("amount", CommandField::Amount),
+    ("memo", CommandField::Memo),
+    ("from", CommandField::From),
+    ("to", CommandField::To),
+    ("sku", CommandField::Sku),
+    ("on_hand", CommandField::OnHand),
+    ("qty", CommandField::Qty),
+    ("order", CommandField::Order),
+];
+
+struct CommandSeed<'a> {
+    context: &'a ParseContext,
+}
+
+impl<'de> DeserializeSeed<'de> for CommandSeed<'_> {
+    type Value = RawCommand;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<RawCommand, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CommandSeed<'_> {
+    type Value = RawCommand;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            r#"a command object, e.g. {"type": "deposit", "account": "alice", "amount": 5}"#,
+        )
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawCommand, A::Error> {
+        let context = self.context;
+        let mut raw = RawCommand::default();
+        let mut seen = 0u16;
+        while let Some((field, name)) = map.next_key_seed(KeySeed {
+            context,
+            fields: COMMAND_FIELDS,
+            owner: "a command",
+        })? {
+            let bit = 1u16 << (field as u16);
+            if seen & bit != 0 {
+                return Err(duplicate_field(context, name));
+            }
+            seen |= bit;
+            raw.set(field, &mut map)?;
+        }
+        Ok(raw)
+    }
+}
+
+impl RawCommand {
+    /// Parses the value of `field` into its slot.
+    fn set<'de, A: MapAccess<'de>>(
+        &mut self,
+        field: CommandField,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        use CommandField as F;
+        match field {
+            F::Type => self.kind = map.next_value()?,
+            F::Id => self.id = map.next_value()?,
+            F::ExpectedVersion => self.expected_version = map.next_value()?,
+            F::Account => self.account = map.next_value()?,
+            F::OverdraftLimit => self.overdraft_limit = map.next_value()?,
+            F::Amount => self.amount = map.next_value()?,
+            F::Memo => self.memo = map.next_value()?,
+            F::From => self.from = map.next_value()?,
+            F::To => self.to = map.next_value()?,
+            F::Sku => self.sku = map.next_value()?,
+            F::OnHand => self.on_hand = map.next_value()?,
+            F::Qty => self.qty = map.next_value()?,
+            F::Order => self.order = map.next_value()?,
+        }
+        Ok(())
+    }
+}
+
+/// Parses an object key into one of `fields` (and its static name); any other key fails with
+/// `unknown_field`, quoting a short prefix of it.
+struct KeySeed<'a, F: 'static> {
+    context: &'a ParseContext,
+    fields: &'static [(&'static str, F)],
+    owner: &'static str,
+}
+
+impl<'de, F: Copy + 'static> DeserializeSeed<'de> for KeySeed<'_, F> {
+    type Value = (F, &'static str);
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_identifier(self)
+    }
+}
+
+impl<'de, F: Copy + 'static> Visitor<'de> for KeySeed<'_, F> {
+    type Value = (F, &'static str);
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        if let Some((name, field)) = self.fields.iter().find(|(name, _)| *name == key) {
+            return Ok((*field, *name));
+        }
+        let known: Vec<&str> = self.fields.iter().map(|(name, _)| *name).collect();
+        Err(self.context.fail(
+            "unknown_field",
+            format!(
+                "unknown field {}; the fields of {} are {}",
+                quote(key),
+                self.owner,
+                known.join(", ")
+            ),
+        ))
+    }
+}
+
+/// An integer field as sent: a JSON integer, or a string of decimal digits (for values above
+/// 2^53 - 1 that a JavaScript client cannot hold exactly as a number; docs/API.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Quantity {
+    /// A non-negative integer, exact.
+    Whole(u64),
+    /// Anything else that is number-like (negative, fractional, too large, a non-decimal
+    /// string), rendered short for the error message.
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for Quantity {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(QuantityVisitor)
+    }
+}
+
+struct QuantityVisitor;
+
+/// Longest decimal string accepted as a quantity (u64::MAX has 20 digits).
+const QUANTITY_DIGITS_MAX: usize = 20;
+
+impl<'de> Visitor<'de> for QuantityVisitor {
+    type Value = Quantity;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an integer, or a string of decimal digits")
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Quantity, E> {
+        Ok(Quantity::Whole(n))
+    }
+
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Quantity, E> {
+        Ok(u64::try_from(n).map_or_else(|_| Quantity::Other(n.to_string()), Quantity::Whole))
+    }
+
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Quantity, E> {
+        let shown =
+            serde_json::Number::from_f64(n).map_or_else(|| n.to_string(), |n| n.to_string());
+        Ok(Quantity::Other(shown))
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Quantity, E> {
+        let canonical = !text.is_empty()
+            && text.len() <= QUANTITY_DIGITS_MAX
+            && text.bytes().all(|b| b.is_ascii_digit())
+            && (text == "0" || !text.starts_with('0'));
+        Ok(match text.parse::<u64>() {
+            Ok(n) if canonical => Quantity::Whole(n),
+            _ => Quantity::Other(format!("the string {}", quote(text))),
+        })
+    }
+}
