@@ -772,6 +772,8 @@ impl Run<'_> {
 }
 
 /// Longest rendering of an aggregate in a report (an SKU with many reservations is long).
+pub use keel_sequencer::shorten;
+
 const DESCRIBE_CHARS_MAX: usize = 400;
 
 fn describe(aggregate: &Aggregate) -> String {
@@ -779,19 +781,6 @@ fn describe(aggregate: &Aggregate) -> String {
     shorten(text, DESCRIBE_CHARS_MAX)
 }
 
-/// `text` cut to at most `max` bytes at a character boundary, with `...` when cut: how a
-/// report shows a long value.
-pub fn shorten(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let cut = (0..=max)
-            .rev()
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(0);
-        text.truncate(cut);
-        text.push_str("...");
-    }
-    text
-}
 
 fn describe_tip(tip: &ChainTip) -> String {
     format!(

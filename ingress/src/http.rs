@@ -149,7 +149,7 @@ impl ApiError {
         Self::new(
             StatusCode::BAD_REQUEST,
             "invalid_path",
-            keel_sequencer::audit::shorten(rejection.body_text(), ERROR_TEXT_BYTES_MAX),
+            keel_sequencer::shorten(rejection.body_text(), ERROR_TEXT_BYTES_MAX),
         )
     }
 
@@ -385,7 +385,7 @@ async fn read_body(body: Body, declared: usize, limits: &HttpLimits) -> Result<V
                 "malformed_body",
                 format!(
                     "the body could not be read: {}",
-                    keel_sequencer::audit::shorten(error.to_string(), ERROR_TEXT_BYTES_MAX)
+                    keel_sequencer::shorten(error.to_string(), ERROR_TEXT_BYTES_MAX)
                 ),
             )
             .closing())
@@ -515,7 +515,7 @@ async fn get_events(
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_query",
-            keel_sequencer::audit::shorten(e.body_text(), ERROR_TEXT_BYTES_MAX),
+            keel_sequencer::shorten(e.body_text(), ERROR_TEXT_BYTES_MAX),
         )
     })?;
     let limit = query.limit.unwrap_or(100);

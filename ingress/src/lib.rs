@@ -107,6 +107,21 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     };
     let state = http::AppState::new(Arc::clone(&sequencer), metrics, config.http_limits());
     let local = listener.local_addr()?;
+    // Installed before the line below, so that a SIGTERM right after it drains.
+    let stop_signal = shutdown_signal();
+    // The writer's death is a stop signal too: the write path is poisoned (every request gets
+    // 503 and both health checks fail), and exiting non-zero after the drain lets the
+    // supervisor restart keel so that recovery runs (ARCHITECTURE.md, "A writer that dies").
+    let writer_failure = std::sync::OnceLock::new();
+    let stop = async {
+        tokio::select! {
+            () = stop_signal => {}
+            reason = sequencer.writer_failed() => {
+                tracing::error!(reason, "the writer died; stopping so that the supervisor restarts keel");
+                let _ = writer_failure.set(reason);
+            }
+        }
+    };
     tracing::info!(listen = %local, "serving HTTP");
     // One plain line on stdout for scripts and tests that listen on port 0.
     println!("keel: listening on http://{local}");
@@ -114,7 +129,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         listener,
         http::router(state),
         &config.connection_limits(),
-        shutdown_signal(),
+        stop,
     )
     .await;
     tracing::info!("HTTP stopped; draining the write queue");
@@ -124,6 +139,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         publisher.shutdown(Duration::from_secs(5)).await;
     }
     drop(sequencer);
+    if let Some(reason) = writer_failure.get() {
+        anyhow::bail!("the writer thread died ({reason}); restart keel serve to recover");
+    }
     tracing::info!("keel serve stopped cleanly");
     Ok(())
 }
@@ -187,27 +205,33 @@ fn spawn_metrics_upkeep(handle: PrometheusHandle) {
 }
 
 /// Resolves on SIGTERM or Ctrl-C: the stop signal of every long-running `keel` command.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+///
+/// The handlers are installed when this is called, not when the future is first polled:
+/// `keel serve` calls it before it prints its "listening" line, so a SIGTERM sent as soon as
+/// that line appears drains instead of killing the process (regression: tokio's `ctrl_c()` and a
+/// lazily created `signal()` registered only once the server loop polled them, and a signal
+/// arriving between the line and the first poll ended the process without a drain).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = signal(SignalKind::terminate())
+        .inspect_err(|error| tracing::error!(%error, "cannot listen for SIGTERM"))
+        .ok();
+    let interrupt = signal(SignalKind::interrupt())
+        .inspect_err(|error| tracing::error!(%error, "cannot listen for Ctrl-C"))
+        .ok();
+    async move {
+        let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+            match signal {
+                Some(mut signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+        };
+        tokio::select! {
+            () = wait(interrupt) => tracing::info!("Ctrl-C received; shutting down"),
+            () = wait(terminate) => tracing::info!("SIGTERM received; shutting down"),
         }
-    };
-    tokio::select! {
-        () = ctrl_c => tracing::info!("Ctrl-C received; shutting down"),
-        () = terminate => tracing::info!("SIGTERM received; shutting down"),
     }
 }
 

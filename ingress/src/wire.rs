@@ -313,7 +313,7 @@ pub fn quote(text: &str) -> String {
     let head: String = text.chars().take(QUOTED_BYTES_MAX + 1).collect();
     format!(
         "`{}` ({} bytes)",
-        keel_sequencer::audit::shorten(head, QUOTED_BYTES_MAX),
+        keel_sequencer::shorten(head, QUOTED_BYTES_MAX),
         text.len()
     )
 }

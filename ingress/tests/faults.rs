@@ -239,18 +239,25 @@ async fn a_writer_panic_poisons_the_write_path_and_fails_the_health_checks() {
     });
     let engine = Engine::open(Arc::clone(&storage) as Arc<dyn keel_engine::Storage>).unwrap();
     let sequencer = Arc::new(Sequencer::start(engine, Config::default()).unwrap());
-    let app = router(AppState {
-        sequencer: Arc::clone(&sequencer),
-        metrics: keel_ingress::metrics_handle().unwrap(),
-        body_bytes_max: 1 << 20,
-        retry_after_secs: 1,
-    });
+    let app = router(AppState::new(
+        Arc::clone(&sequencer),
+        keel_ingress::metrics_handle().unwrap(),
+        HttpLimits::default(),
+    ));
     let open = json!({"commands": [{"type": "open_account", "account": "a"}]});
-    assert_eq!(call(&app, "POST", "/v1/batches", Some(open)).await.0, StatusCode::OK);
-    assert_eq!(call(&app, "POST", "/v1/batches", Some(deposit(1))).await.0, StatusCode::OK);
+    assert_eq!(
+        call(&app, "POST", "/v1/batches", Some(open)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&app, "POST", "/v1/batches", Some(deposit(1))).await.0,
+        StatusCode::OK
+    );
     assert_eq!(call(&app, "GET", "/readyz", None).await.0, StatusCode::OK);
 
-    storage.armed.store(true, std::sync::atomic::Ordering::Release);
+    storage
+        .armed
+        .store(true, std::sync::atomic::Ordering::Release);
     let (status, body) = call(&app, "POST", "/v1/batches", Some(deposit(2))).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),

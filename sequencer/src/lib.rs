@@ -430,3 +430,18 @@ impl Drop for Sequencer {
         self.shutdown();
     }
 }
+
+/// `text` cut to at most `max` bytes at a character boundary, with `...` when cut: how a
+/// report or an error message shows a long value (the audit's reports and the HTTP errors
+/// that quote input share it).
+pub fn shorten(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let cut = (0..=max)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
+}

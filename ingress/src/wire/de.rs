@@ -58,7 +58,7 @@ fn json_error(e: &serde_json::Error) -> WireError {
     let text = e.to_string();
     let position = format!(" at line {} column {}", e.line(), e.column());
     let head = text.strip_suffix(&position).unwrap_or(&text);
-    let head = keel_sequencer::audit::shorten(head.to_owned(), JSON_MESSAGE_BYTES_MAX);
+    let head = keel_sequencer::shorten(head.to_owned(), JSON_MESSAGE_BYTES_MAX);
     let position = if e.line() == 0 { "" } else { &position };
     WireError::new(code, format!("{head}{position}"))
 }
