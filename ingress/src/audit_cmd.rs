@@ -8,8 +8,10 @@ use crate::audit_projection::{ProjectionSummary, ProjectionTarget};
 use crate::wire;
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
+use keel_projection::nats::Published;
 use keel_sequencer::audit::{
-    self, AuditOptions, AuditReport, Check, Divergence, Phase, Progress, Snapshot, SnapshotMode,
+    self, AuditError, AuditOptions, AuditReport, Check, Divergence, Phase, Progress, Snapshot,
+    SnapshotMode,
 };
 use serde_json::{Value, json};
 use std::io::{Read, Write};
@@ -46,6 +48,16 @@ pub struct AuditArgs {
     /// at its checkpoint instead.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub mongo_wait: Duration,
+    /// Also compare the store's tip with the last batch of the JetStream stream at this NATS
+    /// URL (a witness of the store's history: a store behind it lost committed batches).
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    /// The stream `keel serve --nats-stream` publishes to.
+    #[arg(long, default_value = "KEEL")]
+    pub nats_stream: String,
+    /// The subject `keel serve --nats-subject` publishes on.
+    #[arg(long, default_value = "keel.batches")]
+    pub nats_subject: String,
 }
 
 /// Runs `keel audit` and returns its exit code.
@@ -59,11 +71,75 @@ pub fn run(args: &AuditArgs) -> ExitCode {
             println!("INTEGRITY_FAILED");
             ExitCode::from(1)
         }
+        // Damage RocksDB or the write-ahead log check found while opening or reading is a
+        // verdict, not a failure to reach one.
+        Err(error) if is_storage_damage(&error) => {
+            eprintln!("keel audit: {error:#}");
+            println!("storage damaged: {error:#}");
+            println!("INTEGRITY_FAILED");
+            ExitCode::from(1)
+        }
         Err(error) => {
             eprintln!("keel audit: {error:#}");
             ExitCode::from(2)
         }
     }
+}
+
+fn is_storage_damage(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(cause.downcast_ref::<AuditError>(), Some(AuditError::Storage(e)) if e.is_corruption())
+    })
+}
+
+/// The JetStream stream's last batch, read before the snapshot is opened: every batch in the
+/// stream then was committed before the snapshot, so the snapshot must hold it.
+fn read_stream_witness(args: &AuditArgs) -> anyhow::Result<Option<Published>> {
+    let Some(url) = &args.nats_url else {
+        return Ok(None);
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let read =
+            keel_projection::nats::last_published_at(url, &args.nats_stream, &args.nats_subject);
+        let found = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .map_err(|_| anyhow!("--nats-url {url}: no answer from JetStream within 10 s"))?;
+        Ok(found?)
+    })
+}
+
+/// Records a divergence when the store is behind (or beside) the stream's last batch.
+fn compare_stream_witness(
+    published: Option<Published>,
+    args: &AuditArgs,
+    snapshot: &Snapshot,
+    report: &mut AuditReport,
+) -> anyhow::Result<()> {
+    let Some(published) = published else {
+        return Ok(());
+    };
+    let tip = report.tip.last_batch;
+    let stream = &args.nats_stream;
+    if published.batch > tip {
+        let detail = format!(
+            "the store is behind its published history: data loss: JetStream stream `{stream}` holds batch {}, the store ends at batch {tip}",
+            published.batch
+        );
+        report.record(Divergence::new(Check::Storage, detail).at_batch(Some(published.batch)));
+    } else if let Some(header) = published.header {
+        let stored = snapshot.batch_header(header.seq)?;
+        if stored.map(|h| h.hash) != Some(header.hash) {
+            let detail = format!(
+                "the store's batch {} is not the one JetStream stream `{stream}` holds: the store's history forked",
+                header.seq
+            );
+            report.record(Divergence::new(Check::Storage, detail).at_batch(Some(header.seq)));
+        }
+    }
+    Ok(())
 }
 
 /// The audit; `Ok(intact)` is a verdict, `Err` means none could be reached.
@@ -84,6 +160,7 @@ fn audit(args: &AuditArgs) -> anyhow::Result<bool> {
         )?),
         None => None,
     };
+    let published = read_stream_witness(args)?;
     let opening = Instant::now();
     let snapshot = Snapshot::open(data).with_context(|| format!("opening {}", data.display()))?;
     let open_elapsed = opening.elapsed();
@@ -119,6 +196,7 @@ fn audit(args: &AuditArgs) -> anyhow::Result<bool> {
         None => None,
     };
     drop(log);
+    compare_stream_witness(published, args, &snapshot, &mut report)?;
     let served = match &args.url {
         Some(url) => Some(compare_served_log(url, &snapshot, &mut report)?),
         None => None,

@@ -401,7 +401,7 @@ fn check_format(storage: &dyn Storage) -> Result<(), AuditError> {
 /// True when RocksDB reports damage it found itself (a block checksum), which is a finding of
 /// the audit, not a reason to give up without a verdict.
 fn is_corruption(error: &StorageError) -> bool {
-    matches!(error, StorageError::Io(message) if message.starts_with("Corruption"))
+    error.is_corruption()
 }
 
 /// One audit's working state.
