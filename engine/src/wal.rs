@@ -382,6 +382,7 @@ fn crc32c(bytes: &[u8]) -> u32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test may unwrap: the panic is its failure report
 mod tests {
     use super::*;
     use std::io::Write;
