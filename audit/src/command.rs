@@ -8,11 +8,12 @@
 use crate::projection::{ProjectionSummary, ProjectionTarget};
 use crate::served_log;
 use crate::{
-    AuditOptions, AuditReport, Check, Divergence, Phase, Progress, Snapshot, SnapshotMode,
-    audit_snapshot_with_log,
+    AuditError, AuditOptions, AuditReport, Check, Divergence, Phase, Progress, Snapshot,
+    SnapshotMode, audit_snapshot_with_log,
 };
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use keel_engine::format::hex;
+use keel_projection::nats::Published;
 use keel_sequencer::CommittedEvent;
 use serde_json::{Value, json};
 use std::io::Write;
@@ -35,6 +36,73 @@ pub struct Request {
     pub served_event_json: fn(&CommittedEvent) -> Value,
     /// The MongoDB projection to compare with the log.
     pub mongo: Option<MongoRequest>,
+    /// The JetStream stream whose last batch witnesses the store's tip (`--nats-*`).
+    pub nats: Option<NatsRequest>,
+}
+
+/// Where the published history is (`--nats-url`, `--nats-stream`, `--nats-subject`).
+#[derive(Clone, Debug)]
+pub struct NatsRequest {
+    pub url: String,
+    pub stream: String,
+    pub subject: String,
+}
+
+/// True when `error` is damage RocksDB or the write-ahead-log check found while the audit
+/// opened or read the store: a verdict (`INTEGRITY_FAILED`), not a failure to reach one.
+pub fn is_storage_damage(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(cause.downcast_ref::<AuditError>(), Some(AuditError::Storage(e)) if e.is_corruption())
+    })
+}
+
+/// The JetStream stream's last batch, read before the snapshot is opened: every batch in the
+/// stream then was committed before the snapshot, so the snapshot must hold it.
+fn read_stream_witness(nats: Option<&NatsRequest>) -> anyhow::Result<Option<Published>> {
+    let Some(nats) = nats else {
+        return Ok(None);
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let read = keel_projection::nats::last_published_at(&nats.url, &nats.stream, &nats.subject);
+        let found = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .map_err(|_| anyhow!("--nats-url: no answer from JetStream within 10 s"))?;
+        Ok(found?)
+    })
+}
+
+/// Records a divergence when the store is behind (or beside) the stream's last batch.
+fn compare_stream_witness(
+    published: Option<Published>,
+    nats: Option<&NatsRequest>,
+    snapshot: &Snapshot,
+    report: &mut AuditReport,
+) -> anyhow::Result<()> {
+    let (Some(published), Some(nats)) = (published, nats) else {
+        return Ok(());
+    };
+    let tip = report.tip.last_batch;
+    let stream = &nats.stream;
+    if published.batch > tip {
+        let detail = format!(
+            "the store is behind its published history: data loss: JetStream stream `{stream}` holds batch {}, the store ends at batch {tip}",
+            published.batch
+        );
+        report.record(Divergence::new(Check::Storage, detail).at_batch(Some(published.batch)));
+    } else if let Some(header) = published.header {
+        let stored = snapshot.batch_header(header.seq)?;
+        if stored.map(|h| h.hash) != Some(header.hash) {
+            let detail = format!(
+                "the store's batch {} is not the one JetStream stream `{stream}` holds: the store's history forked",
+                header.seq
+            );
+            report.record(Divergence::new(Check::Storage, detail).at_batch(Some(header.seq)));
+        }
+    }
+    Ok(())
 }
 
 /// Where the projection is (`--mongo-*`).
@@ -65,6 +133,7 @@ pub fn run(args: &Request, out: &mut dyn Write) -> anyhow::Result<bool> {
         Some(mongo) => Some((ProjectionTarget::connect(mongo)?, mongo.wait)),
         None => None,
     };
+    let published = read_stream_witness(args.nats.as_ref())?;
     let opening = Instant::now();
     let snapshot = Snapshot::open(data).with_context(|| format!("opening {}", data.display()))?;
     let open_elapsed = opening.elapsed();
@@ -99,6 +168,7 @@ pub fn run(args: &Request, out: &mut dyn Write) -> anyhow::Result<bool> {
         None => None,
     };
     drop(log);
+    compare_stream_witness(published, args.nats.as_ref(), &snapshot, &mut report)?;
     let served = match &args.url {
         Some(url) => Some(served_log::compare(
             url,

@@ -415,7 +415,7 @@ fn check_format(storage: &dyn Storage) -> Result<(), AuditError> {
 /// message text RocksDB gives (`Corruption: ...`), because `StorageError` has no kind for it
 /// yet; when the engine reports corruption as its own kind, only this function changes.
 fn is_corruption(error: &StorageError) -> bool {
-    matches!(error, StorageError::Io(message) if message.starts_with("Corruption"))
+    error.is_corruption()
 }
 
 /// One audit's working state.
@@ -780,7 +780,6 @@ fn describe(aggregate: &Aggregate) -> String {
     let text = format!("version {} {:?}", aggregate.version, aggregate.state);
     shorten(text, DESCRIBE_CHARS_MAX)
 }
-
 
 fn describe_tip(tip: &ChainTip) -> String {
     format!(

@@ -245,7 +245,7 @@ impl Compare<'_> {
         if checkpoint.last_batch > tip.last_batch {
             if !self.live {
                 let detail = format!(
-                    "checkpoint `{}` is at batch {} but the store ends at batch {}: the projection holds batches the store does not",
+                    "checkpoint `{}` is at batch {} but the store ends at batch {}: the store is behind its projection: data loss (the projection holds batches the store does not)",
                     self.summary.durable, checkpoint.last_batch, tip.last_batch
                 );
                 let d = Divergence::new(Check::Projection, detail)

@@ -133,6 +133,9 @@ impl Snapshot {
 }
 
 fn not_a_store(error: StorageError) -> AuditError {
+    if error.is_corruption() {
+        return AuditError::Storage(error); // a finding, not a reason to give up on a verdict
+    }
     AuditError::NotAStore(format!("cannot open the store: {error}"))
 }
 

@@ -171,6 +171,7 @@ fn audit(dir: &Path, url: String) -> TestResult<(Result<bool, String>, String, V
         url: Some(url),
         served_event_json: render,
         mongo: None,
+        nats: None,
     };
     let mut summary = Vec::new();
     let verdict = command::run(&request, &mut summary).map_err(|e| format!("{e:#}"));

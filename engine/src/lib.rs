@@ -15,14 +15,15 @@ pub mod message;
 mod outbox;
 mod rocks;
 mod storage;
+pub mod wal;
 
 pub use chain::{ChainError, ChainSummary, verify_chain};
 pub use format::{BatchHeader, ChainTip, FORMAT_VERSION, FormatError};
 pub use memory::{FaultPlan, MemoryStorage};
 pub use message::{BatchMessage, decode_batch_message, encode_batch_message};
 pub use outbox::META_PUBLISH_CURSOR;
-pub use rocks::{LockProbe, RocksStorage};
-pub use storage::{Cf, Storage, StorageError, Visit, WriteSet};
+pub use rocks::{LockProbe, RocksStorage, Verified};
+pub use storage::{Cf, Storage, StorageError, StorageErrorKind, Visit, WriteSet};
 
 use format::{BatchHasher, META_FORMAT_VERSION, META_TIP, seq_key};
 use std::path::Path;
@@ -39,6 +40,18 @@ pub enum EngineError {
     Corrupt(String),
     #[error("the store has format version {found}, this build reads version {expected}")]
     UnsupportedFormat { found: u32, expected: u32 },
+}
+
+impl EngineError {
+    /// The store is damaged: RocksDB found bad bytes, or Keel found records that disagree.
+    /// Not transient: restarting will not help, the store needs repair or restoring.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            EngineError::Storage(e) => e.is_corruption(),
+            EngineError::Corrupt(_) => true,
+            EngineError::Poisoned | EngineError::UnsupportedFormat { .. } => false,
+        }
+    }
 }
 
 impl From<FormatError> for EngineError {

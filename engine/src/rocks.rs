@@ -1,12 +1,14 @@
 //! [`Storage`] over RocksDB: one column family per [`Cf`], every write a single `WriteBatch`.
 
 use crate::storage::{Cf, Entry, Storage, StorageError, Visit, WriteSet};
+use crate::wal;
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Options,
-    ReadOptions, WriteBatch, WriteOptions, checkpoint::Checkpoint,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, DBRecoveryMode,
+    Options, ReadOptions, WriteBatch, WriteOptions, checkpoint::Checkpoint,
 };
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// A RocksDB store. Shared by the writer and every reader (RocksDB is safe for that).
 pub struct RocksStorage {
@@ -14,9 +16,14 @@ pub struct RocksStorage {
 }
 
 impl RocksStorage {
-    /// Opens (or creates) the store at `path` with every column family Keel uses.
+    /// Opens (or creates) the store at `path` with every column family Keel uses, after
+    /// checking its write-ahead log ([`crate::wal`]), and refuses a damaged store: see
+    /// [`recovery_options`] and [`RocksStorage::verify_tables`], which this runs before
+    /// returning.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let wal_checked = wal::check_dir(path)?;
         let mut db_options = Options::default();
+        recovery_options(&mut db_options);
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
         // Two background threads: flushes and compactions must not starve the writer on a
@@ -30,8 +37,48 @@ impl RocksStorage {
         // has one writer anyway.
         db_options.set_allow_concurrent_memtable_write(false);
         let descriptors = Cf::ALL.map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf)));
-        let db = DB::open_cf_descriptors(&db_options, path, descriptors).map_err(io)?;
-        Ok(Self { db })
+        let db = DB::open_cf_descriptors(&db_options, path, descriptors)
+            .map_err(|e| naming_files(path, e.into()))?;
+        let storage = Self { db };
+        let verified = storage.verify_tables().map_err(|e| naming_files(path, e))?;
+        tracing::info!(
+            wal_files = wal_checked.len(),
+            wal_bytes = wal_checked.iter().map(|w| w.bytes).sum::<u64>(),
+            torn_tail = ?wal_checked.iter().find_map(|w| w.torn_tail_at.map(|at| (w.path.clone(), at))),
+            verified_keys = verified.keys,
+            verified_bytes = verified.bytes,
+            verify_seconds = verified.elapsed.as_secs_f64(),
+            "store opened: write-ahead log checked, every table block read and its checksum verified"
+        );
+        Ok(storage)
+    }
+
+    /// Reads every key of every column family with checksum verification on, so that a
+    /// damaged table block is found now, naming its file and offset, and not by whichever read
+    /// happens to touch it later. RocksDB verifies a block's checksum whenever it reads it; an
+    /// iterator over a column family reads every data block of every table file of it (the
+    /// merge walks all levels), and the index, filter and footer of every table are read
+    /// when the table is opened (at `DB::open`: `max_open_files` is -1). The cost is one
+    /// sequential read of the store at every start (measured in docs/FORMAT.md, "Recovery").
+    pub fn verify_tables(&self) -> Result<Verified, StorageError> {
+        let started = Instant::now();
+        let mut verified = Verified::default();
+        for cf in Cf::ALL {
+            let mut options = ReadOptions::default();
+            options.set_verify_checksums(true);
+            options.fill_cache(false);
+            options.set_readahead_size(SCAN_ONCE_READAHEAD_BYTES);
+            let mut it = self.db.raw_iterator_cf_opt(self.handle(cf)?, options);
+            it.seek_to_first();
+            while let (Some(key), Some(value)) = (it.key(), it.value()) {
+                verified.keys += 1;
+                verified.bytes += (key.len() + value.len()) as u64;
+                it.next();
+            }
+            it.status()?;
+        }
+        verified.elapsed = started.elapsed();
+        Ok(verified)
     }
 
     /// Opens the store at `path` read-only, for an audit of a stopped store. Nothing in `path`
@@ -39,9 +86,10 @@ impl RocksStorage {
     /// the view is fixed at open: the write-ahead log is replayed into memory once.
     pub fn open_read_only(path: &Path) -> Result<Self, StorageError> {
         existing_store(path)?;
+        wal::check_dir(path)?;
         let descriptors = Cf::ALL.map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf)));
         let db = DB::open_cf_descriptors_read_only(&reader_options(), path, descriptors, false)
-            .map_err(io)?;
+            .map_err(|e| naming_files(path, e.into()))?;
         Ok(Self { db })
     }
 
@@ -52,6 +100,9 @@ impl RocksStorage {
     /// batch boundary.
     pub fn open_secondary(primary: &Path, secondary: &Path) -> Result<Self, StorageError> {
         existing_store(primary)?;
+        // The primary may be writing the newest log right now: its tail is then "torn", which
+        // the check accepts; a log it deletes meanwhile is skipped.
+        wal::check_dir(primary)?;
         std::fs::create_dir_all(secondary)
             .map_err(|e| StorageError::Io(format!("creating {}: {e}", secondary.display())))?;
         let descriptors = Cf::ALL.map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf)));
@@ -61,14 +112,14 @@ impl RocksStorage {
             secondary,
             descriptors,
         )
-        .map_err(io)?;
+        .map_err(|e| naming_files(primary, e.into()))?;
         Ok(Self { db })
     }
 
     /// Moves a secondary instance's view to the primary's latest durable write (the MANIFEST
     /// and the write-ahead log as they are now).
     pub fn catch_up(&self) -> Result<(), StorageError> {
-        self.db.try_catch_up_with_primary().map_err(io)
+        Ok(self.db.try_catch_up_with_primary()?)
     }
 
     /// Like [`Storage::scan`], for one pass over a whole column family (the audit): blocks are
@@ -86,7 +137,7 @@ impl RocksStorage {
             }
             it.next();
         }
-        it.status().map_err(io)
+        Ok(it.status()?)
     }
 
     /// Deletes one key, synced. The engine never deletes; this exists for repair tools and for
@@ -97,7 +148,17 @@ impl RocksStorage {
         let mut options = WriteOptions::default();
         options.set_sync(true);
         options.disable_wal(false);
-        self.db.write_opt(batch, &options).map_err(io)
+        Ok(self.db.write_opt(batch, &options)?)
+    }
+
+    /// Flushes every column family's memtable to a table file and waits for it. The engine
+    /// never needs this (the write-ahead log makes commits durable); tests use it to put data
+    /// into table files.
+    pub fn flush(&self) -> Result<(), StorageError> {
+        for cf in Cf::ALL {
+            self.db.flush_cf(self.handle(cf)?)?;
+        }
+        Ok(())
     }
 
     /// Who holds the RocksDB `LOCK` of the store at `path`, read from `/proc/locks` (RocksDB
@@ -129,6 +190,38 @@ impl RocksStorage {
 
 /// Read-ahead of [`RocksStorage::scan_once`]: large sequential reads for a full scan.
 const SCAN_ONCE_READAHEAD_BYTES: usize = 2 << 20;
+
+/// What [`RocksStorage::verify_tables`] read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verified {
+    pub keys: u64,
+    /// Key and value bytes (uncompressed).
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// How every instance (primary, read-only, secondary) treats damage found while opening.
+///
+/// RocksDB's default WAL recovery mode, point-in-time, stops replaying at the first bad
+/// record and opens successfully: one flipped byte in the middle of the log silently dropped
+/// every later batch, acknowledged ones included. `TolerateCorruptedTailRecords` refuses a
+/// record whose checksum does not match wherever it is, and accepts only an incomplete record
+/// at the end of a log (the write a crash interrupted, which with one synced write per batch
+/// was never acknowledged). `AbsoluteConsistency` would refuse that too, so a crash in the
+/// middle of a write would leave a store that never opens again without manual repair.
+/// [`crate::wal`] closes the two gaps of the tolerant mode (a damaged length that looks like a
+/// torn tail, zeros hiding data) and names file and offset, which RocksDB's error does not.
+/// `paranoid_checks` (RocksDB's default, set explicitly) makes any corruption RocksDB finds
+/// at open or in a background job an error instead of a log line.
+fn recovery_options(options: &mut Options) {
+    options.set_wal_recovery_mode(DBRecoveryMode::TolerateCorruptedTailRecords);
+    options.set_paranoid_checks(true);
+    // Keel's WAL check knows only non-recycled logs; recycling is off by default, and stays so.
+    options.set_recycle_log_file_num(0);
+    // Open every table file at open (RocksDB's default): a damaged footer, index or filter is
+    // found before anything is served.
+    options.set_max_open_files(-1);
+}
 
 /// Whether a process holds a store's `LOCK`, as far as this machine can tell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +264,35 @@ fn lock_holder(table: &str, dev: u64, ino: u64) -> LockProbe {
     LockProbe::Free
 }
 
+/// RocksDB names the damaged file in most corruption messages ("block checksum mismatch ... in
+/// /data/000012.sst offset 0 size 92", "Footer at 1401 checksum mismatch in /data/000008.sst")
+/// but not in all: damage that still passes a block checksum and then fails to parse says
+/// "properties unsorted  The file MANIFEST-000014 may be corrupted". Where a corruption names
+/// no table or log file, this adds the store's, so the error says where to look.
+fn naming_files(path: &Path, error: StorageError) -> StorageError {
+    let StorageError::Store { kind, message } = &error else {
+        return error;
+    };
+    if *kind != crate::StorageErrorKind::Corruption
+        || message.contains(".sst")
+        || message.contains(".log")
+    {
+        return error;
+    }
+    let mut files: Vec<String> = std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".sst") || name.ends_with(".log"))
+        .collect();
+    files.sort();
+    StorageError::corruption(format!(
+        "{message} (RocksDB names no table file; the store {} holds {})",
+        path.display(),
+        files.join(", ")
+    ))
+}
+
 /// A directory that holds a RocksDB store. Checked before opening because RocksDB's open
 /// creates a missing directory even for a read-only or secondary instance.
 fn existing_store(path: &Path) -> Result<(), StorageError> {
@@ -189,6 +311,7 @@ fn existing_store(path: &Path) -> Result<(), StorageError> {
 /// documented requirement for secondaries).
 fn reader_options() -> Options {
     let mut options = Options::default();
+    recovery_options(&mut options);
     options.create_if_missing(false);
     options.create_missing_column_families(false);
     options.set_max_open_files(-1);
@@ -230,10 +353,6 @@ fn cf_options(cf: Cf) -> Options {
     options
 }
 
-fn io(error: rocksdb::Error) -> StorageError {
-    StorageError::Io(error.into_string())
-}
-
 impl Storage for RocksStorage {
     fn write(&self, set: &WriteSet, sync: bool) -> Result<(), StorageError> {
         let mut batch = WriteBatch::with_capacity_bytes(set.bytes_len() + 32 * set.len());
@@ -244,11 +363,11 @@ impl Storage for RocksStorage {
         // Explicit, not a library default: `sync` is the durability contract of this call.
         options.set_sync(sync);
         options.disable_wal(false);
-        self.db.write_opt(batch, &options).map_err(io)
+        Ok(self.db.write_opt(batch, &options)?)
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        let value = self.db.get_pinned_cf(self.handle(cf)?, key).map_err(io)?;
+        let value = self.db.get_pinned_cf(self.handle(cf)?, key)?;
         Ok(value.map(|v| v.to_vec()))
     }
 
@@ -257,7 +376,7 @@ impl Storage for RocksStorage {
         self.db
             .batched_multi_get_cf(handle, keys.iter().copied(), false)
             .into_iter()
-            .map(|r| r.map(|v| v.map(|v| v.to_vec())).map_err(io))
+            .map(|r| r.map(|v| v.map(|v| v.to_vec())).map_err(StorageError::from))
             .collect()
     }
 
@@ -270,7 +389,7 @@ impl Storage for RocksStorage {
             }
             it.next();
         }
-        it.status().map_err(io)
+        Ok(it.status()?)
     }
 
     fn last(&self, cf: Cf) -> Result<Option<Entry>, StorageError> {
@@ -280,15 +399,12 @@ impl Storage for RocksStorage {
             (Some(k), Some(v)) => Some((k.to_vec(), v.to_vec())),
             _ => None,
         };
-        it.status().map_err(io)?;
+        it.status()?;
         Ok(found)
     }
 
     fn checkpoint(&self, dir: &Path) -> Result<(), StorageError> {
-        Checkpoint::new(&self.db)
-            .map_err(io)?
-            .create_checkpoint(dir)
-            .map_err(io)
+        Ok(Checkpoint::new(&self.db)?.create_checkpoint(dir)?)
     }
 }
 

@@ -36,10 +36,86 @@ impl Cf {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
+    /// The store reported a failure of kind `kind` (RocksDB's status code, kept as a type so
+    /// that nobody has to classify an error by its text). Corruption messages name the damaged
+    /// file and, where it is known, the offset.
+    #[error("{message}")]
+    Store {
+        kind: StorageErrorKind,
+        message: String,
+    },
+    /// An I/O failure of Keel's own around the store (a directory, a thread, an injected fault).
     #[error("storage I/O failed: {0}")]
     Io(String),
     #[error("{0} is not supported by this storage")]
     Unsupported(&'static str),
+}
+
+impl StorageError {
+    /// Damaged bytes: a checksum mismatch or a malformed record in a table file, the
+    /// write-ahead log or the MANIFEST. Never a reason to retry; the store needs repair.
+    pub fn corruption(message: impl Into<String>) -> Self {
+        StorageError::Store {
+            kind: StorageErrorKind::Corruption,
+            message: message.into(),
+        }
+    }
+
+    pub fn kind(&self) -> StorageErrorKind {
+        match self {
+            StorageError::Store { kind, .. } => *kind,
+            StorageError::Io(_) => StorageErrorKind::Io,
+            StorageError::Unsupported(_) => StorageErrorKind::NotSupported,
+        }
+    }
+
+    pub fn is_corruption(&self) -> bool {
+        self.kind() == StorageErrorKind::Corruption
+    }
+}
+
+/// What kind of failure a [`StorageError`] is: RocksDB's status codes, the ones Keel tells
+/// apart, and `Other` for the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StorageErrorKind {
+    /// Stored bytes are damaged.
+    Corruption,
+    /// The operating system failed a read, a write or an fsync.
+    Io,
+    NotFound,
+    NotSupported,
+    InvalidArgument,
+    /// Busy, timed out, try again, aborted, shutting down: transient or refused.
+    Busy,
+    Other,
+}
+
+impl From<rocksdb::Error> for StorageError {
+    fn from(error: rocksdb::Error) -> Self {
+        use rocksdb::ErrorKind as K;
+        // `rocksdb::Error::kind` is the crate's mapping of the C++ `Status` code (the C API
+        // hands the code over only as the message's prefix); it is done once, here.
+        let kind = match error.kind() {
+            K::Corruption => StorageErrorKind::Corruption,
+            K::IOError => StorageErrorKind::Io,
+            K::NotFound => StorageErrorKind::NotFound,
+            K::NotSupported => StorageErrorKind::NotSupported,
+            K::InvalidArgument => StorageErrorKind::InvalidArgument,
+            K::Busy | K::TimedOut | K::TryAgain | K::Aborted | K::ShutdownInProgress => {
+                StorageErrorKind::Busy
+            }
+            K::MergeInProgress
+            | K::Incomplete
+            | K::Expired
+            | K::CompactionTooLarge
+            | K::ColumnFamilyDropped
+            | K::Unknown => StorageErrorKind::Other,
+        };
+        StorageError::Store {
+            kind,
+            message: error.into_string(),
+        }
+    }
 }
 
 /// A set of puts applied atomically by [`Storage::write`]. Keys and values live in one buffer so

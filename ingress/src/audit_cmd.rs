@@ -5,7 +5,7 @@
 
 use crate::{redact_credentials, wire};
 use clap::Args;
-use keel_audit::command::{self, MongoRequest, Request};
+use keel_audit::command::{self, MongoRequest, NatsRequest, Request};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -38,6 +38,16 @@ pub struct AuditArgs {
     /// at its checkpoint instead.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub mongo_wait: Duration,
+    /// Also compare the store's tip with the last batch of the JetStream stream at this NATS
+    /// URL (a witness of the store's history: a store behind it lost committed batches).
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    /// The stream `keel serve --nats-stream` publishes to.
+    #[arg(long, default_value = "KEEL")]
+    pub nats_stream: String,
+    /// The subject `keel serve --nats-subject` publishes on.
+    #[arg(long, default_value = "keel.batches")]
+    pub nats_subject: String,
 }
 
 impl AuditArgs {
@@ -55,6 +65,11 @@ impl AuditArgs {
                 durable: self.mongo_durable.clone(),
                 wait: self.mongo_wait,
             }),
+            nats: self.nats_url.as_ref().map(|url| NatsRequest {
+                url: url.clone(),
+                stream: self.nats_stream.clone(),
+                subject: self.nats_subject.clone(),
+            }),
         }
     }
 }
@@ -68,6 +83,14 @@ pub fn run(args: &AuditArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(false) => {
+            println!("INTEGRITY_FAILED");
+            ExitCode::from(1)
+        }
+        // Damage RocksDB or the write-ahead-log check found while opening or reading is a
+        // verdict, not a failure to reach one.
+        Err(error) if command::is_storage_damage(&error) => {
+            eprintln!("keel audit: {error:#}");
+            println!("storage damaged: {error:#}");
             println!("INTEGRITY_FAILED");
             ExitCode::from(1)
         }

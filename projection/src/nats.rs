@@ -1,10 +1,16 @@
 //! What the publisher and the projector agree on about NATS: connection options and the
 //! JetStream stream's settings (deploy/nats/README.md lists them for operators).
 
-use async_nats::jetstream::stream::{
-    Config as StreamConfig, DiscardPolicy, RetentionPolicy, StorageType,
+use async_nats::jetstream::{
+    self, ErrorCode,
+    context::{GetStreamError, GetStreamErrorKind},
+    stream::{
+        Config as StreamConfig, DiscardPolicy, LastRawMessageErrorKind, RetentionPolicy,
+        StorageType,
+    },
 };
 use async_nats::{Client, ConnectError, ConnectOptions};
+use keel_engine::BatchHeader;
 use std::time::Duration;
 
 /// The header that carries a batch's sequence; JetStream deduplicates on it.
@@ -70,6 +76,76 @@ pub fn stream_config(name: &str, subject: &str, limits: StreamLimits) -> StreamC
         ..StreamConfig::default()
     }
 }
+
+/// The last batch the stream holds: the newest message on `subject`, its batch sequence from
+/// `Nats-Msg-Id` and, when its body is a batch message that verifies, its header (a placeholder
+/// for an oversized batch has none). `None` when the stream does not exist or holds nothing on
+/// `subject` (a new deployment, or everything aged out).
+///
+/// It is a witness of the store's true tip: the publisher sends only committed batches, so a
+/// store whose tip is below it lost batches it had committed and published.
+pub async fn last_published(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> Result<Option<Published>, WitnessError> {
+    let stream = match js.get_stream(stream).await {
+        Ok(stream) => stream,
+        Err(e) if stream_not_found(&e) => return Ok(None),
+        Err(e) => return Err(WitnessError(format!("stream `{stream}`: {e}"))),
+    };
+    let message = match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => message,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(e) => {
+            return Err(WitnessError(format!("last message on `{subject}`: {e}")));
+        }
+    };
+    let id = message
+        .headers
+        .get(MSG_ID_HEADER)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    let batch = id.parse::<u64>().map_err(|_| {
+        WitnessError(format!(
+            "the last message on `{subject}` (stream sequence {}) has {MSG_ID_HEADER} {id:?}, not a batch sequence",
+            message.sequence
+        ))
+    })?;
+    let header = keel_engine::decode_batch_message(&message.payload)
+        .ok()
+        .map(|m| m.header)
+        .filter(|h| h.seq == batch);
+    Ok(Some(Published { batch, header }))
+}
+
+/// Connects to `url` and reads [`last_published`] (`keel audit --nats-url`). The connection is
+/// retried in the background; the caller bounds the wait.
+pub async fn last_published_at(
+    url: &str,
+    stream: &str,
+    subject: &str,
+) -> Result<Option<Published>, WitnessError> {
+    let client = connect(url, "keel-audit")
+        .await
+        .map_err(|e| WitnessError(format!("NATS URL `{url}`: {e}")))?;
+    last_published(&jetstream::new(client), stream, subject).await
+}
+
+fn stream_not_found(error: &GetStreamError) -> bool {
+    matches!(error.kind(), GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// What [`last_published`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub batch: u64,
+    pub header: Option<BatchHeader>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("reading the JetStream stream's last batch: {0}")]
+pub struct WitnessError(String);
 
 /// Connects to `url` in the background: the call returns at once and the client keeps trying
 /// (and reconnecting after an outage) with a capped backoff, forever. Fails only on a URL that

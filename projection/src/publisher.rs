@@ -52,6 +52,36 @@ pub enum PublishError {
     Publish { seq: u64, detail: String },
     #[error("a blocking read failed: {0}")]
     Task(String),
+    #[error(
+        "data loss: JetStream stream `{stream}` holds batch {published}, published by this store, but the store ends at batch {store}; \
+         the store lost committed batches (restored from an old copy, or damaged); refusing to start. \
+         Restore the store to at least batch {published}, or see docs/FORMAT.md, \"Recovery\""
+    )]
+    DataLoss {
+        stream: String,
+        published: u64,
+        store: u64,
+    },
+    #[error(
+        "the store's batch {batch} is not the batch {batch} JetStream stream `{stream}` holds \
+         (hash {stored} in the store, {published} published): the store's history forked; refusing to publish"
+    )]
+    Forked {
+        stream: String,
+        batch: u64,
+        stored: String,
+        published: String,
+    },
+}
+
+impl PublishError {
+    /// The store is behind or beside its own published history: never retried away.
+    pub fn is_data_loss(&self) -> bool {
+        matches!(
+            self,
+            PublishError::DataLoss { .. } | PublishError::Forked { .. }
+        )
+    }
 }
 
 /// How long a publish waits for its JetStream ack before the session restarts.
@@ -62,6 +92,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(5);
 const PERSIST_INTERVAL: Duration = Duration::from_millis(100);
 /// Most batches read from the store in one blocking task.
 const READ_CHUNK: u64 = 64;
+/// How long [`start`] waits for JetStream to name the stream's last batch. NATS being down
+/// must not keep Keel from taking writes, so past this the check is left to the first session.
+const WITNESS_WAIT: Duration = Duration::from_secs(5);
 
 /// The running publisher.
 pub struct PublisherHandle {
@@ -104,6 +137,7 @@ pub async fn start(
         .max_ack_inflight(config.inflight_max)
         .backpressure_on_inflight(true)
         .build(client);
+    check_witness_at_start(&reader, &js, &config).await?;
     let cursor = Arc::new(AtomicU64::new(reader.publish_cursor()?));
     let (trigger, shutdown) = shutdown_channel();
     tokio::spawn(lag_metrics(
@@ -121,6 +155,71 @@ pub async fn start(
     };
     let task = tokio::spawn(publisher.run(shutdown));
     Ok(PublisherHandle { trigger, task })
+}
+
+/// Compares the store's tip with the stream's last batch before anything is published or
+/// written: a store behind the history it published itself lost committed batches, and
+/// starting would reuse their sequence numbers for different batches. When JetStream does not
+/// answer within [`WITNESS_WAIT`], the server starts anyway (the write path never depends on
+/// NATS) and every publishing session makes the same check before its first publish.
+async fn check_witness_at_start(
+    reader: &Reader,
+    js: &jetstream::Context,
+    config: &PublisherConfig,
+) -> Result<(), PublishError> {
+    let found = tokio::time::timeout(
+        WITNESS_WAIT,
+        nats::last_published(js, &config.stream, &config.subject),
+    )
+    .await;
+    match found {
+        Ok(Ok(published)) => compare_with_witness(reader, published, &config.stream),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "the stream's last batch could not be compared with the store's tip at start; the publisher compares it before publishing");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(wait = ?WITNESS_WAIT, "JetStream did not answer: the stream's last batch was not compared with the store's tip at start; the publisher compares it before publishing");
+            Ok(())
+        }
+    }
+}
+
+/// The store must hold every batch the stream holds, and the same one (by hash) at the
+/// stream's last batch when its message carries the header.
+fn compare_with_witness(
+    reader: &Reader,
+    published: Option<nats::Published>,
+    stream: &str,
+) -> Result<(), PublishError> {
+    let Some(published) = published else {
+        return Ok(()); // nothing published (yet, or any more): no witness
+    };
+    let tip = reader.tip()?.last_batch;
+    if published.batch > tip {
+        return Err(PublishError::DataLoss {
+            stream: stream.to_owned(),
+            published: published.batch,
+            store: tip,
+        });
+    }
+    if let Some(header) = published.header {
+        let stored = reader.batch(header.seq)?;
+        if stored.map(|h| h.hash) != Some(header.hash) {
+            return Err(PublishError::Forked {
+                stream: stream.to_owned(),
+                batch: header.seq,
+                stored: stored.map_or_else(|| "none".into(), |h| keel_engine::format::hex(&h.hash)),
+                published: keel_engine::format::hex(&header.hash),
+            });
+        }
+    }
+    tracing::info!(
+        published = published.batch,
+        store = tip,
+        "the store's tip is at or past the stream's last batch"
+    );
+    Ok(())
 }
 
 fn describe_metrics() {
@@ -171,7 +270,11 @@ impl Publisher {
                 Err(error) => {
                     metrics::counter!("keel_publish_errors_total").increment(1);
                     let delay = backoff.next_delay();
-                    tracing::warn!(%error, ?delay, "publishing failed; retrying from the cursor");
+                    if error.is_data_loss() {
+                        tracing::error!(%error, ?delay, "nothing is published over a stream that is ahead of the store");
+                    } else {
+                        tracing::warn!(%error, ?delay, "publishing failed; retrying from the cursor");
+                    }
                     if shutdown.is_requested() || !shutdown.sleep(delay).await {
                         return;
                     }
@@ -189,6 +292,13 @@ impl Publisher {
         backoff: &mut Backoff,
     ) -> Result<(), PublishError> {
         self.ensure_stream().await?;
+        let published = nats::last_published(&self.js, &self.config.stream, &self.config.subject)
+            .await
+            .map_err(|e| PublishError::Stream {
+                stream: self.config.stream.clone(),
+                detail: e.to_string(),
+            })?;
+        compare_with_witness(&self.reader, published, &self.config.stream)?;
         let acked = self.reader.publish_cursor()?;
         let mut progress = Progress {
             acked,
