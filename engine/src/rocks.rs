@@ -48,7 +48,7 @@ impl RocksStorage {
             verified_keys = verified.keys,
             verified_bytes = verified.bytes,
             verify_seconds = verified.elapsed.as_secs_f64(),
-            "store opened: write-ahead log checked, every table block read and its checksum verified"
+            "storage checked: write-ahead log records and every table block verified"
         );
         Ok(storage)
     }
