@@ -47,8 +47,14 @@ FIO_RUNTIME ?= 10s
 KEEL_SERVE_ARGS ?=
 export BENCH_ACCOUNTS BENCH_SKUS BENCH_MIX BENCH_PAYLOAD_BYTES BENCH_RATE BENCH_ATOMIC
 export BENCH_REJECT_RATIO BENCH_SEED BENCH_SAMPLE_INTERVAL BENCH_MAX_REQUESTS BENCH_IN_FLIGHT
-export BENCH_CEILING_BATCHES BENCH_PREFLIGHT BENCH_KEEP_DATA BENCH_DATA_ROOT FSYNC_MAX_LAT_US
+export BENCH_CEILING_BATCHES BENCH_PREFLIGHT BENCH_KEEP_DATA FSYNC_MAX_LAT_US
 export FIO_RUNTIME KEEL_SERVE_ARGS BENCH_RUN_ID
+# Exported only when set: keel-bench reads BENCH_DATA_ROOT as `--dir`, and an empty value is
+# an invalid path (regression: `make test` exported it empty and a CLI test failed under make
+# while it passed under plain nextest).
+ifneq ($(BENCH_DATA_ROOT),)
+export BENCH_DATA_ROOT
+endif
 
 RUN_SCENARIO := $(BENCH_MK_DIR)/run-scenario.sh
 BENCH_STAMP = $(or $(BENCH_RUN_ID),$(shell date -u +%Y%m%dT%H%M%SZ))
