@@ -70,7 +70,15 @@ status=
 while [[ -z $status ]]; do
   if [[ -n $interrupted ]]; then
     echo "bench: interrupted: stopping run $RUN_ID on $VM" >&2
-    vm_ssh "cd $(vm_dir_quoted) && bash deploy/cloud/vm-bench.sh --stop $RUN_ID" </dev/null || true
+    # Up to 3 tries: a new connection made while the first session is being torn down can be
+    # closed by the VM's sshd during key exchange (seen on a quiet machine); the VM side also
+    # stops the run by itself when the session ends, but only a stop that returned means the
+    # run is gone.
+    for attempt in 1 2 3; do
+      vm_ssh "cd $(vm_dir_quoted) && bash deploy/cloud/vm-bench.sh --stop $RUN_ID" </dev/null && break
+      echo "bench: stop request $attempt of 3 failed; retrying" >&2
+      sleep 1
+    done
     # The scenario writes its INTERRUPTED verdict and stops its server; bounded wait.
     for _ in $(seq 1 600); do
       kill -0 "$ssh_pid" 2>/dev/null || break

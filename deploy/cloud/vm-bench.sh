@@ -18,6 +18,13 @@ if [[ ${1:-} == --stop ]]; then
     pgid=$(cat "$pidfile")
     echo "vm-bench: stopping run $run_id (process group $pgid)" >&2
     kill -TERM -- "-$pgid" 2>/dev/null || true
+    # Return only once the run is gone (bounded), so that the caller fetches a stopped run
+    # with its INTERRUPTED verdict, and no pid file is left behind.
+    for _ in $(seq 1 1200); do
+      kill -0 -- "-$pgid" 2>/dev/null || break
+      sleep 0.1
+    done
+    rm -f "$pidfile"
   fi
   exit 0
 fi
@@ -46,12 +53,20 @@ exec 3<&0
 setsid make -f bench/bench.mk "$target" "$@" "BENCH_RUN_ID=$run_id" </dev/null 3<&- &
 run_pid=$!
 echo "$run_pid" >"$pidfile"
-# The watchdog: reads until the ssh session's stdin closes, then stops the run if it still runs.
+# The watchdog: reads until the ssh session's stdin closes, then stops the run if it still runs,
+# waits (bounded) for its whole group and removes the pid file itself: the session's end may
+# kill this script before it gets to its own clean-up below (seen when the second ssh
+# connection, bench.sh's `--stop`, was refused under load and the session was cut).
 (
   while read -r -u 3 _; do :; done
   if [[ -s $pidfile ]]; then
     echo "vm-bench: the ssh session ended; stopping run $run_id" >&2
     kill -TERM -- "-$run_pid" 2>/dev/null || true
+    for _ in $(seq 1 1200); do
+      kill -0 -- "-$run_pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    rm -f "$pidfile"
   fi
 ) </dev/null >/dev/null 2>&1 &
 watchdog_pid=$!
