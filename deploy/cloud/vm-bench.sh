@@ -11,20 +11,31 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 mkdir -p bench/results
 
+# Waits (at most 120 s) until process group $1 has no process left.
+wait_group() {
+  for _ in $(seq 1 1200); do
+    kill -0 -- "-$1" 2>/dev/null || return 0
+    sleep 0.1
+  done
+}
+
+# Stops run group $1 (SIGTERM: the scenario writes INTERRUPTED and stops its server), waits for
+# it and removes its pid file $2.
+stop_run() {
+  kill -TERM -- "-$1" 2>/dev/null || true
+  wait_group "$1"
+  rm -f "$2"
+}
+
 if [[ ${1:-} == --stop ]]; then
   run_id=${2:?usage: $0 --stop RUN_ID}
   pidfile=bench/results/.run-$run_id.pid
   if [[ -s $pidfile ]]; then
     pgid=$(cat "$pidfile")
     echo "vm-bench: stopping run $run_id (process group $pgid)" >&2
-    kill -TERM -- "-$pgid" 2>/dev/null || true
-    # Return only once the run is gone (bounded), so that the caller fetches a stopped run
-    # with its INTERRUPTED verdict, and no pid file is left behind.
-    for _ in $(seq 1 1200); do
-      kill -0 -- "-$pgid" 2>/dev/null || break
-      sleep 0.1
-    done
-    rm -f "$pidfile"
+    # Returns only once the run is gone, so that the caller fetches a stopped run with its
+    # INTERRUPTED verdict, and no pid file is left behind.
+    stop_run "$pgid" "$pidfile"
   fi
   exit 0
 fi
@@ -53,20 +64,15 @@ exec 3<&0
 setsid make -f bench/bench.mk "$target" "$@" "BENCH_RUN_ID=$run_id" </dev/null 3<&- &
 run_pid=$!
 echo "$run_pid" >"$pidfile"
-# The watchdog: reads until the ssh session's stdin closes, then stops the run if it still runs,
-# waits (bounded) for its whole group and removes the pid file itself: the session's end may
-# kill this script before it gets to its own clean-up below (seen when the second ssh
-# connection, bench.sh's `--stop`, was refused under load and the session was cut).
+# The watchdog: reads until the ssh session's stdin closes, then stops the run if it still runs
+# and removes the pid file itself: the session's end may kill this script before it gets to its
+# own clean-up below (seen when the VM's sshd closed bench.sh's `--stop` connection during key
+# exchange and the session was cut).
 (
   while read -r -u 3 _; do :; done
   if [[ -s $pidfile ]]; then
     echo "vm-bench: the ssh session ended; stopping run $run_id" >&2
-    kill -TERM -- "-$run_pid" 2>/dev/null || true
-    for _ in $(seq 1 1200); do
-      kill -0 -- "-$run_pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    rm -f "$pidfile"
+    stop_run "$run_pid" "$pidfile"
   fi
 ) </dev/null >/dev/null 2>&1 &
 watchdog_pid=$!
@@ -76,10 +82,7 @@ wait "$run_pid" || status=$?
 # make exits at once when it is signalled; the scenario then still writes its verdict and stops
 # its server. Wait (bounded) for the whole group, so the ssh session, and what bench.sh fetches
 # after it, come after that.
-for _ in $(seq 1 1200); do
-  kill -0 -- "-$run_pid" 2>/dev/null || break
-  sleep 0.1
-done
+wait_group "$run_pid"
 rm -f "$pidfile"
 kill "$watchdog_pid" 2>/dev/null || true
 exit "$status"

@@ -388,7 +388,6 @@ fn run_writer(writer: writer::Writer, rx: std::sync::mpsc::Receiver<Message>, sh
             .unwrap_or_else(|| "a panic without a message".into());
         tracing::error!(reason, "the writer thread died; the write path is poisoned");
         metrics::counter!("keel_writer_panics_total").increment(1);
-        shared.poisoned.store(true, Ordering::Release);
         shared.failure.send_replace(Some(reason));
     }
 }
