@@ -7,7 +7,6 @@
 
 use super::{AuditError, Check, Divergence, PROGRESS_EVERY, Phase, Progress, Run};
 use keel_engine::Cf;
-use keel_engine::format::{self, seq_key};
 use keel_invariants::{CommandOutcome, LoggedEvent, RejectCode, codec};
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -63,15 +62,49 @@ impl Outcome {
 impl Run<'_> {
     /// Checks that every event carrying a command id is indexed as committed at its seq, that
     /// no id is carried twice, and that every committed entry is backed by its event.
+    ///
+    /// The index is the checkpoint's: it must hold exactly the ids of the batches up to the
+    /// checkpoint's mark (later ones live in the log and the writer's memory until the next
+    /// checkpoint), and every rejection the log keeps up to the mark with its code.
     pub(super) fn check_command_index(&mut self) -> Result<(), AuditError> {
         self.phase_started = Instant::now();
+        let mark = self.report.checkpoint.batch;
         let mut carried = std::mem::take(&mut self.replay.carried);
         carried.sort_unstable_by_key(|c| (c.fp, c.seq));
         self.report_duplicates(&mut carried)?;
+        carried.retain(|c| c.batch <= mark);
         let mut indexed = self.read_index()?;
         indexed.sort_unstable_by_key(|i| i.fp);
         let unbacked = self.join(&carried, &indexed)?;
+        self.check_rejections(&indexed, mark);
         self.report_unbacked(unbacked)
+    }
+
+    /// Every rejection the log keeps up to `mark` is in the index with its code.
+    fn check_rejections(&mut self, indexed: &[Indexed], mark: u64) {
+        let rejected = std::mem::take(&mut self.replay.rejected);
+        for r in rejected.iter().filter(|r| r.batch <= mark) {
+            let found = indexed
+                .binary_search_by_key(&r.fp, |i| i.fp)
+                .ok()
+                .map(|at| indexed[at].outcome);
+            if found != Some(Outcome::Rejected(r.code)) {
+                let d = Divergence::new(
+                    Check::CommandIndex,
+                    format!(
+                        "a command rejected in batch {} ({}) is not indexed as rejected",
+                        r.batch,
+                        r.code.as_str()
+                    ),
+                )
+                .at_batch(Some(r.batch))
+                .expected_found(
+                    Outcome::Rejected(r.code).describe(),
+                    found.map_or_else(|| "no index entry".to_owned(), Outcome::describe),
+                );
+                self.report.record(d);
+            }
+        }
     }
 
     /// Reports ids carried by more than one event, then keeps the first event of each.
@@ -273,29 +306,27 @@ impl Run<'_> {
 
     /// What the log holds at `seq`, for a divergence message.
     fn event_at(&mut self, seq: u64) -> Result<String, AuditError> {
-        let value = match self.storage.get(Cf::Events, &seq_key(seq)) {
+        let value = match self.event_payload(seq) {
             Ok(value) => value,
-            Err(e) => return self.storage_failure(e).map(|()| "it cannot be read".into()),
+            Err(AuditError::Storage(e)) => {
+                return self.storage_failure(e).map(|()| "it cannot be read".into());
+            }
+            Err(e) => return Err(e),
         };
         let Some(value) = value else {
             return Ok(format!("there is no event {seq}"));
         };
-        Ok(match decode_stored(&value) {
-            Some(logged) => format!("event {seq} carries command id {:?}", logged.command_id),
-            None => format!("event {seq} does not decode"),
+        Ok(match codec::decode_event(&value) {
+            Ok(logged) => format!("event {seq} carries command id {:?}", logged.command_id),
+            Err(_) => format!("event {seq} does not decode"),
         })
     }
 
     fn read_event(&mut self, seq: u64) -> Result<Option<LoggedEvent>, AuditError> {
-        match self.storage.get(Cf::Events, &seq_key(seq)) {
-            Ok(value) => Ok(value.and_then(|v| decode_stored(&v))),
-            Err(e) => self.storage_failure(e).map(|()| None),
+        match self.event_payload(seq) {
+            Ok(value) => Ok(value.and_then(|v| codec::decode_event(&v).ok())),
+            Err(AuditError::Storage(e)) => self.storage_failure(e).map(|()| None),
+            Err(e) => Err(e),
         }
     }
-}
-
-/// An event value as stored (batch prefix, payload), decoded; `None` if it does not decode.
-fn decode_stored(value: &[u8]) -> Option<LoggedEvent> {
-    let (_, payload) = format::split_event_value(value).ok()?;
-    codec::decode_event(payload).ok()
 }

@@ -26,11 +26,12 @@ mod served_log;
 mod snapshot;
 
 use command_ids::Fingerprints;
-use keel_engine::format::{self, META_FORMAT_VERSION, META_TIP, hex, seq_key};
+use keel_engine::format::{self, META_CHECKPOINT, META_FORMAT_VERSION, META_TIP, hex, seq_key};
 use keel_engine::{
-    BatchHeader, Cf, ChainError, ChainTip, FORMAT_VERSION, Storage, StorageError, verify_chain,
+    BatchHeader, Cf, ChainError, ChainTip, CheckpointMark, FORMAT_VERSION, LogVisitor,
+    RecordView, Storage, StorageError, verify_log,
 };
-use keel_invariants::{Aggregate, Law, LawScope, check_invariants, codec};
+use keel_invariants::{Aggregate, Law, LawScope, RejectCode, check_invariants, codec};
 pub use replay::{AggregateAt, LogState};
 use replay::{CHUNKS_IN_FLIGHT, Chunk, Feeder, Replay, Replayed};
 use snapshot::OnePass;
@@ -43,7 +44,10 @@ use std::time::{Duration, Instant};
 pub enum AuditError {
     #[error("{0}")]
     NotAStore(String),
-    #[error("the store has format version {found}; this build audits format version {expected}")]
+    #[error(
+        "the store has format version {found}; this build audits format version {expected}{}",
+        if *found < *expected { " (upgrade it with `keel upgrade --data DIR`, then audit)" } else { "" }
+    )]
     UnsupportedFormat { found: u32, expected: u32 },
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -218,7 +222,14 @@ pub struct AuditReport {
     pub tip: ChainTip,
     pub batches: u64,
     pub events: u64,
-    /// Stored aggregates (state column family).
+    /// Rejections the log keeps (commands rejected with an id).
+    pub rejections: u64,
+    /// Rule sets the log's batches were decided under.
+    pub rule_sets: u64,
+    /// Where the checkpoint (`state`, `command_ids`) stands: it is compared with the log's
+    /// fold up to this batch.
+    pub checkpoint: CheckpointMark,
+    /// Stored aggregates (state column family: the checkpoint).
     pub aggregates: u64,
     /// Entries of the command-id index, and how many say committed / rejected.
     pub command_ids: u64,
@@ -246,6 +257,9 @@ impl AuditReport {
             tip: ChainTip::default(),
             batches: 0,
             events: 0,
+            rejections: 0,
+            rule_sets: 0,
+            checkpoint: CheckpointMark::default(),
             aggregates: 0,
             command_ids: 0,
             command_ids_committed: 0,
@@ -360,26 +374,26 @@ pub fn audit_with_log(
     check_format(storage)?;
     let fingerprints = Fingerprints::new();
     let point = options.point.unwrap_or(u64::MAX);
-    let replay = Replay::new(fingerprints.clone(), point);
+    let replay = Replay::new(fingerprints.clone(), point, u64::MAX);
     let mut run = Run {
         storage,
         progress,
         started,
         phase_started: started,
         report: AuditReport::new(options.max_divergences),
-        stored_totals: vec![0; replay.laws.len()],
         replay,
         point,
         fingerprints,
     };
     let tip = run.read_tip()?;
     run.report.tip = tip;
+    run.report.checkpoint = run.read_checkpoint(&tip)?;
     run.report.laws = run.replay.laws.clone();
     run.chain_and_replay(tip)?;
     run.report.replay_elapsed = started.elapsed();
     run.compare_states()?;
     run.check_command_index()?;
-    run.check_total_conservation();
+    run.check_conservation();
     run.report.elapsed = started.elapsed();
     let aggregates = std::mem::take(&mut run.replay.aggregates);
     let log = LogState::new(aggregates, point.min(tip.last_event));
@@ -428,8 +442,6 @@ struct Run<'a> {
     replay: Replay,
     /// See [`AuditOptions::point`] (`u64::MAX`: none).
     point: u64,
-    /// Per conservation law of scope `Total`: its quantity summed over the stored aggregates.
-    stored_totals: Vec<i128>,
     /// Shared by the replay (events' ids) and the command-id check (the index's ids).
     fingerprints: Fingerprints,
 }
@@ -457,6 +469,32 @@ impl Run<'_> {
         }
     }
 
+    /// The checkpoint mark; a mark past the tip, or one that does not decode, is a finding
+    /// (the state check then compares with the tip).
+    fn read_checkpoint(&mut self, tip: &ChainTip) -> Result<CheckpointMark, AuditError> {
+        let mark = match self.storage.get(Cf::Meta, META_CHECKPOINT) {
+            Ok(None) => return Ok(CheckpointMark::default()),
+            Ok(Some(value)) => CheckpointMark::decode(&value),
+            Err(e) => return self.storage_failure(e).map(|()| CheckpointMark::default()),
+        };
+        match mark {
+            Ok(mark) if mark.batch <= tip.last_batch => Ok(mark),
+            Ok(mark) => {
+                let detail = format!(
+                    "the checkpoint stands at batch {}, past the log's tip at batch {}",
+                    mark.batch, tip.last_batch
+                );
+                self.report.record(Divergence::new(Check::State, detail));
+                Ok(CheckpointMark::at(tip))
+            }
+            Err(e) => {
+                let detail = format!("checkpoint mark: {e}");
+                self.report.record(Divergence::new(Check::State, detail));
+                Ok(CheckpointMark::at(tip))
+            }
+        }
+    }
+
     fn tell(&mut self, phase: Phase, done: u64, total: u64) {
         let elapsed = self.phase_started.elapsed();
         (self.progress)(&Progress {
@@ -477,16 +515,17 @@ impl Run<'_> {
         let max = self.report.max_divergences;
         let fingerprints = self.fingerprints.clone();
         let point = self.point;
+        let checkpoint = self.report.checkpoint.last_event;
         let (tx, rx) = sync_channel::<Chunk>(CHUNKS_IN_FLIGHT);
         let (back, returned) = sync_channel::<Chunk>(CHUNKS_IN_FLIGHT);
         let (fed, replayed) = std::thread::scope(|scope| -> Result<_, AuditError> {
             let replayer = std::thread::Builder::new()
                 .name("keel-audit-replay".into())
                 .spawn_scoped(scope, move || {
-                    Replay::run(rx, back, fingerprints, point, max)
+                    Replay::run(rx, back, fingerprints, point, checkpoint, max)
                 })
                 .map_err(|e| StorageError::Io(format!("starting the replay thread: {e}")))?;
-            let mut feeder = Feeder::new(tx, returned, max);
+            let mut feeder = Feeder::new(tx, returned, max, self.fingerprints.clone());
             let fed = self.feed(&mut feeder, tip);
             // Closing the channel (finish, or drop on error) is what ends the replay thread.
             let fed = match fed {
@@ -500,10 +539,11 @@ impl Run<'_> {
         })?;
         // The replay thread only folds decoded values; a panic there is a bug, not a finding.
         let (replay, found) = replayed.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        let (whole, (events, batches, fed_found)) = fed?;
+        let (whole, (events, batches, fed_found, rejected)) = fed?;
         self.report.merge(fed_found);
         self.report.merge(found);
         self.replay = replay;
+        self.replay.rejected = rejected;
         if !whole {
             // After a break the chain's counts stop at the break; count what was replayed.
             self.report.events = events;
@@ -518,18 +558,13 @@ impl Run<'_> {
         let storage = self.storage;
         let started = self.started;
         let progress = &mut self.progress;
-        let result = verify_chain(storage, &mut |seq, batch, payload| {
-            feeder.event(seq, batch, payload);
-            if feeder.events.is_multiple_of(PROGRESS_EVERY) {
-                let elapsed = started.elapsed();
-                progress(&Progress {
-                    phase: Phase::Chain,
-                    done: feeder.events,
-                    total: tip.last_event,
-                    elapsed,
-                });
-            }
-        });
+        let mut visitor = Feeding {
+            feeder,
+            progress: &mut **progress,
+            started,
+            total: tip.last_event,
+        };
+        let result = verify_log(storage, &mut visitor);
         match result {
             Ok(summary) => {
                 if summary.tip != tip {
@@ -540,6 +575,8 @@ impl Run<'_> {
                 }
                 self.report.batches = summary.batches;
                 self.report.events = summary.events;
+                self.report.rejections = summary.rejections;
+                self.report.rule_sets = summary.rule_sets;
                 return Ok(true);
             }
             Err(ChainError::Storage(e)) => self.storage_failure(e)?,
@@ -551,24 +588,33 @@ impl Run<'_> {
         self.feed_rest(feeder).map(|()| false)
     }
 
-    /// Feeds the events after the last one the chain check delivered, trusting nothing but
-    /// each record's own encoding.
+    /// Feeds the records after the last one the chain check delivered, trusting nothing but
+    /// each record's own layout (the chain is broken anyway; a record whose layout does not
+    /// decode is reported and skipped).
     fn feed_rest(&mut self, feeder: &mut Feeder) -> Result<(), AuditError> {
-        let start = seq_key(feeder.last_seq.saturating_add(1));
-        let result = self.storage.scan(Cf::Events, &start, &mut |key, value| {
-            match (
-                format::decode_seq_key(key),
-                format::split_event_value(value),
-            ) {
-                (Ok(seq), Ok((batch, payload))) => feeder.event(seq, batch, payload),
-                (seq, _) => {
+        let start = seq_key(feeder.last_batch.saturating_add(1));
+        let result = self.storage.scan(Cf::Log, &start, &mut |key, value| {
+            let seq = format::decode_seq_key(key);
+            match seq.as_ref().map(|seq| RecordView::decode_unverified(*seq, value)) {
+                Ok(Ok(view)) => {
+                    for (seq, payload) in view.events() {
+                        feeder.event(seq, view.header.seq, payload);
+                    }
+                    for payload in view.rejections() {
+                        feeder.rejection(view.header.seq, payload);
+                    }
+                }
+                Ok(Err(e)) => {
+                    let detail = format!("{e}; not replayed");
+                    let d = Divergence::new(Check::State, detail).at_batch(seq.ok());
+                    feeder.found.record(d);
+                }
+                Err(_) => {
                     let detail = format!(
-                        "event record with key {} does not decode; not replayed",
+                        "log record with key {} does not decode; not replayed",
                         hex(key)
                     );
-                    feeder
-                        .found
-                        .record(Divergence::new(Check::State, detail).at_seq(seq.ok()));
+                    feeder.found.record(Divergence::new(Check::State, detail));
                 }
             }
             true
@@ -608,32 +654,47 @@ impl Run<'_> {
     }
 
     fn header(&self, batch: u64) -> Result<Option<BatchHeader>, AuditError> {
-        let value = self.storage.get(Cf::Batches, &seq_key(batch))?;
-        Ok(value.and_then(|v| BatchHeader::decode(batch, &v).ok()))
+        let value = self.storage.get(Cf::Log, &seq_key(batch))?;
+        Ok(value.and_then(|v| {
+            RecordView::decode_unverified(batch, &v)
+                .ok()
+                .map(|view| view.header)
+        }))
     }
 
-    /// The batch whose header covers event `seq`, by a scan of the headers (run once, for the
-    /// first break in the chain).
-    fn covering_batch(&self, seq: u64) -> Result<Option<u64>, AuditError> {
-        let mut found = None;
-        self.storage.scan(Cf::Batches, &[], &mut |key, value| {
-            let Ok(batch) = format::decode_seq_key(key) else {
-                return true;
-            };
-            let Ok(header) = BatchHeader::decode(batch, value) else {
-                return true;
-            };
-            let end = header.first_event.saturating_add(u64::from(header.count));
-            if header.first_event <= seq && seq < end {
-                found = Some(batch);
-            }
-            found.is_none() && header.first_event <= seq
-        })?;
-        Ok(found)
+    /// The batch holding event `seq`, by the event index (and checked against its record).
+    pub(crate) fn covering_batch(&self, seq: u64) -> Result<Option<u64>, AuditError> {
+        let Some((_, batch)) = self.storage.at_or_before(Cf::EventIndex, &seq_key(seq))? else {
+            return Ok(None);
+        };
+        let Ok(batch) = format::decode_seq_key(&batch) else {
+            return Ok(None);
+        };
+        let covers = self.header(batch)?.is_some_and(|h| {
+            h.first_event <= seq && seq < h.first_event.saturating_add(u64::from(h.count))
+        });
+        Ok(covers.then_some(batch))
     }
 
-    /// Compares every stored aggregate with the replay, checks its invariants and the
-    /// per-aggregate conservation laws, then reports what the replay has and the store lacks.
+    /// The payload of event `seq` as the log holds it (`None`: no such event, or its record
+    /// does not verify).
+    pub(crate) fn event_payload(&self, seq: u64) -> Result<Option<Vec<u8>>, AuditError> {
+        let Some(batch) = self.covering_batch(seq)? else {
+            return Ok(None);
+        };
+        let Some(value) = self.storage.get(Cf::Log, &seq_key(batch))? else {
+            return Ok(None);
+        };
+        Ok(RecordView::decode_unverified(batch, &value).ok().and_then(|view| {
+            view.events()
+                .find(|(s, _)| *s == seq)
+                .map(|(_, payload)| payload.to_vec())
+        }))
+    }
+
+    /// Compares every stored aggregate (the checkpoint) with the replay as of the checkpoint's
+    /// last event, checks its invariants, then reports what the replay has at that point and
+    /// the store lacks.
     fn compare_states(&mut self) -> Result<(), AuditError> {
         let storage = self.storage;
         self.phase_started = Instant::now();
@@ -656,9 +717,10 @@ impl Run<'_> {
     fn stored_aggregate(&mut self, key: &[u8], value: &[u8]) {
         let id = String::from_utf8_lossy(key);
         let replayed = self.replay.aggregates.get_mut(id.as_ref());
-        let (last_seq, last_batch) = replayed
+        let expected = replayed.as_deref().and_then(Replayed::at_checkpoint);
+        let (last_seq, last_batch) = expected
             .as_ref()
-            .map_or((None, None), |r| (Some(r.last_seq), Some(r.last_batch)));
+            .map_or((None, None), |(_, seq, batch)| (Some(*seq), Some(*batch)));
         let stored = match codec::decode_aggregate(value) {
             Ok(stored) => stored,
             Err(e) => {
@@ -679,96 +741,160 @@ impl Run<'_> {
                 .expected_found(violation.invariant, describe(&stored));
             self.report.record(d.at_seq(last_seq).at_batch(last_batch));
         }
-        for (i, law) in self.replay.laws.iter().enumerate() {
-            if law.scope() == LawScope::Total
-                && let Some(quantity) = law.quantity(&stored.state)
-            {
-                self.stored_totals[i] = self.stored_totals[i].saturating_add(quantity);
+        let Some((expected, _, _)) = expected else {
+            if let Some(r) = replayed {
+                r.seen = true;
             }
-        }
-        let Some(replayed) = replayed else {
-            let d = Divergence::new(Check::State, "stored aggregate that no event touches")
-                .on(&id)
-                .expected_found("absent", describe(&stored));
+            let d = Divergence::new(
+                Check::State,
+                "stored aggregate that no event up to the checkpoint touches",
+            )
+            .on(&id)
+            .expected_found("absent", describe(&stored));
             self.report.record(d);
             return;
         };
-        replayed.seen = true;
-        if replayed.aggregate != stored {
+        let differs = *expected != stored;
+        let expected = describe(expected);
+        if let Some(r) = replayed {
+            r.seen = true;
+        }
+        if differs {
             let d = Divergence::new(
                 Check::State,
-                "stored state differs from the replay of its events",
+                "stored state differs from the replay of its events up to the checkpoint",
             )
             .on(&id)
             .at_seq(last_seq)
             .at_batch(last_batch)
-            .expected_found(describe(&replayed.aggregate), describe(&stored));
+            .expected_found(expected, describe(&stored));
             self.report.record(d);
-        }
-        for (i, law) in self.replay.laws.iter().enumerate() {
-            if law.scope() != LawScope::PerAggregate {
-                continue;
-            }
-            let Some(quantity) = law.quantity(&stored.state) else {
-                continue;
-            };
-            let flow = replayed.flows.as_deref().map_or(0, |flows| flows[i]);
-            if flow != quantity {
-                let d = Divergence::new(
-                    Check::Conservation,
-                    format!("{}: {}", law.name(), law.statement()),
-                )
-                .on(&id)
-                .at_seq(last_seq)
-                .at_batch(last_batch)
-                .expected_found(
-                    format!("{flow} (the events' flows)"),
-                    format!("{quantity} (the stored state)"),
-                );
-                self.report.record(d);
-            }
         }
     }
 
     fn report_missing_aggregates(&mut self) {
-        let mut missing: Vec<(&Box<str>, &Replayed)> = self
+        let mut missing: Vec<(&Box<str>, Aggregate, u64, u64)> = self
             .replay
             .aggregates
             .iter()
             .filter(|(_, r)| !r.seen)
+            .filter_map(|(id, r)| {
+                r.at_checkpoint()
+                    .map(|(aggregate, seq, batch)| (id, aggregate.clone(), seq, batch))
+            })
             .collect();
-        missing.sort_by_key(|(_, r)| r.last_seq);
-        for (id, r) in missing {
+        missing.sort_by_key(|(_, _, seq, _)| *seq);
+        for (id, aggregate, seq, batch) in missing {
             let d = Divergence::new(
                 Check::State,
-                "aggregate the log creates is missing from the store",
+                "aggregate the log creates by the checkpoint is missing from the store",
             )
             .on(id)
-            .at_seq(Some(r.last_seq))
-            .at_batch(Some(r.last_batch))
-            .expected_found(describe(&r.aggregate), "absent");
+            .at_seq(Some(seq))
+            .at_batch(Some(batch))
+            .expected_found(describe(&aggregate), "absent");
             self.report.record(d);
         }
     }
 
-    /// The conservation laws of scope `Total`: the stored quantities, summed over every
-    /// aggregate, equal the flows summed over the whole log.
-    fn check_total_conservation(&mut self) {
+    /// Every aggregate as the log leaves it at the tip keeps its invariants, and the
+    /// conservation laws hold: per aggregate, its quantity equals the flows of its events; in
+    /// total, the quantities summed over every aggregate equal the flows summed over the log.
+    fn check_conservation(&mut self) {
+        let laws = &self.replay.laws;
+        let mut totals = vec![0i128; laws.len()];
+        let mut found = Vec::new();
+        for (id, replayed) in &self.replay.aggregates {
+            let at = (Some(replayed.last_seq), Some(replayed.last_batch));
+            if let Err(violation) = check_invariants(&replayed.aggregate) {
+                let d = Divergence::new(
+                    Check::Invariant,
+                    format!("the log's own fold breaks it: {}", violation.detail),
+                )
+                .on(id)
+                .expected_found(violation.invariant, describe(&replayed.aggregate));
+                found.push(d.at_seq(at.0).at_batch(at.1));
+            }
+            for (i, law) in laws.iter().enumerate() {
+                let Some(quantity) = law.quantity(&replayed.aggregate.state) else {
+                    continue;
+                };
+                if law.scope() == LawScope::Total {
+                    totals[i] = totals[i].saturating_add(quantity);
+                    continue;
+                }
+                let flow = replayed.flows.as_deref().map_or(0, |flows| flows[i]);
+                if flow != quantity {
+                    let d = Divergence::new(
+                        Check::Conservation,
+                        format!("{}: {}", law.name(), law.statement()),
+                    )
+                    .on(id)
+                    .at_seq(at.0)
+                    .at_batch(at.1)
+                    .expected_found(
+                        format!("{flow} (the events' flows)"),
+                        format!("{quantity} (the state the events fold to)"),
+                    );
+                    found.push(d);
+                }
+            }
+        }
+        found.sort_by_key(|d| d.seq);
+        for d in found {
+            self.report.record(d);
+        }
         for (i, law) in self.replay.laws.iter().enumerate() {
-            let (flow, stored) = (self.replay.total_flows[i], self.stored_totals[i]);
-            if law.scope() == LawScope::Total && flow != stored {
+            let (flow, state) = (self.replay.total_flows[i], totals[i]);
+            if law.scope() == LawScope::Total && flow != state {
                 let d = Divergence::new(
                     Check::Conservation,
                     format!("{}: {}", law.name(), law.statement()),
                 )
                 .expected_found(
                     format!("{flow} (the events' flows)"),
-                    format!("{stored} (the stored states)"),
+                    format!("{state} (the states the events fold to)"),
                 );
                 self.report.record(d);
             }
         }
     }
+}
+
+/// The chain check's view of the log: events to the replay, rejections to the command-id
+/// check, progress to the caller.
+struct Feeding<'f, 'p> {
+    feeder: &'f mut Feeder,
+    progress: &'p mut dyn FnMut(&Progress),
+    started: Instant,
+    total: u64,
+}
+
+impl LogVisitor for Feeding<'_, '_> {
+    fn event(&mut self, seq: u64, batch: u64, payload: &[u8]) {
+        self.feeder.event(seq, batch, payload);
+        if self.feeder.events.is_multiple_of(PROGRESS_EVERY) {
+            let elapsed = self.started.elapsed();
+            (self.progress)(&Progress {
+                phase: Phase::Chain,
+                done: self.feeder.events,
+                total: self.total,
+                elapsed,
+            });
+        }
+    }
+
+    fn rejection(&mut self, batch: u64, payload: &[u8]) {
+        self.feeder.rejection(batch, payload);
+    }
+}
+
+/// A rejection the log keeps, reduced for the command-id check.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rejected {
+    pub(crate) fp: u128,
+    pub(crate) code: RejectCode,
+    pub(crate) batch: u64,
 }
 
 /// Longest rendering of an aggregate in a report (an SKU with many reservations is long).

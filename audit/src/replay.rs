@@ -2,7 +2,7 @@
 //! thread decodes every event and folds it into the recomputed aggregates ([`Replay`]).
 
 use super::command_ids::{Carried, Fingerprints};
-use super::{AuditReport, Check, Divergence};
+use super::{AuditReport, Check, Divergence, Rejected};
 use keel_invariants::{Aggregate, Law, LawScope, State, apply, codec, conservation_laws, ledger};
 use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -51,10 +51,14 @@ pub(super) struct Feeder {
     chunk: Chunk,
     pub(super) events: u64,
     batches: u64,
-    last_batch: u64,
+    /// The last batch fed (events or rejections).
+    pub(super) last_batch: u64,
     pub(super) last_seq: u64,
     /// Records that are not events at all, merged into the report afterwards.
     pub(super) found: AuditReport,
+    fingerprints: Fingerprints,
+    /// Every rejection the log keeps (the `command_index` check).
+    rejected: Vec<Rejected>,
 }
 
 impl Feeder {
@@ -62,6 +66,7 @@ impl Feeder {
         tx: SyncSender<Chunk>,
         returned: Receiver<Chunk>,
         max_divergences: usize,
+        fingerprints: Fingerprints,
     ) -> Self {
         Self {
             tx,
@@ -72,6 +77,28 @@ impl Feeder {
             last_batch: 0,
             last_seq: 0,
             found: AuditReport::new(max_divergences),
+            fingerprints,
+            rejected: Vec::new(),
+        }
+    }
+
+    /// A rejection the log keeps: decoded here (they are few) for the command-id check.
+    pub(super) fn rejection(&mut self, batch: u64, payload: &[u8]) {
+        if batch != self.last_batch {
+            self.batches += 1;
+            self.last_batch = batch;
+        }
+        match codec::decode_rejection(payload) {
+            Ok(r) => self.rejected.push(Rejected {
+                fp: self.fingerprints.of(r.command_id.as_bytes()),
+                code: r.rejection.code,
+                batch,
+            }),
+            Err(e) => {
+                let detail = format!("a rejection the log keeps does not decode: {e}");
+                let d = Divergence::new(Check::CommandIndex, detail).at_batch(Some(batch));
+                self.found.record(d);
+            }
         }
     }
 
@@ -96,12 +123,12 @@ impl Feeder {
         let _ = self.tx.send(full);
     }
 
-    /// Sends the last chunk and closes the channel: (events, batches, findings).
-    pub(super) fn finish(mut self) -> (u64, u64, AuditReport) {
+    /// Sends the last chunk and closes the channel: (events, batches, findings, rejections).
+    pub(super) fn finish(mut self) -> (u64, u64, AuditReport, Vec<Rejected>) {
         if !self.chunk.events.is_empty() {
             self.send();
         }
-        (self.events, self.batches, self.found)
+        (self.events, self.batches, self.found, self.rejected)
     }
 }
 
@@ -112,6 +139,8 @@ pub(super) struct Replay {
     pub(super) aggregates: HashMap<Box<str>, Replayed>,
     /// Every event that carries a command id, by the id's fingerprint (the `command_index` check).
     pub(super) carried: Vec<Carried>,
+    /// Every rejection the log keeps (filled in from the chain side after the replay).
+    pub(super) rejected: Vec<Rejected>,
     fingerprints: Fingerprints,
     /// The conservation laws of every domain (the `conservation` check), and the flows of the `Total` ones
     /// summed over the log, indexed like `laws`.
@@ -120,6 +149,8 @@ pub(super) struct Replay {
     /// An event after this sequence keeps the state it changes as of this point
     /// ([`Replayed::at_point`]); `u64::MAX` keeps none.
     point: u64,
+    /// The checkpoint's last event: likewise ([`Replayed::at_checkpoint`]).
+    checkpoint: u64,
 }
 
 pub(super) struct Replayed {
@@ -134,20 +165,24 @@ pub(super) struct Replayed {
     /// Set when an event after the point first touches it: the aggregate and its last
     /// sequence as of the point (`None` inside: it did not exist yet).
     pub(super) at_point: Option<Box<Option<(Aggregate, u64, u64)>>>,
+    /// Likewise for the checkpoint's last event.
+    pub(super) at_checkpoint: Option<Box<Option<(Aggregate, u64, u64)>>>,
     /// Whether the state scan found it stored.
     pub(super) seen: bool,
 }
 
 impl Replay {
-    pub(super) fn new(fingerprints: Fingerprints, point: u64) -> Self {
+    pub(super) fn new(fingerprints: Fingerprints, point: u64, checkpoint: u64) -> Self {
         let laws = conservation_laws();
         Self {
             aggregates: HashMap::new(),
             carried: Vec::new(),
+            rejected: Vec::new(),
             fingerprints,
             total_flows: vec![0; laws.len()],
             laws,
             point,
+            checkpoint,
         }
     }
 
@@ -158,9 +193,10 @@ impl Replay {
         back: SyncSender<Chunk>,
         fingerprints: Fingerprints,
         point: u64,
+        checkpoint: u64,
         max_divergences: usize,
     ) -> (Replay, AuditReport) {
-        let mut replay = Replay::new(fingerprints, point);
+        let mut replay = Replay::new(fingerprints, point, checkpoint);
         let mut found = AuditReport::new(max_divergences);
         for chunk in rx {
             for (seq, batch, payload) in chunk.iter() {
@@ -200,6 +236,7 @@ impl Replay {
         batch: u64,
     ) {
         let after_point = seq > self.point;
+        let after_checkpoint = seq > self.checkpoint;
         if let Some(replayed) = self.aggregates.get_mut(id) {
             if after_point && replayed.at_point.is_none() {
                 let image = (
@@ -208,6 +245,14 @@ impl Replay {
                     replayed.last_batch,
                 );
                 replayed.at_point = Some(Box::new(Some(image)));
+            }
+            if after_checkpoint && replayed.at_checkpoint.is_none() {
+                let image = (
+                    replayed.aggregate.clone(),
+                    replayed.last_seq,
+                    replayed.last_batch,
+                );
+                replayed.at_checkpoint = Some(Box::new(Some(image)));
             }
             // Move the aggregate out (no clone of an SKU's reservations); put the next one back.
             let placeholder = Aggregate {
@@ -235,9 +280,21 @@ impl Replay {
             last_batch: batch,
             flows,
             at_point: after_point.then(|| Box::new(None)),
+            at_checkpoint: after_checkpoint.then(|| Box::new(None)),
             seen: false,
         };
         self.aggregates.insert(id.into(), replayed);
+    }
+}
+
+impl Replayed {
+    /// The aggregate, its last event and batch as of the checkpoint's last event (`None`: it
+    /// did not exist yet).
+    pub(super) fn at_checkpoint(&self) -> Option<(&Aggregate, u64, u64)> {
+        match self.at_checkpoint.as_deref() {
+            None => Some((&self.aggregate, self.last_seq, self.last_batch)),
+            Some(image) => image.as_ref().map(|(a, seq, batch)| (a, *seq, *batch)),
+        }
     }
 }
 

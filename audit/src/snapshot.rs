@@ -120,8 +120,12 @@ impl Snapshot {
 
     /// The header of batch `batch`, if stored and decodable.
     pub fn batch_header(&self, batch: u64) -> Result<Option<BatchHeader>, AuditError> {
-        let stored = self.storage.get(Cf::Batches, &seq_key(batch))?;
-        Ok(stored.and_then(|value| BatchHeader::decode(batch, &value).ok()))
+        let stored = self.storage.get(Cf::Log, &seq_key(batch))?;
+        Ok(stored.and_then(|value| {
+            keel_engine::RecordView::decode(batch, &value)
+                .ok()
+                .map(|view| view.header)
+        }))
     }
 
     /// Up to `limit` events after sequence `after`, decoded as the server's
@@ -184,6 +188,10 @@ impl Storage for OnePass<'_> {
 
     fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
         self.0.last(cf)
+    }
+
+    fn at_or_before(&self, cf: Cf, key: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+        self.0.at_or_before(cf, key)
     }
 
     fn checkpoint(&self, dir: &Path) -> Result<(), StorageError> {

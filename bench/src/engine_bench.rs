@@ -104,6 +104,7 @@ pub fn run(
             queue_depth_max: config.in_flight.max(16),
             queue_items_max: config.batch_items_max.max(config.batch * config.in_flight),
             linger: Duration::ZERO,
+            ..keel_sequencer::Config::default()
         },
     )
     .context("starting the sequencer")?;

@@ -3,17 +3,18 @@
 //! Integers in keys are big-endian so that byte order is numeric order and sequence scans are
 //! ordered. Fixed-layout values are big-endian too, for one rule to remember.
 
+use crate::record::BatchHeader;
 use std::fmt;
 
 /// The on-disk format this engine writes and accepts. Bump on any incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Meta keys.
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";
 pub const META_TIP: &[u8] = b"tip";
-
-/// Domain separation for the batch hash, so a Keel hash is never confused with another.
-const HASH_CONTEXT: &[u8] = b"keel.batch.v1";
+/// The checkpoint mark: the batch, last event and hash the `state` and `command_ids`
+/// families stand at ([`CheckpointMark`]).
+pub const META_CHECKPOINT: &[u8] = b"checkpoint";
 
 /// A value that does not have the layout its key space requires.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,137 +37,6 @@ pub fn decode_seq_key(key: &[u8]) -> Result<u64, FormatError> {
         .try_into()
         .map_err(|_| FormatError(format!("sequence key of {} bytes, expected 8", key.len())))?;
     Ok(u64::from_be_bytes(bytes))
-}
-
-/// Splits an event value into its batch sequence and the domain payload.
-pub fn split_event_value(value: &[u8]) -> Result<(u64, &[u8]), FormatError> {
-    if value.len() < 8 {
-        return Err(FormatError(format!(
-            "event value of {} bytes, shorter than 8",
-            value.len()
-        )));
-    }
-    let (batch, payload) = value.split_at(8);
-    Ok((decode_seq_key(batch)?, payload))
-}
-
-/// A committed batch's header: where its events are, when it committed, and its place in the
-/// hash chain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BatchHeader {
-    pub seq: u64,
-    pub first_event: u64,
-    pub count: u32,
-    pub committed_at_us: u64,
-    pub prev_hash: [u8; 32],
-    pub hash: [u8; 32],
-}
-
-const HEADER_LAYOUT_VERSION: u8 = 1;
-
-impl BatchHeader {
-    /// layout u8, first_event u64, count u32, committed_at_us u64, prev_hash, hash.
-    pub const ENCODED_LEN: usize = 1 + 8 + 4 + 8 + 32 + 32;
-
-    /// The last event's sequence (a committed header has at least one event).
-    pub fn last_event(&self) -> u64 {
-        self.first_event + u64::from(self.count) - 1
-    }
-
-    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
-        let mut out = [0u8; Self::ENCODED_LEN];
-        out[0] = HEADER_LAYOUT_VERSION;
-        out[1..9].copy_from_slice(&self.first_event.to_be_bytes());
-        out[9..13].copy_from_slice(&self.count.to_be_bytes());
-        out[13..21].copy_from_slice(&self.committed_at_us.to_be_bytes());
-        out[21..53].copy_from_slice(&self.prev_hash);
-        out[53..85].copy_from_slice(&self.hash);
-        out
-    }
-
-    /// Decodes the header stored under batch sequence `seq`.
-    pub fn decode(seq: u64, value: &[u8]) -> Result<Self, FormatError> {
-        if value.len() != Self::ENCODED_LEN || value[0] != HEADER_LAYOUT_VERSION {
-            return Err(FormatError(format!(
-                "batch {seq}: header of {} bytes with layout {:?}, expected {} bytes with layout {}",
-                value.len(),
-                value.first(),
-                Self::ENCODED_LEN,
-                HEADER_LAYOUT_VERSION
-            )));
-        }
-        let u64_at = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&value[at..at + 8]);
-            u64::from_be_bytes(b)
-        };
-        let mut count = [0u8; 4];
-        count.copy_from_slice(&value[9..13]);
-        let mut prev_hash = [0u8; 32];
-        prev_hash.copy_from_slice(&value[21..53]);
-        let mut hash = [0u8; 32];
-        hash.copy_from_slice(&value[53..85]);
-        let header = Self {
-            seq,
-            first_event: u64_at(1),
-            count: u32::from_be_bytes(count),
-            committed_at_us: u64_at(13),
-            prev_hash,
-            hash,
-        };
-        // A committed batch holds at least one event, numbered from 1, and its last event's
-        // sequence fits in u64. Checked here so that no reader computes `first_event - 1` or
-        // `last_event()` from a header that breaks this (regression: a damaged header with
-        // first event 0 made the outbox subtract below zero).
-        let valid = header.first_event > 0
-            && header.count > 0
-            && header
-                .first_event
-                .checked_add(u64::from(header.count - 1))
-                .is_some();
-        if !valid {
-            return Err(FormatError(format!(
-                "batch {seq}: header names {} events from event {}; a batch holds 1 or more events numbered from 1",
-                header.count, header.first_event
-            )));
-        }
-        Ok(header)
-    }
-}
-
-/// Computes a batch hash: BLAKE3 over the header fields and then every event's sequence,
-/// length and stored value, in order. Feed events with [`BatchHasher::event`].
-pub struct BatchHasher(blake3::Hasher);
-
-impl BatchHasher {
-    pub fn new(
-        seq: u64,
-        first_event: u64,
-        count: u32,
-        committed_at_us: u64,
-        prev: &[u8; 32],
-    ) -> Self {
-        let mut h = blake3::Hasher::new();
-        h.update(HASH_CONTEXT);
-        h.update(&seq.to_be_bytes());
-        h.update(&first_event.to_be_bytes());
-        h.update(&count.to_be_bytes());
-        h.update(&committed_at_us.to_be_bytes());
-        h.update(prev);
-        Self(h)
-    }
-
-    /// Adds one event: its sequence and its full stored value (batch prefix and payload).
-    pub fn event(&mut self, seq: u64, value: &[u8]) {
-        let len = u32::try_from(value.len()).unwrap_or(u32::MAX);
-        self.0.update(&seq.to_be_bytes());
-        self.0.update(&len.to_be_bytes());
-        self.0.update(value);
-    }
-
-    pub fn finish(&self) -> [u8; 32] {
-        *self.0.finalize().as_bytes()
-    }
 }
 
 /// The end of the committed log: last batch, last event, last hash, last commit time.
@@ -238,6 +108,57 @@ impl fmt::Display for ChainTip {
     }
 }
 
+/// Where the checkpoint (`state` and `command_ids`) stands: the state after batch `batch`,
+/// whose last event is `last_event` and whose hash is `hash`. All zero: no checkpoint yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointMark {
+    pub batch: u64,
+    pub last_event: u64,
+    pub hash: [u8; 32],
+}
+
+impl CheckpointMark {
+    pub const ENCODED_LEN: usize = 8 + 8 + 32;
+
+    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
+        let mut out = [0u8; Self::ENCODED_LEN];
+        out[0..8].copy_from_slice(&self.batch.to_be_bytes());
+        out[8..16].copy_from_slice(&self.last_event.to_be_bytes());
+        out[16..48].copy_from_slice(&self.hash);
+        out
+    }
+
+    pub fn decode(value: &[u8]) -> Result<Self, FormatError> {
+        if value.len() != Self::ENCODED_LEN {
+            return Err(FormatError(format!(
+                "checkpoint mark of {} bytes, expected {}",
+                value.len(),
+                Self::ENCODED_LEN
+            )));
+        }
+        let mut batch = [0u8; 8];
+        batch.copy_from_slice(&value[0..8]);
+        let mut last_event = [0u8; 8];
+        last_event.copy_from_slice(&value[8..16]);
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&value[16..48]);
+        Ok(Self {
+            batch: u64::from_be_bytes(batch),
+            last_event: u64::from_be_bytes(last_event),
+            hash,
+        })
+    }
+
+    /// The mark of a checkpoint taken at `tip`.
+    pub fn at(tip: &ChainTip) -> Self {
+        Self {
+            batch: tip.last_batch,
+            last_event: tip.last_event,
+            hash: tip.last_hash,
+        }
+    }
+}
+
 /// Lower-case hex of a hash or key, for messages and reports: the workspace's one hex encoder
 /// (the audit's reports, the projection's checkpoints and the engine's errors all use it).
 pub fn hex(bytes: &[u8]) -> String {
@@ -287,38 +208,3 @@ mod chain_tip_display {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::BatchHeader;
-
-    fn header(first_event: u64, count: u32) -> BatchHeader {
-        BatchHeader {
-            seq: 7,
-            first_event,
-            count,
-            committed_at_us: 1,
-            prev_hash: [1; 32],
-            hash: [2; 32],
-        }
-    }
-
-    #[test]
-    fn a_header_round_trips() {
-        let h = header(10, 3);
-        assert_eq!(BatchHeader::decode(7, &h.encode()), Ok(h));
-        assert_eq!(h.last_event(), 12);
-    }
-
-    /// Regression: a stored header with first event 0 decoded, and the outbox then computed
-    /// `first_event - 1` (an overflow panic in the publisher). Count 0 and a range past u64 are
-    /// refused the same way.
-    #[test]
-    fn a_header_with_an_impossible_event_range_is_refused() {
-        for (first_event, count) in [(0, 1), (0, 0), (5, 0), (u64::MAX, 2)] {
-            let bytes = header(first_event, count).encode();
-            let error = BatchHeader::decode(7, &bytes).expect_err("must be refused");
-            assert!(error.0.contains("numbered from 1"), "{error:?}");
-        }
-        assert!(BatchHeader::decode(7, &header(u64::MAX, 1).encode()).is_ok());
-    }
-}

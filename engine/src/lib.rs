@@ -1,10 +1,14 @@
-//! Keel's storage engine: the committed log, batch headers, the hash chain, aggregate state and
-//! the command-id index, over a [`Storage`] (RocksDB in production).
+//! Keel's storage engine: the committed log (one record per batch, chained by BLAKE3), the
+//! checkpoint of aggregate state and of the command-id index, over a [`Storage`] (RocksDB in
+//! production).
 //!
-//! The engine knows nothing of HTTP or of any particular domain: events, states and command
-//! outcomes are opaque bytes it is handed. What it owns is the shape of a commit: everything a
-//! batch changes goes into ONE write with `sync = true`, the batch header chains a BLAKE3 hash to
-//! the previous batch, and a failed sync poisons the engine for good (no retry-and-ack).
+//! The engine knows nothing of HTTP or of any particular domain: events, rejections, states
+//! and command outcomes are opaque bytes it is handed. What it owns is the shape of a commit:
+//! a batch is ONE log record (everything the batch decided, docs/FORMAT.md) written with the
+//! new tip in ONE write with `sync = true`, and a failed write poisons the engine for good (no
+//! retry-and-ack). State is not written by a commit: the writer keeps it in memory and hands
+//! the aggregates it changed to a [`Checkpointer`] now and then, which writes them in the
+//! background; recovery is the last checkpoint plus the log after it.
 //! It is not the writer: the sequencer decides what to commit and is the only caller of
 //! [`Engine::commit`]. Readers get a [`Reader`].
 
@@ -13,19 +17,25 @@ pub mod format;
 mod memory;
 pub mod message;
 mod outbox;
+pub mod record;
 mod rocks;
 mod storage;
+mod upgrade;
+pub mod v1;
 pub mod wal;
 
-pub use chain::{ChainError, ChainSummary, verify_chain};
-pub use format::{BatchHeader, ChainTip, FORMAT_VERSION, FormatError};
+pub use chain::{ChainError, ChainSummary, LogVisitor, verify_chain, verify_log};
+pub use format::{CheckpointMark, ChainTip, FORMAT_VERSION, FormatError};
 pub use memory::{FaultPlan, MemoryStorage};
 pub use message::{BatchMessage, decode_batch_message, encode_batch_message};
 pub use outbox::META_PUBLISH_CURSOR;
+pub use record::{BatchHeader, RecordView, RuleSet};
 pub use rocks::{LockProbe, RocksStorage, Verified};
 pub use storage::{Cf, Storage, StorageError, StorageErrorKind, Visit, WriteSet};
+pub use upgrade::{UpgradeSummary, upgrade_v1};
 
-use format::{BatchHasher, META_FORMAT_VERSION, META_TIP, seq_key};
+use format::{META_CHECKPOINT, META_FORMAT_VERSION, META_TIP, seq_key};
+use record::{RecordParts, SUBMITTER_BYTES_MAX, SUBMITTERS_MAX, push_frame};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,7 +48,10 @@ pub enum EngineError {
     Poisoned,
     #[error("the store is corrupt: {0}")]
     Corrupt(String),
-    #[error("the store has format version {found}, this build reads version {expected}")]
+    #[error(
+        "the store has format version {found}, this build reads version {expected}{}",
+        if *found < *expected { "; upgrade it with `keel upgrade --data DIR` (it keeps the old store)" } else { "" }
+    )]
     UnsupportedFormat { found: u32, expected: u32 },
 }
 
@@ -64,6 +77,10 @@ impl From<FormatError> for EngineError {
 pub struct Engine {
     storage: Arc<dyn Storage>,
     tip: ChainTip,
+    /// The rules the next batches are decided under.
+    rules: RuleSet,
+    /// The rule set the last record names: a record under another one carries its text.
+    last_rule_set: Option<[u8; 32]>,
     poisoned: Arc<AtomicBool>,
 }
 
@@ -71,17 +88,23 @@ pub struct Engine {
 /// [`Engine::commit`]. Reused across batches to keep its buffers.
 #[derive(Default)]
 pub struct PendingBatch {
-    set: WriteSet,
     batch_seq: u64,
     first_event: u64,
     next_event: u64,
     committed_at_us: u64,
-    /// Indices into `set` of the event puts, in sequence order.
-    events: Vec<usize>,
+    /// Framed event payloads, back to back.
+    events: Vec<u8>,
+    /// The end of each event's frame in `events`.
+    event_ends: Vec<usize>,
+    /// Framed rejection payloads, back to back.
+    rejections: Vec<u8>,
+    rejection_count: u32,
+    submitters: Vec<String>,
+    set: WriteSet,
 }
 
 impl PendingBatch {
-    /// The sequence the batch gets if it commits with at least one event.
+    /// The sequence the batch gets if it commits.
     pub fn batch_seq(&self) -> u64 {
         self.batch_seq
     }
@@ -91,7 +114,7 @@ impl PendingBatch {
     }
 
     pub fn event_count(&self) -> usize {
-        self.events.len()
+        self.event_ends.len()
     }
 
     /// The sequence the next pushed event gets.
@@ -102,40 +125,44 @@ impl PendingBatch {
     /// Appends an event whose domain payload `payload` writes; returns its sequence.
     pub fn push_event(&mut self, payload: impl FnOnce(&mut Vec<u8>)) -> u64 {
         let seq = self.next_event;
-        let batch = self.batch_seq;
-        let index = self.set.put_with(Cf::Events, &seq_key(seq), |out| {
-            out.extend_from_slice(&seq_key(batch));
-            payload(out);
-        });
-        self.events.push(index);
+        push_frame(&mut self.events, payload);
+        self.event_ends.push(self.events.len());
         self.next_event += 1;
         seq
     }
 
     /// Drops the events pushed after the first `keep` (an atomic request rolling back).
-    /// Only events may be pushed between the mark and the rollback.
     pub fn truncate_events(&mut self, keep: usize) {
-        assert!(keep <= self.events.len());
-        if let Some(&first_dropped) = self.events.get(keep) {
-            assert_eq!(first_dropped + (self.events.len() - keep), self.set.len());
-            self.set.truncate(first_dropped);
-            self.events.truncate(keep);
-            self.next_event = self.first_event + keep as u64;
+        assert!(keep <= self.event_ends.len());
+        let end = keep.checked_sub(1).map_or(0, |last| self.event_ends[last]);
+        self.events.truncate(end);
+        self.event_ends.truncate(keep);
+        self.next_event = self.first_event + keep as u64;
+    }
+
+    /// Records a rejected command's outcome (written by `payload`), so that the log alone
+    /// gives a retry its original answer.
+    pub fn push_rejection(&mut self, payload: impl FnOnce(&mut Vec<u8>)) {
+        push_frame(&mut self.rejections, payload);
+        self.rejection_count += 1;
+    }
+
+    /// Names a client (an API key id) that submitted a request of this batch; each id once.
+    /// Ids longer than 255 bytes are cut, and at most 65,535 are kept.
+    pub fn add_submitter(&mut self, id: &str) {
+        let mut cut = id.len().min(SUBMITTER_BYTES_MAX);
+        while !id.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let id = &id[..cut];
+        if self.submitters.len() < SUBMITTERS_MAX && !self.submitters.iter().any(|s| s == id) {
+            self.submitters.push(id.to_owned());
         }
     }
 
-    /// Records an aggregate's new state, written by `value`.
-    pub fn put_state(&mut self, aggregate_id: &[u8], value: impl FnOnce(&mut Vec<u8>)) {
-        self.set.put_with(Cf::State, aggregate_id, value);
-    }
-
-    /// Records a command id's outcome, written by `value`.
-    pub fn put_command(&mut self, command_id: &[u8], value: impl FnOnce(&mut Vec<u8>)) {
-        self.set.put_with(Cf::CommandIds, command_id, value);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.set.is_empty()
+    /// True when the batch would write nothing: no event and no rejection to keep.
+    pub fn is_empty(&self) -> bool {
+        self.event_ends.is_empty() && self.rejection_count == 0
     }
 }
 
@@ -146,15 +173,28 @@ impl Engine {
     }
 
     /// Opens an engine over `storage`: checks the format version (recording it in a new store)
-    /// and recovers the chain tip, asserting the log has no tail past the last batch header.
+    /// and recovers the chain tip from the last log record, cross-checked with the stored tip,
+    /// the event index and the checkpoint mark.
     pub fn open(storage: Arc<dyn Storage>) -> Result<Self, EngineError> {
         check_format(storage.as_ref())?;
-        let tip = recover_tip(storage.as_ref())?;
+        let (tip, last_rule_set) = recover_tip(storage.as_ref())?;
         Ok(Self {
             storage,
             tip,
+            rules: RuleSet::default(),
+            last_rule_set,
             poisoned: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Decides the next batches under `rules`: each record names their hash, and the first
+    /// record under them carries their text.
+    pub fn set_rules(&mut self, rules: RuleSet) {
+        self.rules = rules;
+    }
+
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
     }
 
     pub fn tip(&self) -> ChainTip {
@@ -172,15 +212,27 @@ impl Engine {
         }
     }
 
-    /// Visits every stored aggregate (id, encoded state), to warm the writer's cache.
-    pub fn scan_states(&self, visit: Visit<'_>) -> Result<(), EngineError> {
-        Ok(self.storage.scan(Cf::State, &[], visit)?)
+    /// The handle the background checkpoint thread writes through.
+    pub fn checkpointer(&self) -> Checkpointer {
+        Checkpointer {
+            storage: Arc::clone(&self.storage),
+            poisoned: Arc::clone(&self.poisoned),
+        }
     }
 
-    /// The stored outcomes of `ids` in the command-id index, in order.
+    /// The stored outcomes of `ids` in the checkpointed command-id index, in order.
     pub fn command_outcomes(&self, ids: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
         self.ensure_healthy()?;
         Ok(self.storage.multi_get(Cf::CommandIds, ids)?)
+    }
+
+    /// The checkpointed states of `ids` (id, encoded state), in order.
+    pub fn checkpointed_states(
+        &self,
+        ids: &[&[u8]],
+    ) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+        self.ensure_healthy()?;
+        Ok(self.storage.multi_get(Cf::State, ids)?)
     }
 
     /// Resets `pending` for the next batch, stamped `committed_at_us` (raised to the previous
@@ -188,19 +240,32 @@ impl Engine {
     pub fn begin(&self, pending: &mut PendingBatch, committed_at_us: u64) {
         pending.set.clear();
         pending.events.clear();
+        pending.event_ends.clear();
+        pending.rejections.clear();
+        pending.rejection_count = 0;
+        pending.submitters.clear();
         pending.batch_seq = self.tip.last_batch + 1;
         pending.first_event = self.tip.last_event + 1;
         pending.next_event = pending.first_event;
         pending.committed_at_us = committed_at_us.max(self.tip.last_committed_at_us);
     }
 
-    /// Writes `pending` in ONE write with `sync = true`. Returns the batch header when the
-    /// batch had events (a batch of only command-id outcomes is written and synced but gets no
-    /// header and no sequence). On a storage error the engine is poisoned: nothing more is
-    /// written, and the caller must not acknowledge anything of this batch.
+    /// Writes `pending` as ONE log record, with the new tip, in ONE write with `sync = true`.
+    /// Returns the batch header, or `None` when the batch held nothing to keep (no event, no
+    /// rejection with an id) and nothing was written. On a storage error the engine is
+    /// poisoned: nothing more is written, and the caller must not acknowledge anything of
+    /// this batch.
     pub fn commit(
         &mut self,
         pending: &mut PendingBatch,
+    ) -> Result<Option<BatchHeader>, EngineError> {
+        self.write_batch(pending, true)
+    }
+
+    pub(crate) fn write_batch(
+        &mut self,
+        pending: &mut PendingBatch,
+        sync: bool,
     ) -> Result<Option<BatchHeader>, EngineError> {
         self.ensure_healthy()?;
         assert_eq!(
@@ -213,56 +278,105 @@ impl Engine {
             return Ok(None);
         }
         let header = self.seal(pending);
-        if let Err(error) = self.storage.write(&pending.set, true) {
+        if let Err(error) = self.storage.write(&pending.set, sync) {
             self.poisoned.store(true, Ordering::Release);
             tracing::error!(%error, batch = pending.batch_seq, "commit failed; engine poisoned");
             return Err(EngineError::Storage(error));
         }
-        if let Some(header) = header {
-            self.tip = ChainTip::after(&header);
-        }
-        Ok(header)
+        self.tip = ChainTip::after(&header);
+        self.last_rule_set = Some(header.rule_set);
+        Ok(Some(header))
     }
 
-    /// Adds the header and the new tip to `pending` when it holds events.
-    fn seal(&self, pending: &mut PendingBatch) -> Option<BatchHeader> {
-        let count = u32::try_from(pending.events.len())
-            .ok()
-            .filter(|c| *c > 0)?;
-        let mut hasher = BatchHasher::new(
-            pending.batch_seq,
-            pending.first_event,
-            count,
-            pending.committed_at_us,
-            &self.tip.last_hash,
-        );
-        for (offset, &index) in pending.events.iter().enumerate() {
-            let (cf, key, value) = pending.set.get(index);
-            let seq = pending.first_event + offset as u64;
-            debug_assert!(cf == Cf::Events && key == seq_key(seq));
-            hasher.event(seq, value);
-        }
+    /// Encodes the record of `pending` into its write set, with its event-index entry and the
+    /// new tip.
+    fn seal(&self, pending: &mut PendingBatch) -> BatchHeader {
+        let count = u32::try_from(pending.event_ends.len()).expect("a batch under 2^32 events");
+        let first_record_under_rules = self.last_rule_set != Some(self.rules.hash);
+        let parts = RecordParts {
+            seq: pending.batch_seq,
+            first_event: pending.first_event,
+            event_count: count,
+            events: &pending.events,
+            rejection_count: pending.rejection_count,
+            rejections: &pending.rejections,
+            submitters: &pending.submitters,
+            rules_text: if first_record_under_rules {
+                &self.rules.text
+            } else {
+                ""
+            },
+            committed_at_us: pending.committed_at_us,
+            rule_set: self.rules.hash,
+            prev_hash: self.tip.last_hash,
+        };
+        let mut hash = [0u8; 32];
+        pending
+            .set
+            .put_with(Cf::Log, &seq_key(pending.batch_seq), |out| {
+                hash = parts.encode(out);
+            });
         let header = BatchHeader {
             seq: pending.batch_seq,
             first_event: pending.first_event,
             count,
+            rejections: pending.rejection_count,
             committed_at_us: pending.committed_at_us,
+            rule_set: self.rules.hash,
             prev_hash: self.tip.last_hash,
-            hash: hasher.finish(),
+            hash,
         };
         assert_eq!(header.last_event() + 1, pending.next_event);
-        pending
-            .set
-            .put(Cf::Batches, &seq_key(header.seq), &header.encode());
+        if count > 0 {
+            pending.set.put(
+                Cf::EventIndex,
+                &seq_key(header.first_event),
+                &seq_key(header.seq),
+            );
+        }
         pending
             .set
             .put(Cf::Meta, META_TIP, &ChainTip::after(&header).encode());
-        Some(header)
+        header
     }
 
     fn ensure_healthy(&self) -> Result<(), EngineError> {
         if self.is_poisoned() {
             return Err(EngineError::Poisoned);
+        }
+        Ok(())
+    }
+}
+
+/// Writes checkpoints: the state of the aggregates and the outcomes of the command ids changed
+/// since the previous checkpoint, with the mark of the batch they stand at, in ONE write with
+/// `sync = true`, on the checkpoint thread (never on the commit path). Durability is not why
+/// it syncs (a lost checkpoint only means recovery replays more of the log, which is the
+/// truth): a large unsynced write left after the last commit could reach the disk only in
+/// part, out of order, in a power cut, and the write-ahead-log check at start accepts damage
+/// only in the final record. Shares the engine's poison: a failed write poisons both, and a
+/// poisoned engine writes no checkpoint.
+#[derive(Clone)]
+pub struct Checkpointer {
+    storage: Arc<dyn Storage>,
+    poisoned: Arc<AtomicBool>,
+}
+
+impl Checkpointer {
+    /// Writes the puts of `set` (into `state` and `command_ids` only) and the mark `mark`.
+    pub fn write(&self, set: &mut WriteSet, mark: CheckpointMark) -> Result<(), EngineError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(EngineError::Poisoned);
+        }
+        debug_assert!(
+            set.iter()
+                .all(|(cf, _, _)| matches!(cf, Cf::State | Cf::CommandIds))
+        );
+        set.put(Cf::Meta, META_CHECKPOINT, &mark.encode());
+        if let Err(error) = self.storage.write(set, true) {
+            self.poisoned.store(true, Ordering::Release);
+            tracing::error!(%error, batch = mark.batch, "checkpoint write failed; engine poisoned");
+            return Err(EngineError::Storage(error));
         }
         Ok(())
     }
@@ -284,7 +398,7 @@ fn check_format(storage: &dyn Storage) -> Result<(), EngineError> {
             Ok(())
         }
         None => {
-            if storage.last(Cf::Batches)?.is_some() || storage.last(Cf::Events)?.is_some() {
+            if storage.last(Cf::Log)?.is_some() || storage.last(Cf::State)?.is_some() {
                 return Err(EngineError::Corrupt(
                     "data present but no format version".into(),
                 ));
@@ -296,38 +410,74 @@ fn check_format(storage: &dyn Storage) -> Result<(), EngineError> {
     }
 }
 
-/// Recovers the tip from the last batch header and cross-checks it against the stored tip and
-/// the last event: with one write per batch, a torn tail is impossible, so any mismatch means
-/// the store was damaged outside Keel.
-fn recover_tip(storage: &dyn Storage) -> Result<ChainTip, EngineError> {
+/// Recovers the tip from the last log record (verified) and cross-checks it against the stored
+/// tip, the event index and the checkpoint mark: with one write per batch a torn tail is
+/// impossible, so any mismatch means the store was damaged outside Keel. Also returns the rule
+/// set the last record names.
+fn recover_tip(storage: &dyn Storage) -> Result<(ChainTip, Option<[u8; 32]>), EngineError> {
     let stored = storage
         .get(Cf::Meta, META_TIP)?
         .map(|v| ChainTip::decode(&v))
         .transpose()?;
-    let last_header = match storage.last(Cf::Batches)? {
-        Some((key, value)) => Some(BatchHeader::decode(format::decode_seq_key(&key)?, &value)?),
+    let last = match storage.last(Cf::Log)? {
+        Some((key, value)) => {
+            let seq = format::decode_seq_key(&key)?;
+            Some(RecordView::decode(seq, &value)?.header)
+        }
         None => None,
     };
-    let last_event = match storage.last(Cf::Events)? {
-        Some((key, _)) => format::decode_seq_key(&key)?,
-        None => 0,
-    };
-    let tip = last_header
-        .as_ref()
-        .map(ChainTip::after)
-        .unwrap_or_default();
+    let tip = last.as_ref().map(ChainTip::after).unwrap_or_default();
     if stored.unwrap_or_default() != tip {
         return Err(EngineError::Corrupt(format!(
-            "stored tip {stored:?} disagrees with the last batch header {last_header:?}"
+            "stored tip {} disagrees with the last log record ({tip})",
+            stored.map_or_else(|| "absent".to_string(), |s| s.to_string())
         )));
     }
-    if last_event != tip.last_event {
+    if let Some((key, value)) = storage.last(Cf::EventIndex)? {
+        let first = format::decode_seq_key(&key)?;
+        let batch = format::decode_seq_key(&value)?;
+        let record = storage
+            .get(Cf::Log, &value)?
+            .ok_or_else(|| {
+                EngineError::Corrupt(format!(
+                    "the event index names batch {batch} for event {first}, and the log has no such batch"
+                ))
+            })?;
+        let header = RecordView::decode(batch, &record)?.header;
+        if header.first_event != first || header.count == 0 || header.last_event() != tip.last_event
+        {
+            return Err(EngineError::Corrupt(format!(
+                "the event index's last entry (event {first} in batch {batch}) disagrees with the log, which ends at event {}",
+                tip.last_event
+            )));
+        }
+    } else if tip.last_event != 0 {
         return Err(EngineError::Corrupt(format!(
-            "last event {last_event} but the last batch ends at event {}",
+            "the log holds {} events but the event index is empty",
             tip.last_event
         )));
     }
-    Ok(tip)
+    let mark = read_checkpoint_mark(storage)?;
+    if mark.batch == 0 && storage.last(Cf::State)?.is_some() {
+        return Err(EngineError::Corrupt(
+            "aggregate state is stored but no checkpoint mark says where it stands".into(),
+        ));
+    }
+    if mark.batch > tip.last_batch {
+        return Err(EngineError::Corrupt(format!(
+            "the checkpoint stands at batch {}, past the log's end at batch {}",
+            mark.batch, tip.last_batch
+        )));
+    }
+    Ok((tip, last.map(|h| h.rule_set)))
+}
+
+fn read_checkpoint_mark(storage: &dyn Storage) -> Result<CheckpointMark, EngineError> {
+    Ok(storage
+        .get(Cf::Meta, META_CHECKPOINT)?
+        .map(|v| CheckpointMark::decode(&v))
+        .transpose()?
+        .unwrap_or_default())
 }
 
 /// A read handle shared by HTTP handlers, the publisher and the audit. Refuses to read once the
@@ -343,6 +493,8 @@ pub struct Reader {
 pub struct StoredEvent {
     pub seq: u64,
     pub batch: u64,
+    /// The batch's commit time, µs since the Unix epoch.
+    pub committed_at_us: u64,
     pub payload: Vec<u8>,
 }
 
@@ -370,9 +522,20 @@ impl Reader {
         self.healthy()
     }
 
-    /// The encoded state of one aggregate.
+    /// The checkpointed state of one aggregate (as of [`Reader::checkpoint_mark`]; the writer's
+    /// published overlay holds what changed since).
     pub fn state(&self, aggregate_id: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         Ok(self.healthy()?.get(Cf::State, aggregate_id)?)
+    }
+
+    /// Where the checkpoint stands.
+    pub fn checkpoint_mark(&self) -> Result<CheckpointMark, EngineError> {
+        read_checkpoint_mark(self.healthy()?)
+    }
+
+    /// Visits every checkpointed aggregate (id, encoded state) while `visit` returns true.
+    pub fn scan_states(&self, visit: Visit<'_>) -> Result<(), EngineError> {
+        Ok(self.healthy()?.scan(Cf::State, &[], visit)?)
     }
 
     /// The durable chain tip.
@@ -384,43 +547,103 @@ impl Reader {
             .unwrap_or_default())
     }
 
+    /// Visits every log record after batch `after`, verified, in order, while `visit` returns
+    /// true. A record that does not verify ends the scan with `Corrupt`.
+    pub fn scan_log(
+        &self,
+        after: u64,
+        visit: &mut dyn FnMut(&RecordView<'_>) -> bool,
+    ) -> Result<(), EngineError> {
+        let mut failure = None;
+        let mut expected = after + 1;
+        let mut previous: Option<BatchHeader> = None;
+        self.healthy()?
+            .scan(Cf::Log, &seq_key(expected), &mut |key, value| {
+                let decoded = format::decode_seq_key(key)
+                    .and_then(|seq| {
+                        if seq == expected {
+                            RecordView::decode(seq, value)
+                        } else {
+                            Err(FormatError(format!(
+                                "batch {expected} is missing: batch {seq} follows"
+                            )))
+                        }
+                    })
+                    .and_then(|view| match &previous {
+                        Some(p)
+                            if view.header.prev_hash != p.hash
+                                || view.header.first_event != p.last_event() + 1 =>
+                        {
+                            Err(FormatError(format!(
+                                "batch {expected} does not follow batch {} (hash or event numbering)",
+                                p.seq
+                            )))
+                        }
+                        _ => Ok(view),
+                    });
+                match decoded {
+                    Ok(view) => {
+                        expected += 1;
+                        previous = Some(view.header);
+                        visit(&view)
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        false
+                    }
+                }
+            })?;
+        failure.map_or(Ok(()), |e| Err(e.into()))
+    }
+
     /// Up to `limit` events with sequence greater than `after`, in order.
     pub fn events(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, EngineError> {
         let mut events = Vec::with_capacity(limit.min(4096));
-        let mut failure = None;
-        let start = seq_key(after.saturating_add(1));
-        self.healthy()?
-            .scan(Cf::Events, &start, &mut |key, value| {
+        if limit == 0 {
+            return Ok(events);
+        }
+        let storage = self.healthy()?;
+        let wanted = after.saturating_add(1);
+        // The batch holding event `wanted`: the last one starting at or before it.
+        let start_batch = match storage.at_or_before(Cf::EventIndex, &seq_key(wanted))? {
+            Some((_, batch)) => format::decode_seq_key(&batch)?,
+            None => 1,
+        };
+        self.scan_log(start_batch.saturating_sub(1), &mut |view| {
+            for (seq, payload) in view.events() {
+                if seq < wanted {
+                    continue;
+                }
                 if events.len() >= limit {
                     return false;
                 }
-                match decode_event(key, value) {
-                    Ok(event) => events.push(event),
-                    Err(e) => failure = Some(e),
-                }
-                failure.is_none()
-            })?;
-        failure.map_or(Ok(events), |e| Err(e.into()))
+                events.push(StoredEvent {
+                    seq,
+                    batch: view.header.seq,
+                    committed_at_us: view.header.committed_at_us,
+                    payload: payload.to_vec(),
+                });
+            }
+            events.len() < limit
+        })?;
+        Ok(events)
     }
 
-    /// The header of batch `seq`.
+    /// The header of batch `seq` (its record verified).
     pub fn batch(&self, seq: u64) -> Result<Option<BatchHeader>, EngineError> {
-        let value = self.healthy()?.get(Cf::Batches, &seq_key(seq))?;
-        Ok(value.map(|v| BatchHeader::decode(seq, &v)).transpose()?)
+        let value = self.healthy()?.get(Cf::Log, &seq_key(seq))?;
+        Ok(value
+            .map(|v| RecordView::decode(seq, &v).map(|view| view.header))
+            .transpose()?)
+    }
+
+    /// The stored record of batch `seq`, unverified (callers decode it with [`RecordView`]).
+    pub fn record(&self, seq: u64) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.healthy()?.get(Cf::Log, &seq_key(seq))?)
     }
 
     /// Writes a consistent copy of the store into `dir`, for auditing while writes go on.
     pub fn checkpoint(&self, dir: &Path) -> Result<(), EngineError> {
         Ok(self.healthy()?.checkpoint(dir)?)
     }
-}
-
-fn decode_event(key: &[u8], value: &[u8]) -> Result<StoredEvent, FormatError> {
-    let seq = format::decode_seq_key(key)?;
-    let (batch, payload) = format::split_event_value(value)?;
-    Ok(StoredEvent {
-        seq,
-        batch,
-        payload: payload.to_vec(),
-    })
 }

@@ -155,6 +155,16 @@ impl Storage for MemoryStorage {
             .map(|(k, v)| (k.clone(), v.clone())))
     }
 
+    fn at_or_before(&self, cf: Cf, key: &[u8]) -> Result<Option<Entry>, StorageError> {
+        let inner = self.lock();
+        Self::powered(&inner)?;
+        Ok(inner
+            .written
+            .get(&cf)
+            .and_then(|t| t.range(..=key.to_vec()).next_back())
+            .map(|(k, v)| (k.clone(), v.clone())))
+    }
+
     fn checkpoint(&self, _dir: &Path) -> Result<(), StorageError> {
         Err(StorageError::Unsupported("checkpoint"))
     }

@@ -7,8 +7,8 @@
 //! its duplicate window and the projector skips by batch sequence after it. An fsync per ack
 //! would compete with the writer's fsync for the disk and buy nothing.
 
-use crate::format::{BatchHasher, hex};
 use crate::message::encode_batch_message;
+use crate::record::RecordView;
 use crate::{Cf, EngineError, Reader, WriteSet};
 
 /// The meta key of the publication cursor: the last published batch, u64 big-endian.
@@ -41,44 +41,14 @@ impl Reader {
 
     /// Committed batch `seq` as a batch message, or `None` if no such batch is committed.
     ///
-    /// Recomputes the batch hash from the stored events before encoding, so that a damaged
-    /// store is refused here rather than published (and refused by every projector).
+    /// Verifies the stored record (its hash over every byte) before encoding, so that a
+    /// damaged store is refused here rather than published (and refused by every projector).
     pub fn batch_message(&self, seq: u64) -> Result<Option<Vec<u8>>, EngineError> {
-        let Some(header) = self.batch(seq)? else {
+        let Some(record) = self.record(seq)? else {
             return Ok(None);
         };
-        let events = self.events(header.first_event - 1, header.count as usize)?;
-        let mut hasher = BatchHasher::new(
-            header.seq,
-            header.first_event,
-            header.count,
-            header.committed_at_us,
-            &header.prev_hash,
-        );
-        let mut value = Vec::new();
-        for (offset, event) in events.iter().enumerate() {
-            if event.seq != header.first_event + offset as u64 || event.batch != seq {
-                return Err(EngineError::Corrupt(format!(
-                    "batch {seq}: event {} (of batch {}) where event {} belongs",
-                    event.seq,
-                    event.batch,
-                    header.first_event + offset as u64
-                )));
-            }
-            value.clear();
-            value.extend_from_slice(&event.batch.to_be_bytes());
-            value.extend_from_slice(&event.payload);
-            hasher.event(event.seq, &value);
-        }
-        if events.len() != header.count as usize || hasher.finish() != header.hash {
-            return Err(EngineError::Corrupt(format!(
-                "batch {seq}: {} of {} events found, or their hash does not match {}",
-                events.len(),
-                header.count,
-                hex(&header.hash)
-            )));
-        }
-        Ok(Some(encode_batch_message(&header, &events)))
+        RecordView::decode(seq, &record)?;
+        Ok(Some(encode_batch_message(&record)))
     }
 }
 
@@ -126,6 +96,7 @@ mod tests {
                 )
                 .expect("events");
             assert_eq!(message.events, stored);
+            assert_eq!(stored.len(), seq as usize);
         }
         assert_eq!(reader.batch_message(4).expect("read"), None);
     }

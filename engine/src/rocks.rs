@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 /// A RocksDB store. Shared by the writer and every reader (RocksDB is safe for that).
 pub struct RocksStorage {
     db: DB,
+    /// The column families this store has: [`Cf::ALL`], and format 1's families in a store of
+    /// format 1 (opened so that the format check can refuse it by name, and `keel upgrade`
+    /// can read it).
+    families: Vec<Cf>,
 }
 
 impl RocksStorage {
@@ -33,13 +37,10 @@ impl RocksStorage {
         // The write-ahead log is what makes a commit durable; keep it on and flushed by RocksDB
         // itself at every write (sync happens per write via WriteOptions).
         db_options.set_manual_wal_flush(false);
-        // In-place memtable updates (see `cf_options`) exclude concurrent memtable writes; Keel
-        // has one writer anyway.
-        db_options.set_allow_concurrent_memtable_write(false);
-        let descriptors = Cf::ALL.map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf)));
+        let (families, descriptors) = descriptors(path, true);
         let db = DB::open_cf_descriptors(&db_options, path, descriptors)
             .map_err(|e| naming_files(path, e.into()))?;
-        let storage = Self { db };
+        let storage = Self { db, families };
         let verified = storage.verify_tables().map_err(|e| naming_files(path, e))?;
         tracing::info!(
             wal_files = wal_checked.len(),
@@ -63,7 +64,7 @@ impl RocksStorage {
     pub fn verify_tables(&self) -> Result<Verified, StorageError> {
         let started = Instant::now();
         let mut verified = Verified::default();
-        for cf in Cf::ALL {
+        for &cf in &self.families {
             let mut options = ReadOptions::default();
             options.set_verify_checksums(true);
             options.fill_cache(false);
@@ -87,10 +88,10 @@ impl RocksStorage {
     pub fn open_read_only(path: &Path) -> Result<Self, StorageError> {
         existing_store(path)?;
         wal::check_dir(path)?;
-        let descriptors = Cf::ALL.map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf)));
+        let (families, descriptors) = descriptors(path, false);
         let db = DB::open_cf_descriptors_read_only(&reader_options(), path, descriptors, false)
             .map_err(|e| naming_files(path, e.into()))?;
-        Ok(Self { db })
+        Ok(Self { db, families })
     }
 
     /// Opens the store at `primary`, which a live server may be writing, as a RocksDB
@@ -105,7 +106,7 @@ impl RocksStorage {
         wal::check_dir(primary)?;
         std::fs::create_dir_all(secondary)
             .map_err(|e| StorageError::Io(format!("creating {}: {e}", secondary.display())))?;
-        let descriptors = Cf::ALL.map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf)));
+        let (families, descriptors) = descriptors(primary, false);
         let db = DB::open_cf_descriptors_as_secondary(
             &reader_options(),
             primary,
@@ -113,7 +114,7 @@ impl RocksStorage {
             descriptors,
         )
         .map_err(|e| naming_files(primary, e.into()))?;
-        Ok(Self { db })
+        Ok(Self { db, families })
     }
 
     /// Moves a secondary instance's view to the primary's latest durable write (the MANIFEST
@@ -155,7 +156,7 @@ impl RocksStorage {
     /// never needs this (the write-ahead log makes commits durable); tests use it to put data
     /// into table files.
     pub fn flush(&self) -> Result<(), StorageError> {
-        for cf in Cf::ALL {
+        for &cf in &self.families {
             self.db.flush_cf(self.handle(cf)?)?;
         }
         Ok(())
@@ -186,6 +187,34 @@ impl RocksStorage {
             .cf_handle(cf.name())
             .ok_or_else(|| StorageError::Io(format!("column family {} is missing", cf.name())))
     }
+}
+
+/// The column families to open in the store at `path`: the known families the store has, and,
+/// when `create` and the store is new or of the current format, every one of [`Cf::ALL`]
+/// (created when missing). A store of format 1 (it has `events`) is opened with its own
+/// families only, so that opening it changes nothing: the format check then refuses it by its
+/// version and `keel upgrade` reads it. A family of another name makes the open fail (RocksDB
+/// refuses to open a store without all of its families): not a store this build knows.
+fn descriptors(path: &Path, create: bool) -> (Vec<Cf>, Vec<ColumnFamilyDescriptor>) {
+    let existing: Vec<Cf> = DB::list_cf(&Options::default(), path)
+        .map(|names| names.iter().filter_map(|name| Cf::from_name(name)).collect())
+        .unwrap_or_default();
+    let format_1 = existing.contains(&Cf::V1Events) || existing.contains(&Cf::V1Batches);
+    let mut families = if create && !format_1 {
+        Cf::ALL.to_vec()
+    } else {
+        Vec::new()
+    };
+    for cf in existing {
+        if !families.contains(&cf) {
+            families.push(cf);
+        }
+    }
+    let descriptors = families
+        .iter()
+        .map(|&cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf)))
+        .collect();
+    (families, descriptors)
 }
 
 /// Read-ahead of [`RocksStorage::scan_once`]: large sequential reads for a full scan.
@@ -320,27 +349,22 @@ fn reader_options() -> Options {
 
 /// Per column family tuning.
 ///
-/// The write path inserts into the memtables of `events` (sequential keys: each skiplist insert
-/// lands next to the previous one, cheap) and of `state` and `command_ids` (random keys).
-/// Profiling the writer showed those random-key skiplist inserts were most of its CPU. Every
-/// batch rewrites the state of the aggregates it touched, so `state` updates its memtable entry
-/// in place instead of adding a version: the skiplist keeps one entry per hot aggregate, stays
-/// shallow and cache-resident (measured: in-process commit ~108k -> ~130-160k items/s).
-/// (A hash-bucketed memtable and key-sorted batches were also tried and measured no faster.)
-/// Memtable and table bloom filters make the per-batch command-id lookups, almost always
+/// Format 1 inserted three random keys per item into memtables on the commit path (state,
+/// command id, event), and profiling showed those skiplist inserts were most of the writer's
+/// CPU. Format 2 writes one key per batch on the commit path (`log`, sequential), plus the tip
+/// and, for a batch with events, one `event_index` key; `state` and `command_ids` are written
+/// by the checkpointer thread, once per aggregate or id per checkpoint, coalesced. Memtable
+/// and table bloom filters make the writer's per-batch command-id lookups, almost always
 /// misses, cheap.
 fn cf_options(cf: Cf) -> Options {
     let mut options = Options::default();
     options.set_compression_type(DBCompressionType::Lz4);
     match cf {
         Cf::State | Cf::CommandIds => {
-            if cf == Cf::State {
-                // Every batch rewrites the state of the aggregates it touched: update the
-                // memtable entry in place instead of adding a version, so the skiplist holds
-                // one entry per hot aggregate instead of one per write.
-                options.set_inplace_update_support(true);
-            }
-            options.set_write_buffer_size(16 << 20);
+            // Written only by checkpoints, in the background; read by point lookups (the
+            // writer's per-batch command-id multi-get, almost always a miss, and reads of
+            // aggregates not changed since the last checkpoint).
+            options.set_write_buffer_size(32 << 20);
             options.set_memtable_whole_key_filtering(true);
             options.set_memtable_prefix_bloom_ratio(0.1);
             let mut table = BlockBasedOptions::default();
@@ -348,7 +372,9 @@ fn cf_options(cf: Cf) -> Options {
             table.set_whole_key_filtering(true);
             options.set_block_based_table_factory(&table);
         }
-        Cf::Events | Cf::Batches | Cf::Meta => options.set_write_buffer_size(64 << 20),
+        Cf::Log | Cf::EventIndex | Cf::Meta | Cf::V1Events | Cf::V1Batches => {
+            options.set_write_buffer_size(64 << 20)
+        }
     }
     options
 }
@@ -395,6 +421,17 @@ impl Storage for RocksStorage {
     fn last(&self, cf: Cf) -> Result<Option<Entry>, StorageError> {
         let mut it = self.db.raw_iterator_cf(self.handle(cf)?);
         it.seek_to_last();
+        let found = match (it.key(), it.value()) {
+            (Some(k), Some(v)) => Some((k.to_vec(), v.to_vec())),
+            _ => None,
+        };
+        it.status()?;
+        Ok(found)
+    }
+
+    fn at_or_before(&self, cf: Cf, key: &[u8]) -> Result<Option<Entry>, StorageError> {
+        let mut it = self.db.raw_iterator_cf(self.handle(cf)?);
+        it.seek_for_prev(key);
         let found = match (it.key(), it.value()) {
             (Some(k), Some(v)) => Some((k.to_vec(), v.to_vec())),
             _ => None,

@@ -7,30 +7,57 @@ use std::path::Path;
 /// The column families (key spaces) of a Keel store. docs/FORMAT.md describes each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Cf {
-    /// Aggregate id (UTF-8) -> encoded aggregate state and version.
+    /// The checkpoint: aggregate id (UTF-8) -> encoded aggregate state and version, as of the
+    /// batch `meta/checkpoint` names. Written in the background, never on the commit path.
     State,
-    /// Event sequence (u64 big-endian) -> batch sequence (u64 big-endian) ++ domain payload.
-    Events,
-    /// Batch sequence (u64 big-endian) -> batch header.
-    Batches,
-    /// Client command id (UTF-8) -> the command's original outcome.
+    /// The committed log: batch sequence (u64 big-endian) -> one log record (header, events,
+    /// rejections, submitters, rules, hash). A commit writes this record, the tip and, for a
+    /// batch with events, one `EventIndex` entry.
+    Log,
+    /// First event sequence of a batch with events (u64 big-endian) -> its batch sequence
+    /// (u64 big-endian): finds the batch holding an event.
+    EventIndex,
+    /// The checkpointed command-id index: client command id (UTF-8) -> its original outcome.
     CommandIds,
-    /// Named values: format version, chain tip, publication cursor.
+    /// Named values: format version, chain tip, checkpoint mark, publication cursor.
     Meta,
+    /// Format 1's event family (event sequence -> batch prefix ++ payload). Present only in a
+    /// store of format 1; read by `keel upgrade`.
+    V1Events,
+    /// Format 1's batch headers (batch sequence -> 85-byte header). Format 1 stores only.
+    V1Batches,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 5] = [Cf::State, Cf::Events, Cf::Batches, Cf::CommandIds, Cf::Meta];
+    /// The families of the current format, created in every store this build opens.
+    pub const ALL: [Cf; 5] = [Cf::State, Cf::Log, Cf::EventIndex, Cf::CommandIds, Cf::Meta];
 
     /// The RocksDB column family name.
     pub fn name(self) -> &'static str {
         match self {
             Cf::State => "state",
-            Cf::Events => "events",
-            Cf::Batches => "batches",
+            Cf::Log => "log",
+            Cf::EventIndex => "event_index",
             Cf::CommandIds => "command_ids",
             Cf::Meta => "meta",
+            Cf::V1Events => "events",
+            Cf::V1Batches => "batches",
         }
+    }
+
+    /// The family called `name`, of this format or of format 1.
+    pub fn from_name(name: &str) -> Option<Cf> {
+        [
+            Cf::State,
+            Cf::Log,
+            Cf::EventIndex,
+            Cf::CommandIds,
+            Cf::Meta,
+            Cf::V1Events,
+            Cf::V1Batches,
+        ]
+        .into_iter()
+        .find(|cf| cf.name() == name)
     }
 }
 
@@ -216,6 +243,8 @@ pub trait Storage: Send + Sync {
     fn scan(&self, cf: Cf, start: &[u8], visit: Visit<'_>) -> Result<(), StorageError>;
     /// The greatest key and its value.
     fn last(&self, cf: Cf) -> Result<Option<Entry>, StorageError>;
+    /// The greatest key `<= key` and its value.
+    fn at_or_before(&self, cf: Cf, key: &[u8]) -> Result<Option<Entry>, StorageError>;
     /// Writes a consistent, openable copy of the store into `dir` (which must not exist).
     fn checkpoint(&self, dir: &Path) -> Result<(), StorageError>;
 }

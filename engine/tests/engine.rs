@@ -1,13 +1,16 @@
-//! Engine behaviour over both storages: commit, recovery, chain verification, poisoning.
+//! Engine behaviour over both storages: commit, recovery, chain verification, checkpoints,
+//! poisoning, rule sets, the upgrade from format 1.
 #![allow(clippy::unwrap_used)] // a test may unwrap: the panic is its failure report
 
+use keel_engine::format::{ChainTip, seq_key};
+use keel_engine::v1::{V1Hasher, V1Header};
 use keel_engine::{
-    BatchHeader, Cf, Engine, EngineError, FaultPlan, MemoryStorage, PendingBatch, RocksStorage,
-    Storage, WriteSet, verify_chain,
+    BatchHeader, Cf, CheckpointMark, Engine, EngineError, FaultPlan, MemoryStorage, PendingBatch,
+    RocksStorage, RuleSet, Storage, WriteSet, upgrade_v1, verify_chain,
 };
 use std::sync::Arc;
 
-/// Commits one batch of `events` payloads plus a state put; returns the header.
+/// Commits one batch of `events` payloads; returns the header.
 fn commit(
     engine: &mut Engine,
     at: u64,
@@ -18,7 +21,6 @@ fn commit(
     for e in events {
         pending.push_event(|out| out.extend_from_slice(e));
     }
-    pending.put_state(b"account:a", |out| out.extend_from_slice(&at.to_be_bytes()));
     engine.commit(&mut pending)
 }
 
@@ -45,6 +47,12 @@ fn commits_chain_and_recover_over_rocksdb() {
     assert_eq!(h2.prev_hash, h1.hash);
     assert_eq!(h2.committed_at_us, 100, "commit time never goes backwards");
     assert_ne!(h1.hash, h2.hash);
+    let mut set = WriteSet::default();
+    set.put(Cf::State, b"account:a", &50u64.to_be_bytes());
+    engine
+        .checkpointer()
+        .write(&mut set, CheckpointMark::at(&engine.tip()))
+        .unwrap();
     drop(engine);
     drop(storage);
 
@@ -62,31 +70,50 @@ fn commits_chain_and_recover_over_rocksdb() {
         (events[0].seq, events[0].batch, events[0].payload.as_slice()),
         (2, 1, &b"two"[..])
     );
+    assert_eq!(events[1].committed_at_us, 100);
+    assert_eq!(reader.events(0, 1).unwrap()[0].payload, b"one");
+    assert!(reader.events(3, 10).unwrap().is_empty());
     assert_eq!(
         reader.state(b"account:a").unwrap(),
         Some(50u64.to_be_bytes().to_vec()),
-        "the second batch wrote the state"
+        "the checkpoint wrote the state"
     );
+    assert_eq!(reader.checkpoint_mark().unwrap().batch, 2);
     let summary = verify_chain(reader.storage().unwrap(), &mut |_, _, _| {}).unwrap();
     assert_eq!((summary.batches, summary.events), (2, 3));
 }
 
 #[test]
-fn a_batch_without_events_gets_no_header() {
+fn a_batch_of_rejections_gets_a_record_and_an_empty_batch_writes_nothing() {
     let storage = Arc::new(MemoryStorage::default());
     let mut engine = Engine::open(storage.clone()).unwrap();
     let mut pending = PendingBatch::default();
     engine.begin(&mut pending, 1);
-    pending.put_command(b"c-1", |out| out.push(1));
-    assert_eq!(engine.commit(&mut pending).unwrap(), None);
-    assert_eq!(engine.tip().last_batch, 0);
-    assert_eq!(storage.get(Cf::CommandIds, b"c-1").unwrap(), Some(vec![1]));
+    pending.push_rejection(|out| out.extend_from_slice(b"c-1 rejected"));
+    let header = engine.commit(&mut pending).unwrap().unwrap();
+    assert_eq!((header.seq, header.count, header.rejections), (1, 0, 1));
+    assert_eq!(header.first_event, 1, "the next event's sequence");
+    assert_eq!(engine.tip().last_event, 0);
+    let h2 = commit(&mut engine, 2, &[b"e"]).unwrap().unwrap();
+    assert_eq!((h2.seq, h2.first_event), (2, 1));
+    let mut rejections = Vec::new();
+    struct Collect<'a>(&'a mut Vec<(u64, Vec<u8>)>);
+    impl keel_engine::LogVisitor for Collect<'_> {
+        fn event(&mut self, _: u64, _: u64, _: &[u8]) {}
+        fn rejection(&mut self, batch: u64, payload: &[u8]) {
+            self.0.push((batch, payload.to_vec()));
+        }
+    }
+    let summary = keel_engine::verify_log(storage.as_ref(), &mut Collect(&mut rejections)).unwrap();
+    assert_eq!((summary.batches, summary.events, summary.rejections), (2, 1, 1));
+    assert_eq!(rejections, [(1, b"c-1 rejected".to_vec())]);
     engine.begin(&mut pending, 1);
     assert_eq!(
         engine.commit(&mut pending).unwrap(),
         None,
         "an empty batch writes nothing"
     );
+    assert_eq!(engine.tip().last_batch, 2);
 }
 
 #[test]
@@ -133,6 +160,13 @@ fn failed_sync_poisons_and_nothing_more_is_written() {
         engine.reader().events(0, 10),
         Err(EngineError::Poisoned)
     ));
+    let mut set = WriteSet::default();
+    assert!(matches!(
+        engine
+            .checkpointer()
+            .write(&mut set, CheckpointMark::default()),
+        Err(EngineError::Poisoned)
+    ));
     assert_eq!(storage.syncs(), 3, "the failed sync is not retried");
     let restarted = Arc::new(storage.after_power_loss());
     let engine = Engine::open(restarted.clone()).unwrap();
@@ -145,26 +179,65 @@ fn failed_sync_poisons_and_nothing_more_is_written() {
 }
 
 #[test]
-fn power_loss_keeps_only_synced_batches() {
-    for loss_at in 2..=5 {
+fn power_loss_keeps_only_synced_batches_and_checkpoints() {
+    // Sync 1 is the format version; then each round is a commit and a checkpoint (both sync).
+    for loss_at in 2..=9 {
         let storage = Arc::new(MemoryStorage::new(FaultPlan {
             fail_sync_at: None,
             power_loss_at: Some(loss_at),
         }));
         let mut engine = Engine::open(storage.clone()).unwrap();
-        let mut acked = 0;
+        let (mut acked, mut checkpointed) = (0, 0);
         for n in 0..5u8 {
             if commit(&mut engine, 1, &[&[n], &[n, n]]).is_err() {
                 break;
             }
             acked += 1;
+            let mut set = WriteSet::default();
+            set.put(Cf::State, b"a", &[n]);
+            let mark = CheckpointMark::at(&engine.tip());
+            if engine.checkpointer().write(&mut set, mark).is_err() {
+                break;
+            }
+            checkpointed = acked;
         }
-        assert_eq!(acked, loss_at - 2);
+        assert_eq!(acked, loss_at / 2 - 1 + (loss_at % 2), "loss at sync {loss_at}");
         let restarted = Arc::new(storage.after_power_loss());
         let engine = Engine::open(restarted.clone()).unwrap();
         assert_eq!(engine.tip().last_batch, acked);
         assert_eq!(events_of(restarted.as_ref()).len() as u64, acked * 2);
+        assert_eq!(engine.reader().checkpoint_mark().unwrap().batch, checkpointed);
     }
+}
+
+#[test]
+fn rules_text_is_recorded_by_the_first_batch_under_it() {
+    let storage = Arc::new(MemoryStorage::default());
+    let mut engine = Engine::open(storage.clone()).unwrap();
+    engine.set_rules(RuleSet::new("rules one"));
+    commit(&mut engine, 1, &[b"a"]).unwrap();
+    commit(&mut engine, 2, &[b"b"]).unwrap();
+    drop(engine);
+    let mut engine = Engine::open(storage.clone()).unwrap();
+    engine.set_rules(RuleSet::new("rules one"));
+    commit(&mut engine, 3, &[b"c"]).unwrap();
+    engine.set_rules(RuleSet::new("rules two"));
+    commit(&mut engine, 4, &[b"d"]).unwrap();
+    let reader = engine.reader();
+    let mut texts = Vec::new();
+    reader
+        .scan_log(0, &mut |view| {
+            texts.push(view.rules_text().to_string());
+            true
+        })
+        .unwrap();
+    assert_eq!(texts, ["rules one", "", "", "rules two"]);
+    let summary = verify_chain(storage.as_ref(), &mut |_, _, _| {}).unwrap();
+    assert_eq!(summary.rule_sets, 2);
+    assert_eq!(
+        reader.batch(4).unwrap().unwrap().rule_set,
+        RuleSet::new("rules two").hash
+    );
 }
 
 /// Tampers with a committed store through `set` and expects `verify_chain` to name `needle`.
@@ -188,67 +261,174 @@ fn assert_tamper_detected(tamper: impl FnOnce(&MemoryStorage, &mut WriteSet), ne
 
 #[test]
 fn verify_chain_locates_tampering() {
-    // A flipped byte in event 4 (batch 2) breaks batch 2's hash.
+    // A flipped byte in an event of batch 2 breaks batch 2's hash.
     assert_tamper_detected(
         |s, set| {
-            let mut v = s.get(Cf::Events, &4u64.to_be_bytes()).unwrap().unwrap();
-            *v.last_mut().unwrap() ^= 1;
-            set.put(Cf::Events, &4u64.to_be_bytes(), &v);
+            let mut v = s.get(Cf::Log, &seq_key(2)).unwrap().unwrap();
+            v[104] ^= 1;
+            set.put(Cf::Log, &seq_key(2), &v);
         },
-        "batch 2: hash",
+        "batch 2: log record does not match its hash",
     );
-    // An event past the last batch.
+    // A record moved under another key.
+    assert_tamper_detected(
+        |s, set| {
+            let v = s.get(Cf::Log, &seq_key(3)).unwrap().unwrap();
+            set.put(Cf::Log, &seq_key(4), &v);
+        },
+        "batch 4: log record names batch 3",
+    );
+    // An event index entry the log does not imply.
     assert_tamper_detected(
         |_, set| {
-            set.put(Cf::Events, &7u64.to_be_bytes(), &3u64.to_be_bytes());
+            set.put(Cf::EventIndex, &seq_key(8), &seq_key(3));
         },
-        "event 7: event outside any batch",
+        "event index has event 8 -> batch 3",
     );
-    // An event claiming another batch.
+    // A record replaced by a validly hashed one that does not link.
     assert_tamper_detected(
         |s, set| {
-            let mut v = s.get(Cf::Events, &3u64.to_be_bytes()).unwrap().unwrap();
-            v[..8].copy_from_slice(&3u64.to_be_bytes());
-            set.put(Cf::Events, &3u64.to_be_bytes(), &v);
+            let mut other = Engine::open(Arc::new(MemoryStorage::default())).unwrap();
+            commit(&mut other, 1, &[b"x"]).unwrap();
+            let _ = s;
+            let forged = other.reader().record(1).unwrap().unwrap();
+            set.put(Cf::Log, &seq_key(1), &forged);
         },
-        "event 3: stored as part of batch 3",
-    );
-    // A header whose previous hash was rewritten.
-    assert_tamper_detected(
-        |s, set| {
-            let mut v = s.get(Cf::Batches, &3u64.to_be_bytes()).unwrap().unwrap();
-            v[30] ^= 0xff;
-            set.put(Cf::Batches, &3u64.to_be_bytes(), &v);
-        },
-        "batch 3",
+        "batch 2: previous hash",
     );
 }
 
 #[test]
-fn open_refuses_a_store_of_another_format() {
+fn open_refuses_a_store_of_another_format_and_names_the_upgrade() {
     let storage = Arc::new(MemoryStorage::default());
     let mut set = WriteSet::default();
-    set.put(Cf::Meta, b"format_version", &99u32.to_be_bytes());
+    set.put(Cf::Meta, b"format_version", &1u32.to_be_bytes());
     storage.write(&set, true).unwrap();
+    let error = Engine::open(storage).err().unwrap();
     assert!(matches!(
-        Engine::open(storage),
-        Err(EngineError::UnsupportedFormat {
-            found: 99,
-            expected: 1
-        })
+        error,
+        EngineError::UnsupportedFormat {
+            found: 1,
+            expected: 2
+        }
     ));
+    assert!(
+        error.to_string().contains("keel upgrade --data"),
+        "{error}"
+    );
 }
 
 #[test]
-fn open_refuses_a_tip_that_disagrees_with_the_log() {
-    let storage = Arc::new(MemoryStorage::default());
-    let mut engine = Engine::open(storage.clone()).unwrap();
-    commit(&mut engine, 1, &[b"x"]).unwrap();
+fn open_refuses_a_log_that_disagrees_with_its_tip_index_or_checkpoint() {
+    let damaged: [&dyn Fn(&mut WriteSet); 3] = [
+        &|set| {
+            set.put(Cf::Meta, b"tip", &ChainTip::default().encode());
+        },
+        &|set| {
+            set.put(Cf::EventIndex, &seq_key(9), &seq_key(1));
+        },
+        &|set| {
+            let mark = CheckpointMark {
+                batch: 7,
+                ..CheckpointMark::default()
+            };
+            set.put(Cf::Meta, b"checkpoint", &mark.encode());
+        },
+    ];
+    for damage in damaged {
+        let storage = Arc::new(MemoryStorage::default());
+        let mut engine = Engine::open(storage.clone()).unwrap();
+        commit(&mut engine, 1, &[b"x"]).unwrap();
+        let mut set = WriteSet::default();
+        damage(&mut set);
+        storage.write(&set, true).unwrap();
+        assert!(matches!(
+            Engine::open(storage),
+            Err(EngineError::Corrupt(_))
+        ));
+    }
+}
+
+/// A format-1 store of `batches` batches of two events each, written byte by byte as format 1
+/// did, with a state and a command id.
+fn v1_store(batches: u64) -> MemoryStorage {
+    let storage = MemoryStorage::default();
     let mut set = WriteSet::default();
-    set.put(Cf::Events, &2u64.to_be_bytes(), &1u64.to_be_bytes()); // a tail past the last header
+    set.put(Cf::Meta, b"format_version", &1u32.to_be_bytes());
+    let mut tip = ChainTip::default();
+    for b in 1..=batches {
+        let first = tip.last_event + 1;
+        let mut hasher = V1Hasher::new(b, first, 2, 100 * b, &tip.last_hash);
+        for e in first..first + 2 {
+            let mut value = b.to_be_bytes().to_vec();
+            value.extend_from_slice(format!("event {e}").as_bytes());
+            hasher.event(e, &value);
+            set.put(Cf::V1Events, &seq_key(e), &value);
+        }
+        let header = V1Header {
+            seq: b,
+            first_event: first,
+            count: 2,
+            committed_at_us: 100 * b,
+            prev_hash: tip.last_hash,
+            hash: hasher.finish(),
+        };
+        set.put(Cf::V1Batches, &seq_key(b), &header.encode());
+        tip = ChainTip {
+            last_batch: b,
+            last_event: header.last_event(),
+            last_hash: header.hash,
+            last_committed_at_us: header.committed_at_us,
+        };
+    }
+    set.put(Cf::Meta, b"tip", &tip.encode());
+    set.put(Cf::State, b"account:a", b"state");
+    set.put(Cf::CommandIds, b"c-1", b"outcome");
     storage.write(&set, true).unwrap();
-    assert!(matches!(
-        Engine::open(storage),
-        Err(EngineError::Corrupt(_))
-    ));
+    storage
+}
+
+#[test]
+fn upgrade_rewrites_a_verified_format_1_log_and_checkpoints_its_state() {
+    let old = v1_store(5);
+    let new = Arc::new(MemoryStorage::default());
+    let summary = upgrade_v1(&old, new.clone(), RuleSet::new("r"), &mut |_| {}).unwrap();
+    assert_eq!((summary.batches, summary.events), (5, 10));
+    assert_eq!((summary.aggregates, summary.command_ids), (1, 1));
+    let engine = Engine::open(new.clone()).unwrap();
+    assert_eq!(engine.tip().last_batch, 5);
+    let events = engine.reader().events(0, 100).unwrap();
+    assert_eq!(events.len(), 10);
+    assert_eq!(
+        (events[9].seq, events[9].batch, events[9].committed_at_us),
+        (10, 5, 500)
+    );
+    assert_eq!(events[9].payload, b"event 10");
+    assert_eq!(engine.reader().checkpoint_mark().unwrap().batch, 5);
+    assert_eq!(
+        engine.reader().state(b"account:a").unwrap(),
+        Some(b"state".to_vec())
+    );
+    verify_chain(new.as_ref(), &mut |_, _, _| {}).unwrap();
+}
+
+#[test]
+fn upgrade_refuses_a_tampered_format_1_store() {
+    let old = v1_store(3);
+    let mut value = old.get(Cf::V1Events, &seq_key(3)).unwrap().unwrap();
+    *value.last_mut().unwrap() ^= 1;
+    let mut set = WriteSet::default();
+    set.put(Cf::V1Events, &seq_key(3), &value);
+    old.write(&set, true).unwrap();
+    let error = upgrade_v1(
+        &old,
+        Arc::new(MemoryStorage::default()),
+        RuleSet::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("format-1 batch 2"),
+        "{error}"
+    );
 }

@@ -23,10 +23,7 @@ fn commit(engine: &mut Engine, n: u64, events: usize, event_bytes: usize) -> Bat
             out.extend(std::iter::repeat_n((n as u8) ^ (e as u8), event_bytes));
         });
     }
-    pending.put_state(format!("account:{}", n % 7).as_bytes(), |out| {
-        out.extend_from_slice(&n.to_be_bytes())
-    });
-    pending.put_command(format!("command-{n}").as_bytes(), |out| out.push(1));
+    pending.push_rejection(|out| out.extend_from_slice(format!("command-{n}").as_bytes()));
     engine.commit(&mut pending).unwrap().unwrap()
 }
 

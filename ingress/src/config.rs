@@ -35,6 +35,16 @@ pub enum Command {
     Audit(crate::audit_cmd::AuditArgs),
     /// Project the batches published to NATS JetStream into MongoDB (docs/PROJECTION.md).
     Project(ProjectArgs),
+    /// Rewrite a store of an older format (1) in the current format (2), keeping the old one
+    /// as DIR.v1 (docs/FORMAT.md, "Upgrading from format 1").
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UpgradeArgs {
+    /// Data directory of the store to upgrade (stopped: no server may hold it).
+    #[arg(long, env = "KEEL_DATA")]
+    pub data: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -57,6 +67,17 @@ pub struct ServeConfig {
     /// How long the writer waits for more requests before committing a batch, in microseconds.
     #[arg(long, env = "KEEL_LINGER_US", default_value_t = 0)]
     pub linger_us: u64,
+    /// A checkpoint of state and command ids is written (in the background, off the commit
+    /// path) after this many committed batches ...
+    #[arg(long, env = "KEEL_CHECKPOINT_EVERY_BATCHES", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub checkpoint_every_batches: u64,
+    /// ... or this many milliseconds after the previous one, whichever comes first.
+    #[arg(long, env = "KEEL_CHECKPOINT_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub checkpoint_interval_ms: u64,
+    /// Most aggregates plus command ids changed and not yet checkpointed; at this many the
+    /// writer waits for the checkpoint in flight (bounds the memory of recent changes).
+    #[arg(long, env = "KEEL_CHECKPOINT_PENDING_MAX", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub checkpoint_pending_max: u64,
     /// Largest request body in bytes; larger bodies get 413.
     #[arg(long, env = "KEEL_BODY_BYTES_MAX", default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
     pub body_bytes_max: u64,
@@ -156,6 +177,9 @@ impl ServeConfig {
             queue_depth_max: self.queue_depth_max as usize,
             queue_items_max: (self.queue_items_max as usize).max(self.batch_items_max as usize),
             linger: Duration::from_micros(self.linger_us),
+            checkpoint_every_batches: self.checkpoint_every_batches,
+            checkpoint_interval: Duration::from_millis(self.checkpoint_interval_ms),
+            checkpoint_pending_max: self.checkpoint_pending_max as usize,
         }
     }
 

@@ -10,6 +10,7 @@ pub mod batches_route;
 pub mod config;
 pub mod http;
 pub mod server;
+pub mod upgrade;
 pub mod wire;
 
 use anyhow::Context;

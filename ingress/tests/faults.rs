@@ -174,8 +174,9 @@ async fn power_loss_during_commit_keeps_exactly_the_acknowledged_batches() {
     }
 }
 
-/// A storage whose next write panics once armed: stands in for any bug or failed assertion in
-/// the writer thread (the invariant check after apply panics the same way).
+/// A storage whose next commit (a synced write: only the writer thread syncs) panics once
+/// armed: stands in for any bug or failed assertion in the writer thread (the invariant check
+/// after apply panics the same way).
 struct PanickingStorage {
     inner: Arc<MemoryStorage>,
     armed: std::sync::atomic::AtomicBool,
@@ -187,7 +188,7 @@ impl keel_engine::Storage for PanickingStorage {
         set: &keel_engine::WriteSet,
         sync: bool,
     ) -> Result<(), keel_engine::StorageError> {
-        if self.armed.load(std::sync::atomic::Ordering::Acquire) {
+        if sync && self.armed.load(std::sync::atomic::Ordering::Acquire) {
             panic!("injected writer fault");
         }
         self.inner.write(set, sync)
@@ -219,6 +220,13 @@ impl keel_engine::Storage for PanickingStorage {
         cf: keel_engine::Cf,
     ) -> Result<Option<(Vec<u8>, Vec<u8>)>, keel_engine::StorageError> {
         self.inner.last(cf)
+    }
+    fn at_or_before(
+        &self,
+        cf: keel_engine::Cf,
+        key: &[u8],
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, keel_engine::StorageError> {
+        self.inner.at_or_before(cf, key)
     }
     fn checkpoint(&self, dir: &std::path::Path) -> Result<(), keel_engine::StorageError> {
         self.inner.checkpoint(dir)

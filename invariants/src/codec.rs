@@ -3,7 +3,7 @@
 //! serde format: varint integers, length-prefixed strings, enum variants by position).
 //! docs/FORMAT.md shows the bytes; a golden test pins them.
 
-use crate::registry::{Aggregate, CommandOutcome, LoggedEvent};
+use crate::registry::{Aggregate, CommandOutcome, LoggedEvent, LoggedRejection};
 
 /// A stored value that does not decode: the store is corrupt or of another format.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,5 +60,14 @@ pub fn encode_outcome(outcome: &CommandOutcome, out: &mut Vec<u8>) {
 }
 
 pub fn decode_outcome(bytes: &[u8]) -> Result<CommandOutcome, DecodeError> {
+    decode_exact(bytes)
+}
+
+/// Appends the encoding of `rejection` (a rejection kept in a log record) to `out`.
+pub fn encode_rejection(rejection: &LoggedRejection, out: &mut Vec<u8>) {
+    encode_into(rejection, out);
+}
+
+pub fn decode_rejection(bytes: &[u8]) -> Result<LoggedRejection, DecodeError> {
     decode_exact(bytes)
 }

@@ -20,6 +20,16 @@ pub use domain::{
     AggregateId, Conservation, Domain, LawScope, RejectCode, Rejection, Targets, Violation,
 };
 pub use registry::{
-    Aggregate, Command, CommandOutcome, Envelope, Event, Law, LoggedEvent, State, apply,
+    Aggregate, Command, CommandOutcome, Envelope, Event, Law, LoggedEvent, LoggedRejection, State,
+    apply,
     check_invariants, conservation_laws, decide,
 };
+
+/// The rules the built-in domains decide under, as the committed log records them: every log
+/// record names the BLAKE3 hash of this text, and the first record under it carries the text
+/// (docs/FORMAT.md). Change the version line of a domain whenever its `decide`, `apply`,
+/// invariants or rejection codes change meaning, so that history shows which rules decided
+/// which batch.
+pub const BUILTIN_RULES: &str = "keel built-in domains\n\
+ledger v1: open_account, deposit, withdraw, transfer, close_account; balance >= -overdraft_limit\n\
+inventory v1: create_sku, restock, reserve, release, ship; reserved <= on_hand, reservations sum to reserved\n";

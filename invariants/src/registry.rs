@@ -52,6 +52,14 @@ pub struct LoggedEvent {
     pub event: Event,
 }
 
+/// What the committed log keeps for a command rejected with an id (format 2): the answer a
+/// retry with the same id must get, so that the log alone rebuilds the command-id index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedRejection {
+    pub command_id: String,
+    pub rejection: Rejection,
+}
+
 /// What happened to a command that carried an id: the answer a retry with the same id gets.
 /// Never reorder or remove variants: the position is the stored encoding (docs/FORMAT.md).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

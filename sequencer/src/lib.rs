@@ -7,9 +7,11 @@
 //! any domain's rules (that is invariants). Readers get [`Sequencer::aggregate`] and
 //! [`Sequencer::events`], served from the engine's durable view, never from the writer's cache.
 
+mod checkpoint;
 mod writer;
 
-use keel_engine::{Engine, EngineError, Reader};
+use keel_engine::{Engine, EngineError, Reader, RuleSet};
+pub use keel_engine::{FORMAT_VERSION, LockProbe, UpgradeSummary};
 use keel_invariants::{Aggregate, AggregateId, Envelope, LoggedEvent, Rejection, codec};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
@@ -30,6 +32,14 @@ pub struct Config {
     /// How long the writer waits for more submissions after the first one of a batch.
     /// Zero: take what is queued and go (the fsync itself is what lets a queue build).
     pub linger: Duration,
+    /// A checkpoint is due after this many committed batches ...
+    pub checkpoint_every_batches: u64,
+    /// ... or this long after the previous one, whichever comes first.
+    pub checkpoint_interval: Duration,
+    /// Most aggregates plus command ids changed and not yet handed to a checkpoint: at this
+    /// many the writer hands one over at once, waiting for the one in flight if need be. The
+    /// bound on the memory the overlay and the recent ids take.
+    pub checkpoint_pending_max: usize,
 }
 
 impl Default for Config {
@@ -39,6 +49,9 @@ impl Default for Config {
             queue_depth_max: 1024,
             queue_items_max: 100_000,
             linger: Duration::ZERO,
+            checkpoint_every_batches: 256,
+            checkpoint_interval: Duration::from_secs(1),
+            checkpoint_pending_max: 1_000_000,
         }
     }
 }
@@ -186,15 +199,30 @@ pub struct Sequencer {
     tx: SyncSender<Message>,
     shared: Arc<Shared>,
     reader: Reader,
+    published: Arc<checkpoint::Published>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    checkpoint_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Sequencer {
-    /// Loads every aggregate into the writer's cache and starts the writer thread.
-    pub fn start(engine: Engine, config: Config) -> Result<Self, ReadError> {
+    /// Recovers the writer's state (the last checkpoint plus the log after it), decides the
+    /// next batches under the built-in domains' rules, and starts the writer thread and the
+    /// checkpoint thread.
+    pub fn start(mut engine: Engine, config: Config) -> Result<Self, ReadError> {
         assert!(config.batch_items_max > 0 && config.queue_depth_max > 0);
+        engine.set_rules(RuleSet::new(keel_invariants::BUILTIN_RULES));
         let reader = engine.reader();
-        let cache = writer::load_cache(&engine)?;
+        let published = Arc::new(checkpoint::Published::default());
+        let started = Instant::now();
+        let mut recovered = checkpoint::recover(&reader, &published)?;
+        tracing::info!(
+            aggregates = recovered.cache.len(),
+            checkpoint_batch = recovered.mark.batch,
+            replayed_batches = recovered.replayed_batches,
+            replayed_events = recovered.replayed_events,
+            seconds = started.elapsed().as_secs_f64(),
+            "state recovered: checkpoint plus the log after it"
+        );
         let (tx, rx) = sync_channel(config.queue_depth_max);
         let shared = Arc::new(Shared {
             queued_items: AtomicUsize::new(0),
@@ -202,18 +230,56 @@ impl Sequencer {
             closing: AtomicBool::new(false),
             failure: tokio::sync::watch::Sender::new(None),
         });
-        let writer = writer::Writer::new(engine, cache, config.clone(), Arc::clone(&shared));
+        let spawn_error =
+            |e: std::io::Error| EngineError::Storage(keel_engine::StorageError::Io(e.to_string()));
+        let (jobs_tx, jobs_rx) = sync_channel(1);
+        let (done_tx, done_rx) = sync_channel(4);
+        let checkpoint_thread = {
+            let checkpointer = engine.checkpointer();
+            let published = Arc::clone(&published);
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("keel-checkpoint".into())
+                .spawn(move || {
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        checkpoint::run_checkpointer(
+                            jobs_rx,
+                            done_tx,
+                            checkpointer,
+                            published,
+                            Arc::clone(&shared),
+                        )
+                    });
+                    if let Err(panic) = std::panic::catch_unwind(run) {
+                        let reason = panic_reason(panic.as_ref());
+                        shared.poison(&format!("the checkpoint thread panicked: {reason}"));
+                        shared.failure.send_replace(Some(reason));
+                    }
+                })
+                .map_err(spawn_error)?
+        };
+        let checkpoints =
+            writer::Checkpoints::new(&mut recovered, jobs_tx, done_rx, Arc::clone(&published));
+        let writer = writer::Writer::new(
+            engine,
+            recovered.cache,
+            config.clone(),
+            Arc::clone(&shared),
+            checkpoints,
+        );
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("keel-sequencer".into())
             .spawn(move || run_writer(writer, rx, &thread_shared))
-            .map_err(|e| EngineError::Storage(keel_engine::StorageError::Io(e.to_string())))?;
+            .map_err(spawn_error)?;
         Ok(Self {
             config,
             tx,
             shared,
             reader,
+            published,
             thread: Mutex::new(Some(thread)),
+            checkpoint_thread: Mutex::new(Some(checkpoint_thread)),
         })
     }
 
@@ -328,6 +394,17 @@ impl Sequencer {
                 tracing::error!("the sequencer thread panicked while stopping");
             }
         }
+        // The writer dropped the job queue on its way out (or died, which drops it too).
+        let checkpoint_thread = self
+            .checkpoint_thread
+            .lock()
+            .map(|mut t| t.take())
+            .unwrap_or(None);
+        if let Some(thread) = checkpoint_thread
+            && thread.join().is_err()
+        {
+            tracing::error!("the checkpoint thread panicked");
+        }
     }
 
     /// Reads are refused once the write path is poisoned, whatever poisoned it: the engine
@@ -345,9 +422,14 @@ impl Sequencer {
         &self.reader
     }
 
-    /// The committed state of aggregate `id`.
+    /// The committed state of aggregate `id`: from the overlay of aggregates changed since the
+    /// last checkpoint (published after each commit, never before its fsync), else from the
+    /// checkpoint.
     pub fn aggregate(&self, id: &AggregateId) -> Result<Option<Aggregate>, ReadError> {
         self.check_readable()?;
+        if let Some(aggregate) = self.published.get(id) {
+            return Ok(Some(aggregate));
+        }
         match self.reader.state(id.as_str().as_bytes())? {
             Some(bytes) => Ok(Some(codec::decode_aggregate(&bytes)?)),
             None => Ok(None),
@@ -381,15 +463,43 @@ impl Sequencer {
 fn run_writer(writer: writer::Writer, rx: std::sync::mpsc::Receiver<Message>, shared: &Shared) {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(rx)));
     if let Err(panic) = outcome {
-        let reason = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".into());
+        let reason = panic_reason(panic.as_ref());
         tracing::error!(reason, "the writer thread died; the write path is poisoned");
         metrics::counter!("keel_writer_panics_total").increment(1);
         shared.failure.send_replace(Some(reason));
     }
+}
+
+/// Rewrites the format-1 store at `old` (only read) as a new format-2 store at `new` (created),
+/// under the built-in domains' rules: `keel upgrade` (docs/FORMAT.md). `progress` gets the
+/// batches done so far.
+pub fn upgrade_v1_store(
+    old: &std::path::Path,
+    new: &std::path::Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<keel_engine::UpgradeSummary, EngineError> {
+    let old = keel_engine::RocksStorage::open_read_only(old)?;
+    let new: Arc<dyn keel_engine::Storage> = Arc::new(keel_engine::RocksStorage::open(new)?);
+    keel_engine::upgrade_v1(
+        &old,
+        new,
+        RuleSet::new(keel_invariants::BUILTIN_RULES),
+        progress,
+    )
+}
+
+/// Whether a process holds the store at `dir` open for writing (see
+/// [`keel_engine::RocksStorage::lock_probe`]).
+pub fn store_lock(dir: &std::path::Path) -> keel_engine::LockProbe {
+    keel_engine::RocksStorage::lock_probe(dir)
+}
+
+fn panic_reason(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Up to `limit` events after `after` and up to `last`, decoded, each with its batch's commit
@@ -403,21 +513,11 @@ pub fn committed_events(
 ) -> Result<Vec<CommittedEvent>, ReadError> {
     let stored = reader.events(after, limit)?;
     let mut events = Vec::with_capacity(stored.len());
-    let mut batch_time = (0, 0);
     for event in stored.into_iter().take_while(|e| e.seq <= last) {
-        if batch_time.0 != event.batch {
-            let header = reader.batch(event.batch)?.ok_or_else(|| {
-                EngineError::Corrupt(format!(
-                    "event {} names missing batch {}",
-                    event.seq, event.batch
-                ))
-            })?;
-            batch_time = (event.batch, header.committed_at_us);
-        }
         events.push(CommittedEvent {
             seq: event.seq,
             batch: event.batch,
-            committed_at_us: batch_time.1,
+            committed_at_us: event.committed_at_us,
             logged: codec::decode_event(&event.payload)?,
         });
     }

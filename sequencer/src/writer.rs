@@ -1,45 +1,24 @@
 //! The writer thread: group commit over the bounded queue.
 
+use crate::checkpoint::{Ids, Job, Published, Recovered, placeholder};
 use crate::{
     ItemResult, Message, PoisonOnPanic, ReadError, Reply, Responder, Shared, Submission,
     SubmitError,
 };
-use keel_engine::{Engine, PendingBatch};
+use keel_engine::{CheckpointMark, Engine, PendingBatch};
 use keel_invariants::{
-    Aggregate, AggregateId, CommandOutcome, Envelope, LoggedEvent, RejectCode, Rejection, State,
-    apply, codec, decide,
+    Aggregate, AggregateId, CommandOutcome, Envelope, LoggedEvent, LoggedRejection, RejectCode,
+    Rejection, apply, codec, decide,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// The writer's view of every aggregate: the committed state plus, while a batch is being
 /// decided, the effects of its earlier commands.
 pub(crate) type Cache = HashMap<AggregateId, Aggregate>;
-
-pub(crate) fn load_cache(engine: &Engine) -> Result<Cache, ReadError> {
-    let mut cache = Cache::new();
-    let mut failure = None;
-    engine.scan_states(&mut |key, value| {
-        let id = AggregateId::from_full(String::from_utf8_lossy(key).into_owned());
-        match codec::decode_aggregate(value) {
-            Ok(aggregate) => {
-                cache.insert(id, aggregate);
-                true
-            }
-            Err(e) => {
-                failure = Some(e);
-                false
-            }
-        }
-    })?;
-    match failure {
-        Some(e) => Err(e.into()),
-        None => Ok(cache),
-    }
-}
 
 pub(crate) struct Writer {
     engine: Engine,
@@ -50,6 +29,69 @@ pub(crate) struct Writer {
     /// A submission taken from the queue that did not fit the previous batch.
     carry: Option<Submission>,
     scratch: Scratch,
+    checkpoints: Checkpoints,
+}
+
+/// The writer's side of checkpointing (see `checkpoint.rs`).
+pub(crate) struct Checkpoints {
+    /// Aggregates changed since the last checkpoint handed to the thread.
+    pub(crate) dirty: HashSet<AggregateId>,
+    /// Command ids decided since the last checkpoint handed to the thread.
+    pub(crate) recent: Ids,
+    /// The checkpoint being written: its batch and its ids (still looked up here until the
+    /// checkpoint is in the store).
+    pub(crate) inflight: Option<(u64, Arc<Ids>)>,
+    pub(crate) jobs: Option<SyncSender<Job>>,
+    pub(crate) done: Receiver<u64>,
+    pub(crate) published: Arc<Published>,
+    pub(crate) batches_since: u64,
+    pub(crate) since: Instant,
+}
+
+impl Checkpoints {
+    pub(crate) fn new(
+        recovered: &mut Recovered,
+        jobs: SyncSender<Job>,
+        done: Receiver<u64>,
+        published: Arc<Published>,
+    ) -> Self {
+        Self {
+            dirty: std::mem::take(&mut recovered.dirty),
+            recent: std::mem::take(&mut recovered.ids),
+            inflight: None,
+            jobs: Some(jobs),
+            done,
+            published,
+            batches_since: 0,
+            since: Instant::now(),
+        }
+    }
+
+    fn outcome(&self, id: &str) -> Option<&CommandOutcome> {
+        self.recent
+            .get(id)
+            .or_else(|| self.inflight.as_ref().and_then(|(_, ids)| ids.get(id)))
+    }
+
+    /// Takes note of finished checkpoints; with `wait`, first waits for the one in flight.
+    fn collect(&mut self, wait: bool) {
+        if wait && let Some((batch, _)) = &self.inflight {
+            let batch = *batch;
+            while let Ok(done) = self.done.recv() {
+                if done >= batch {
+                    self.inflight = None;
+                    return;
+                }
+            }
+            // The thread is gone: it failed and poisoned the write path.
+            return;
+        }
+        while let Ok(done) = self.done.try_recv() {
+            if self.inflight.as_ref().is_some_and(|(batch, _)| done >= *batch) {
+                self.inflight = None;
+            }
+        }
+    }
 }
 
 /// Per-batch working memory, kept between batches for its allocations.
@@ -80,6 +122,7 @@ impl Writer {
         cache: Cache,
         config: crate::Config,
         shared: Arc<Shared>,
+        checkpoints: Checkpoints,
     ) -> Self {
         Self {
             engine,
@@ -89,6 +132,7 @@ impl Writer {
             pending: PendingBatch::default(),
             carry: None,
             scratch: Scratch::default(),
+            checkpoints,
         }
     }
 
@@ -98,12 +142,20 @@ impl Writer {
         let _poison_on_panic = PoisonOnPanic(&shared);
         let mut closing = false;
         let mut group = Vec::new();
+        // What recovery replayed from the log is checkpointed at once, so that the next start
+        // replays nothing of it.
+        self.checkpoint(!self.checkpoints.dirty.is_empty() || !self.checkpoints.recent.is_empty());
         while let Some(first) = self.next_submission(&rx, &mut closing) {
             group.clear();
             group.push(first);
             self.fill(&rx, &mut group, &mut closing);
             self.commit_group(&mut group);
+            self.checkpoint(false);
         }
+        // A final checkpoint at the tip: the next start replays no log at all.
+        self.checkpoint(true);
+        self.checkpoints.collect(true);
+        self.checkpoints.jobs = None;
         tracing::info!(tip = %self.engine.tip(), "sequencer stopped; engine closed");
     }
 
@@ -120,7 +172,15 @@ impl Writer {
             let message = if *closing {
                 rx.try_recv().ok()
             } else {
-                rx.recv().ok()
+                // Idle with changes not yet checkpointed: wake up to checkpoint them on time.
+                match rx.recv_timeout(self.config.checkpoint_interval) {
+                    Ok(message) => Some(message),
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.checkpoint(false);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => None,
+                }
             };
             match message? {
                 Message::Submit(s) => return Some(self.dequeued(s)),
@@ -189,12 +249,15 @@ impl Writer {
                 return;
             }
         };
-        self.stage_states_and_outcomes();
+        self.stage_rejections();
         let started = Instant::now();
         let committed = self.engine.commit(&mut self.pending);
         let fsync_seconds = started.elapsed().as_secs_f64();
         match committed {
             Ok(header) => {
+                if let Some(header) = &header {
+                    self.after_commit(header.seq);
+                }
                 let batch = header.map(|h| h.seq);
                 self.record_metrics(header.map_or(0, |h| h.count), fsync_seconds, decided.len());
                 let committed_at_us = self.pending.committed_at_us();
@@ -272,6 +335,14 @@ impl Writer {
             .flat_map(|s| s.commands.iter())
             .filter_map(|c| c.id.as_deref().map(str::as_bytes))
             .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut ids = ids;
+        ids.retain(|id| {
+            let id = std::str::from_utf8(id).unwrap_or_default();
+            self.checkpoints.outcome(id).is_none()
+        });
         if ids.is_empty() {
             return Ok(());
         }
@@ -379,6 +450,7 @@ impl Writer {
         self.scratch
             .outcomes
             .get(id)
+            .or_else(|| self.checkpoints.outcome(id))
             .or_else(|| self.scratch.stored.get(id))
             .cloned()
     }
@@ -386,15 +458,9 @@ impl Writer {
     fn apply_to_cache(&mut self, logged: &LoggedEvent, atomic: bool) {
         for (index, id) in logged.event.targets().iter().enumerate() {
             let previous = match self.cache.get_mut(id) {
-                Some(slot) => {
-                    // Take the aggregate out without cloning it; the placeholder is overwritten
-                    // below before anything can read it.
-                    let placeholder = Aggregate {
-                        version: 0,
-                        state: State::Account(Default::default()),
-                    };
-                    Some(std::mem::replace(slot, placeholder))
-                }
+                // Take the aggregate out without cloning it; the placeholder is overwritten
+                // below before anything can read it.
+                Some(slot) => Some(std::mem::replace(slot, placeholder())),
                 None => None,
             };
             if atomic {
@@ -483,20 +549,99 @@ impl Writer {
         }
     }
 
-    /// Adds the final state of every changed aggregate and every new command outcome to the
-    /// pending batch (after all events, so an atomic rollback only ever truncates events).
-    fn stage_states_and_outcomes(&mut self) {
-        for id in &self.scratch.dirty {
-            // An aggregate created by a rolled-back atomic submission is gone again.
-            if let Some(aggregate) = self.cache.get(id) {
-                self.pending.put_state(id.as_str().as_bytes(), |out| {
-                    codec::encode_aggregate(aggregate, out)
-                });
+    /// Adds the outcome of every command rejected with an id in this batch to the pending
+    /// record, so that the log alone gives a retry its original answer (a committed command's
+    /// id travels with its event).
+    fn stage_rejections(&mut self) {
+        for (id, outcome) in &self.scratch.outcomes {
+            if let CommandOutcome::Rejected(rejection) = outcome {
+                let logged = LoggedRejection {
+                    command_id: id.clone(),
+                    rejection: rejection.clone(),
+                };
+                self.pending
+                    .push_rejection(|out| codec::encode_rejection(&logged, out));
             }
         }
-        for (id, outcome) in &self.scratch.outcomes {
-            self.pending
-                .put_command(id.as_bytes(), |out| codec::encode_outcome(outcome, out));
+    }
+
+    /// After batch `batch` is durable: publish what it changed to the overlay readers see,
+    /// and keep its aggregates and ids for the next checkpoint.
+    fn after_commit(&mut self, batch: u64) {
+        self.checkpoints
+            .published
+            .publish(batch, &self.cache, self.scratch.dirty.iter());
+        for id in self.scratch.dirty.drain() {
+            self.checkpoints.dirty.insert(id);
         }
+        for (id, outcome) in self.scratch.outcomes.drain() {
+            self.checkpoints.recent.insert(id, outcome);
+        }
+        self.checkpoints.batches_since += 1;
+    }
+
+    /// Hands a checkpoint to the checkpoint thread when one is due (or `force`d) and none is
+    /// being written. When the changes waiting for a checkpoint pass `checkpoint_pending_max`,
+    /// waits for the one in flight first: memory stays bounded whatever the disk's speed.
+    fn checkpoint(&mut self, force: bool) {
+        self.checkpoints.collect(false);
+        let pending = self.checkpoints.dirty.len() + self.checkpoints.recent.len();
+        if pending == 0 || self.shared.poisoned.load(Ordering::Acquire) {
+            return;
+        }
+        let due = force
+            || self.checkpoints.batches_since >= self.config.checkpoint_every_batches
+            || self.checkpoints.since.elapsed() >= self.config.checkpoint_interval
+            || pending >= self.config.checkpoint_pending_max;
+        if !due {
+            return;
+        }
+        if self.checkpoints.inflight.is_some() {
+            if !(force || pending >= self.config.checkpoint_pending_max) {
+                return;
+            }
+            let waited = Instant::now();
+            self.checkpoints.collect(true);
+            metrics::histogram!("keel_checkpoint_wait_seconds")
+                .record(waited.elapsed().as_secs_f64());
+            if self.checkpoints.inflight.is_some() {
+                return;
+            }
+        }
+        let Some(jobs) = &self.checkpoints.jobs else {
+            return;
+        };
+        let states: Vec<(AggregateId, Aggregate)> = self
+            .checkpoints
+            .dirty
+            .drain()
+            .filter_map(|id| {
+                let aggregate = self.cache.get(&id)?.clone();
+                Some((id, aggregate))
+            })
+            .collect();
+        let ids = Arc::new(std::mem::take(&mut self.checkpoints.recent));
+        let mark = CheckpointMark::at(&self.engine.tip());
+        let job = Job {
+            states,
+            ids: Arc::clone(&ids),
+            mark,
+        };
+        match jobs.try_send(job) {
+            Ok(()) => self.checkpoints.inflight = Some((mark.batch, ids)),
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                // Unreachable with nothing in flight (capacity 1), or the thread failed and
+                // poisoned the write path; keep the changes for the next attempt.
+                drop(ids);
+                for (id, _) in job.states {
+                    self.checkpoints.dirty.insert(id);
+                }
+                if let Ok(ids) = Arc::try_unwrap(job.ids) {
+                    self.checkpoints.recent = ids;
+                }
+            }
+        }
+        self.checkpoints.batches_since = 0;
+        self.checkpoints.since = Instant::now();
     }
 }

@@ -280,6 +280,7 @@ async fn bounds_are_refused_at_once() {
         queue_items_max: 3,
         queue_depth_max: 1,
         linger: Duration::ZERO,
+        ..Config::default()
     };
     let s = start(storage.clone(), config);
     assert_eq!(s.submit(vec![], false).unwrap_err(), SubmitError::Empty);

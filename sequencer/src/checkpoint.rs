@@ -1,0 +1,254 @@
+//! State off the commit path: the overlay readers see, the checkpoint thread, and recovery.
+//!
+//! A commit writes only the batch's log record (format 2). The writer keeps every aggregate in
+//! memory and, after each commit, publishes the aggregates the batch changed to the
+//! [`Published`] overlay, which is what `GET /v1/aggregates` reads before the checkpoint. Every
+//! `checkpoint_every_batches` batches or `checkpoint_interval` (whichever first), it hands
+//! the aggregates and command ids changed since the last checkpoint, copied, to the
+//! checkpoint thread, which writes them with the mark of the batch they stand at in one
+//! unsynced write ([`keel_engine::Checkpointer`]) and then drops from the overlay what the
+//! checkpoint now holds. Recovery ([`recover`]) loads the checkpoint and replays the log after
+//! its mark.
+
+use crate::{ReadError, Shared};
+use keel_engine::{CheckpointMark, Checkpointer, EngineError, Reader, WriteSet};
+use keel_invariants::{
+    Aggregate, AggregateId, CommandOutcome, State, apply, check_invariants, codec,
+};
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, RwLock};
+
+/// Command ids decided since some checkpoint, with their outcomes.
+pub(crate) type Ids = HashMap<String, CommandOutcome>;
+
+/// The aggregates changed since the last finished checkpoint, at their last acknowledged
+/// state: the overlay `GET /v1/aggregates` reads before the checkpoint. The writer inserts
+/// after each commit and before answering (a client reads its own writes); the checkpoint
+/// thread removes what a finished checkpoint holds. The lock is held for map operations only,
+/// never across a write or an fsync.
+#[derive(Default)]
+pub(crate) struct Published {
+    map: RwLock<HashMap<AggregateId, (Aggregate, u64)>>,
+}
+
+impl Published {
+    pub(crate) fn get(&self, id: &AggregateId) -> Option<Aggregate> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.get(id).map(|(aggregate, _)| aggregate.clone())
+    }
+
+    /// Publishes the state after batch `batch` of every aggregate in `changed` that exists.
+    pub(crate) fn publish<'a>(
+        &self,
+        batch: u64,
+        cache: &HashMap<AggregateId, Aggregate>,
+        changed: impl Iterator<Item = &'a AggregateId>,
+    ) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        for id in changed {
+            if let Some(aggregate) = cache.get(id) {
+                match map.get_mut(id) {
+                    Some(slot) => {
+                        slot.0.clone_from(aggregate);
+                        slot.1 = batch;
+                    }
+                    None => {
+                        map.insert(id.clone(), (aggregate.clone(), batch));
+                    }
+                }
+            }
+        }
+        metrics::gauge!("keel_overlay_aggregates").set(map.len() as f64);
+    }
+
+    /// Forgets every aggregate last changed at or before `batch` (a checkpoint at `batch`
+    /// holds it now).
+    fn evict_through(&self, batch: u64) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, (_, changed)| *changed > batch);
+        metrics::gauge!("keel_overlay_aggregates").set(map.len() as f64);
+    }
+}
+
+/// One checkpoint for the thread to write: copies, so that the writer goes on at once.
+pub(crate) struct Job {
+    pub(crate) states: Vec<(AggregateId, Aggregate)>,
+    pub(crate) ids: Arc<Ids>,
+    pub(crate) mark: CheckpointMark,
+}
+
+/// The checkpoint thread: writes each job, then tells the writer which batch is checkpointed.
+/// A failed write poisons the write path (the engine poisoned itself already) and ends it.
+pub(crate) fn run_checkpointer(
+    jobs: Receiver<Job>,
+    done: SyncSender<u64>,
+    checkpointer: Checkpointer,
+    published: Arc<Published>,
+    shared: Arc<Shared>,
+) {
+    let mut set = WriteSet::default();
+    for job in jobs {
+        let started = std::time::Instant::now();
+        set.clear();
+        for (id, aggregate) in &job.states {
+            set.put_with(keel_engine::Cf::State, id.as_str().as_bytes(), |out| {
+                codec::encode_aggregate(aggregate, out)
+            });
+        }
+        for (id, outcome) in job.ids.iter() {
+            set.put_with(keel_engine::Cf::CommandIds, id.as_bytes(), |out| {
+                codec::encode_outcome(outcome, out)
+            });
+        }
+        let bytes = set.bytes_len();
+        if let Err(error) = checkpointer.write(&mut set, job.mark) {
+            shared.poison(&format!("checkpoint at batch {} failed: {error}", job.mark.batch));
+            return;
+        }
+        published.evict_through(job.mark.batch);
+        metrics::counter!("keel_checkpoints_total").increment(1);
+        metrics::histogram!("keel_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("keel_checkpoint_bytes").record(bytes as f64);
+        metrics::gauge!("keel_checkpoint_batch").set(job.mark.batch as f64);
+        tracing::debug!(
+            batch = job.mark.batch,
+            aggregates = job.states.len(),
+            ids = job.ids.len(),
+            bytes,
+            "checkpoint written"
+        );
+        if done.send(job.mark.batch).is_err() {
+            return;
+        }
+    }
+}
+
+/// What recovery hands the writer: every aggregate, and what the log after the checkpoint
+/// changed (to be checkpointed again, and published meanwhile).
+pub(crate) struct Recovered {
+    pub(crate) cache: HashMap<AggregateId, Aggregate>,
+    pub(crate) dirty: HashSet<AggregateId>,
+    pub(crate) ids: Ids,
+    pub(crate) mark: CheckpointMark,
+    pub(crate) replayed_batches: u64,
+    pub(crate) replayed_events: u64,
+}
+
+/// Loads the checkpoint and replays every log record after its mark: the state and the recent
+/// command ids exactly as the writer had them after the last durable batch. Publishes the
+/// replayed aggregates to `published`.
+pub(crate) fn recover(reader: &Reader, published: &Published) -> Result<Recovered, ReadError> {
+    let mut cache = HashMap::new();
+    let mut failure = None;
+    reader.scan_states(&mut |key, value| match codec::decode_aggregate(value) {
+        Ok(aggregate) => {
+            let id = AggregateId::from_full(String::from_utf8_lossy(key).into_owned());
+            cache.insert(id, aggregate);
+            true
+        }
+        Err(e) => {
+            failure = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    let mark = reader.checkpoint_mark()?;
+    if mark.batch > 0 {
+        let header = reader.batch(mark.batch)?;
+        if header.map(|h| (h.hash, h.last_event())) != Some((mark.hash, mark.last_event)) {
+            return Err(EngineError::Corrupt(format!(
+                "the checkpoint names batch {} with hash {}, which the log does not hold",
+                mark.batch,
+                keel_engine::format::hex(&mark.hash)
+            ))
+            .into());
+        }
+    }
+    let mut recovered = Recovered {
+        cache,
+        dirty: HashSet::new(),
+        ids: Ids::new(),
+        mark,
+        replayed_batches: 0,
+        replayed_events: 0,
+    };
+    let mut replay_failure: Option<ReadError> = None;
+    let mut last_batch = mark.batch;
+    reader.scan_log(mark.batch, &mut |view| {
+        if view.header.seq == mark.batch + 1
+            && (view.header.prev_hash != mark.hash || view.header.first_event != mark.last_event + 1)
+        {
+            replay_failure = Some(
+                EngineError::Corrupt(format!(
+                    "batch {} does not follow the checkpoint's batch {}",
+                    view.header.seq, mark.batch
+                ))
+                .into(),
+            );
+            return false;
+        }
+        recovered.replayed_batches += 1;
+        for (seq, payload) in view.events() {
+            let logged = match codec::decode_event(payload) {
+                Ok(logged) => logged,
+                Err(e) => {
+                    replay_failure = Some(e.into());
+                    return false;
+                }
+            };
+            for (index, id) in logged.event.targets().iter().enumerate() {
+                let previous = recovered.cache.remove(id);
+                let next = apply(&logged.event, index, previous);
+                if let Err(violation) = check_invariants(&next) {
+                    replay_failure = Some(
+                        EngineError::Corrupt(format!(
+                            "replaying event {seq}: invariant `{}` violated on {id}: {}",
+                            violation.invariant, violation.detail
+                        ))
+                        .into(),
+                    );
+                    return false;
+                }
+                recovered.cache.insert(id.clone(), next);
+                recovered.dirty.insert(id.clone());
+            }
+            if let Some(command_id) = logged.command_id {
+                recovered
+                    .ids
+                    .insert(command_id, CommandOutcome::Committed { seq });
+            }
+            recovered.replayed_events += 1;
+        }
+        for payload in view.rejections() {
+            match codec::decode_rejection(payload) {
+                Ok(r) => {
+                    recovered
+                        .ids
+                        .insert(r.command_id, CommandOutcome::Rejected(r.rejection));
+                }
+                Err(e) => {
+                    replay_failure = Some(e.into());
+                    return false;
+                }
+            }
+        }
+        last_batch = view.header.seq;
+        true
+    })?;
+    if let Some(e) = replay_failure {
+        return Err(e);
+    }
+    published.publish(last_batch, &recovered.cache, recovered.dirty.iter());
+    Ok(recovered)
+}
+
+/// A placeholder aggregate to move a cached one out without cloning it.
+pub(crate) fn placeholder() -> Aggregate {
+    Aggregate {
+        version: 0,
+        state: State::Account(Default::default()),
+    }
+}
