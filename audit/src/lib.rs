@@ -28,8 +28,8 @@ mod snapshot;
 use command_ids::Fingerprints;
 use keel_engine::format::{self, META_CHECKPOINT, META_FORMAT_VERSION, META_TIP, hex, seq_key};
 use keel_engine::{
-    BatchHeader, Cf, ChainError, ChainTip, CheckpointMark, FORMAT_VERSION, LogVisitor,
-    RecordView, Storage, StorageError, verify_log,
+    BatchHeader, Cf, ChainError, ChainTip, CheckpointMark, FORMAT_VERSION, LogVisitor, RecordView,
+    Storage, StorageError, verify_log,
 };
 use keel_invariants::{Aggregate, Law, LawScope, RejectCode, check_invariants, codec};
 pub use replay::{AggregateAt, LogState};
@@ -595,7 +595,10 @@ impl Run<'_> {
         let start = seq_key(feeder.last_batch.saturating_add(1));
         let result = self.storage.scan(Cf::Log, &start, &mut |key, value| {
             let seq = format::decode_seq_key(key);
-            match seq.as_ref().map(|seq| RecordView::decode_unverified(*seq, value)) {
+            match seq
+                .as_ref()
+                .map(|seq| RecordView::decode_unverified(*seq, value))
+            {
                 Ok(Ok(view)) => {
                     for (seq, payload) in view.events() {
                         feeder.event(seq, view.header.seq, payload);
@@ -685,11 +688,13 @@ impl Run<'_> {
         let Some(value) = self.storage.get(Cf::Log, &seq_key(batch))? else {
             return Ok(None);
         };
-        Ok(RecordView::decode_unverified(batch, &value).ok().and_then(|view| {
-            view.events()
-                .find(|(s, _)| *s == seq)
-                .map(|(_, payload)| payload.to_vec())
-        }))
+        Ok(RecordView::decode_unverified(batch, &value)
+            .ok()
+            .and_then(|view| {
+                view.events()
+                    .find(|(s, _)| *s == seq)
+                    .map(|(_, payload)| payload.to_vec())
+            }))
     }
 
     /// Compares every stored aggregate (the checkpoint) with the replay as of the checkpoint's

@@ -451,7 +451,9 @@ fn deleted_batch_header_is_located() -> TestResult {
     });
     // The replay reads on past the break: the events of the deleted batch are missing from
     // it, so the checkpointed state of what they touched differs from it.
-    assert_found(&report, "deleted record's effects", |d| d.check == Check::State);
+    assert_found(&report, "deleted record's effects", |d| {
+        d.check == Check::State
+    });
     Ok(())
 }
 
@@ -752,7 +754,9 @@ fn sku_edited_within_its_invariants_differs_from_the_fold_the_laws_hold_for() ->
     assert_found(&report, "edited SKU", |d| {
         d.check == Check::State
             && d.aggregate.as_deref() == Some("sku:s1")
-            && d.found.as_deref().is_some_and(|f| f.contains(&format!("on_hand: {on_hand}")))
+            && d.found
+                .as_deref()
+                .is_some_and(|f| f.contains(&format!("on_hand: {on_hand}")))
             && (d.seq, d.batch) == (Some(seq), Some(batch))
     });
     assert_eq!(report.count(Check::Conservation), 0, "{report:#?}");

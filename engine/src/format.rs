@@ -207,4 +207,3 @@ mod chain_tip_display {
         );
     }
 }
-

@@ -25,7 +25,7 @@ pub mod v1;
 pub mod wal;
 
 pub use chain::{ChainError, ChainSummary, LogVisitor, verify_chain, verify_log};
-pub use format::{CheckpointMark, ChainTip, FORMAT_VERSION, FormatError};
+pub use format::{ChainTip, CheckpointMark, FORMAT_VERSION, FormatError};
 pub use memory::{FaultPlan, MemoryStorage};
 pub use message::{BatchMessage, decode_batch_message, encode_batch_message};
 pub use outbox::META_PUBLISH_CURSOR;
@@ -227,10 +227,7 @@ impl Engine {
     }
 
     /// The checkpointed states of `ids` (id, encoded state), in order.
-    pub fn checkpointed_states(
-        &self,
-        ids: &[&[u8]],
-    ) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+    pub fn checkpointed_states(&self, ids: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
         self.ensure_healthy()?;
         Ok(self.storage.multi_get(Cf::State, ids)?)
     }

@@ -233,9 +233,10 @@ impl<'a> RecordView<'a> {
             )));
         }
         let mut at = RECORD_FIXED_LEN;
-        let events = frames(body, &mut at, header.count).map_err(|e| fail(format!("events: {e}")))?;
-        let rejections =
-            frames(body, &mut at, header.rejections).map_err(|e| fail(format!("rejections: {e}")))?;
+        let events =
+            frames(body, &mut at, header.count).map_err(|e| fail(format!("events: {e}")))?;
+        let rejections = frames(body, &mut at, header.rejections)
+            .map_err(|e| fail(format!("rejections: {e}")))?;
         let submitters_start = at;
         for _ in 0..submitter_count {
             let len = *body

@@ -197,7 +197,12 @@ impl RocksStorage {
 /// refuses to open a store without all of its families): not a store this build knows.
 fn descriptors(path: &Path, create: bool) -> (Vec<Cf>, Vec<ColumnFamilyDescriptor>) {
     let existing: Vec<Cf> = DB::list_cf(&Options::default(), path)
-        .map(|names| names.iter().filter_map(|name| Cf::from_name(name)).collect())
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|name| Cf::from_name(name))
+                .collect()
+        })
         .unwrap_or_default();
     let format_1 = existing.contains(&Cf::V1Events) || existing.contains(&Cf::V1Batches);
     let mut families = if create && !format_1 {

@@ -51,10 +51,7 @@ pub fn upgrade_v1(
     let mut summary = UpgradeSummary::default();
     let mut pending = PendingBatch::default();
     let mut v1_tip = ChainTip::default();
-    loop {
-        let Some(value) = old.get(Cf::V1Batches, &seq_key(v1_tip.last_batch + 1))? else {
-            break;
-        };
+    while let Some(value) = old.get(Cf::V1Batches, &seq_key(v1_tip.last_batch + 1))? {
         let header = V1Header::decode(v1_tip.last_batch + 1, &value)?;
         check_link(&v1_tip, &header)?;
         engine.begin(&mut pending, header.committed_at_us);
@@ -67,36 +64,40 @@ pub fn upgrade_v1(
         );
         let mut next = header.first_event;
         let mut failure = None;
-        old.scan(Cf::V1Events, &seq_key(header.first_event), &mut |key, value| {
-            if next > header.last_event() {
-                return false;
-            }
-            let checked = crate::format::decode_seq_key(key)
-                .map_err(|e| e.0)
-                .and_then(|seq| {
-                    if seq == next {
-                        split_event_value(value).map_err(|e| e.0)
-                    } else {
-                        Err(format!("event {next} is missing"))
+        old.scan(
+            Cf::V1Events,
+            &seq_key(header.first_event),
+            &mut |key, value| {
+                if next > header.last_event() {
+                    return false;
+                }
+                let checked = crate::format::decode_seq_key(key)
+                    .map_err(|e| e.0)
+                    .and_then(|seq| {
+                        if seq == next {
+                            split_event_value(value).map_err(|e| e.0)
+                        } else {
+                            Err(format!("event {next} is missing"))
+                        }
+                    });
+                match checked {
+                    Ok((batch, payload)) if batch == header.seq => {
+                        hasher.event(next, value);
+                        pending.push_event(|out| out.extend_from_slice(payload));
+                        next += 1;
+                        true
                     }
-                });
-            match checked {
-                Ok((batch, payload)) if batch == header.seq => {
-                    hasher.event(next, value);
-                    pending.push_event(|out| out.extend_from_slice(payload));
-                    next += 1;
-                    true
+                    Ok((batch, _)) => {
+                        failure = Some(format!("event {next} is stored as part of batch {batch}"));
+                        false
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        false
+                    }
                 }
-                Ok((batch, _)) => {
-                    failure = Some(format!("event {next} is stored as part of batch {batch}"));
-                    false
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    false
-                }
-            }
-        })?;
+            },
+        )?;
         if let Some(detail) = failure.or_else(|| {
             (next != header.last_event() + 1).then(|| format!("event {next} is missing"))
         }) {

@@ -18,7 +18,6 @@ pub fn split_event_value(value: &[u8]) -> Result<(u64, &[u8]), FormatError> {
     Ok((decode_seq_key(batch)?, payload))
 }
 
-
 /// A committed batch's header: where its events are, when it committed, and its place in the
 /// hash chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,5 +136,3 @@ impl V1Hasher {
         *self.0.finalize().as_bytes()
     }
 }
-
-

@@ -105,7 +105,10 @@ fn a_batch_of_rejections_gets_a_record_and_an_empty_batch_writes_nothing() {
         }
     }
     let summary = keel_engine::verify_log(storage.as_ref(), &mut Collect(&mut rejections)).unwrap();
-    assert_eq!((summary.batches, summary.events, summary.rejections), (2, 1, 1));
+    assert_eq!(
+        (summary.batches, summary.events, summary.rejections),
+        (2, 1, 1)
+    );
     assert_eq!(rejections, [(1, b"c-1 rejected".to_vec())]);
     engine.begin(&mut pending, 1);
     assert_eq!(
@@ -201,12 +204,19 @@ fn power_loss_keeps_only_synced_batches_and_checkpoints() {
             }
             checkpointed = acked;
         }
-        assert_eq!(acked, loss_at / 2 - 1 + (loss_at % 2), "loss at sync {loss_at}");
+        assert_eq!(
+            acked,
+            loss_at / 2 - 1 + (loss_at % 2),
+            "loss at sync {loss_at}"
+        );
         let restarted = Arc::new(storage.after_power_loss());
         let engine = Engine::open(restarted.clone()).unwrap();
         assert_eq!(engine.tip().last_batch, acked);
         assert_eq!(events_of(restarted.as_ref()).len() as u64, acked * 2);
-        assert_eq!(engine.reader().checkpoint_mark().unwrap().batch, checkpointed);
+        assert_eq!(
+            engine.reader().checkpoint_mark().unwrap().batch,
+            checkpointed
+        );
     }
 }
 
@@ -312,10 +322,7 @@ fn open_refuses_a_store_of_another_format_and_names_the_upgrade() {
             expected: 2
         }
     ));
-    assert!(
-        error.to_string().contains("keel upgrade --data"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("keel upgrade --data"), "{error}");
 }
 
 #[test]
@@ -427,8 +434,5 @@ fn upgrade_refuses_a_tampered_format_1_store() {
         &mut |_| {},
     )
     .unwrap_err();
-    assert!(
-        error.to_string().contains("format-1 batch 2"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("format-1 batch 2"), "{error}");
 }

@@ -49,7 +49,10 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
         Ok(summary) => summary,
         Err(error) => {
             let _ = std::fs::remove_dir_all(&staging);
-            return Err(error).context(format!("{} was not upgraded and is unchanged", dir.display()));
+            return Err(error).context(format!(
+                "{} was not upgraded and is unchanged",
+                dir.display()
+            ));
         }
     };
     std::fs::rename(&dir, &kept)

@@ -205,7 +205,11 @@ async fn verify_store(dir: &std::path::Path, acked: &HashMap<String, (u64, usize
         }
     }
     assert_eq!(
-        sequencer.events(summary.events, 10).expect("events").0.len(),
+        sequencer
+            .events(summary.events, 10)
+            .expect("events")
+            .0
+            .len(),
         0,
         "the retries wrote nothing"
     );
@@ -223,7 +227,10 @@ async fn verify_store(dir: &std::path::Path, acked: &HashMap<String, (u64, usize
     for i in 0..ACCOUNTS {
         let id = format!("account:acc-{i}");
         let aggregate = sequencer
-            .aggregate(&keel_invariants::AggregateId::new(ledger::KIND, &format!("acc-{i}")))
+            .aggregate(&keel_invariants::AggregateId::new(
+                ledger::KIND,
+                &format!("acc-{i}"),
+            ))
             .expect("readable")
             .expect("account exists");
         let keel_invariants::State::Account(account) = aggregate.state else {

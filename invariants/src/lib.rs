@@ -21,8 +21,7 @@ pub use domain::{
 };
 pub use registry::{
     Aggregate, Command, CommandOutcome, Envelope, Event, Law, LoggedEvent, LoggedRejection, State,
-    apply,
-    check_invariants, conservation_laws, decide,
+    apply, check_invariants, conservation_laws, decide,
 };
 
 /// The rules the built-in domains decide under, as the committed log records them: every log

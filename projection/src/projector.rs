@@ -183,7 +183,7 @@ struct Round {
 
 /// What a delivered message stands for.
 enum Incoming {
-    Batch(BatchMessage),
+    Batch(Box<BatchMessage>),
     /// Batch `seq` must be taken from the source (an oversized placeholder, or a body that
     /// does not verify).
     FromSource(u64),
@@ -495,7 +495,7 @@ impl Projector {
     /// Applies one delivered batch, after repairing any gap before it.
     async fn take(&mut self, incoming: Incoming, round: &mut Round) -> Result<(), Interrupt> {
         let (seq, batch) = match incoming {
-            Incoming::Batch(batch) => (batch.header.seq, Some(batch)),
+            Incoming::Batch(batch) => (batch.header.seq, Some(*batch)),
             Incoming::FromSource(seq) => (seq, None),
             Incoming::Unusable => return Ok(()),
         };
@@ -817,7 +817,7 @@ fn record_round(round: &Round, checkpoint: &Checkpoint, writing: Duration) {
 fn incoming(message: &Message) -> Incoming {
     if !message.payload.is_empty() {
         match keel_engine::decode_batch_message(&message.payload) {
-            Ok(batch) => return Incoming::Batch(batch),
+            Ok(batch) => return Incoming::Batch(Box::new(batch)),
             Err(error) => {
                 tracing::warn!(%error, "a JetStream message does not verify; taking its batch from the source")
             }

@@ -103,7 +103,10 @@ pub(crate) fn run_checkpointer(
         }
         let bytes = set.bytes_len();
         if let Err(error) = checkpointer.write(&mut set, job.mark) {
-            shared.poison(&format!("checkpoint at batch {} failed: {error}", job.mark.batch));
+            shared.poison(&format!(
+                "checkpoint at batch {} failed: {error}",
+                job.mark.batch
+            ));
             return;
         }
         published.evict_through(job.mark.batch);
@@ -179,7 +182,8 @@ pub(crate) fn recover(reader: &Reader, published: &Published) -> Result<Recovere
     let mut last_batch = mark.batch;
     reader.scan_log(mark.batch, &mut |view| {
         if view.header.seq == mark.batch + 1
-            && (view.header.prev_hash != mark.hash || view.header.first_event != mark.last_event + 1)
+            && (view.header.prev_hash != mark.hash
+                || view.header.first_event != mark.last_event + 1)
         {
             replay_failure = Some(
                 EngineError::Corrupt(format!(

@@ -87,7 +87,11 @@ impl Checkpoints {
             return;
         }
         while let Ok(done) = self.done.try_recv() {
-            if self.inflight.as_ref().is_some_and(|(batch, _)| done >= *batch) {
+            if self
+                .inflight
+                .as_ref()
+                .is_some_and(|(batch, _)| done >= *batch)
+            {
                 self.inflight = None;
             }
         }
