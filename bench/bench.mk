@@ -60,7 +60,7 @@ RUN_SCENARIO := $(BENCH_MK_DIR)/run-scenario.sh
 BENCH_STAMP = $(or $(BENCH_RUN_ID),$(shell date -u +%Y%m%dT%H%M%SZ))
 
 .PHONY: bench-build preflight bench bench-broker bench-ceiling bench-dense bench-engine \
-	cloud-bench-broker cloud-bench-dense bench-test
+	cloud-bench-broker cloud-bench-dense bench-test bench-recovery
 
 ## Build the release binaries the benchmarks use (keel and keel-bench).
 bench-build:
@@ -77,6 +77,12 @@ preflight: bench-build
 bench: bench-build
 	BENCH_WORKERS=$(or $(BENCH_WORKERS),1) BENCH_BATCH=$(or $(BENCH_BATCH),1000) \
 	BENCH_DURATION=$(or $(BENCH_DURATION),15s) $(RUN_SCENARIO) bench
+
+## Recovery: a store of RECOVERY_EVENTS (default 10M) events, time to /readyz after SIGTERM
+## and after kill -9 mid-load; ends with an audit.
+bench-recovery:
+	$(CARGO) build --release --workspace --bins --examples
+	CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) $(BENCH_MK_DIR)/run-recovery.sh
 
 ## Sustained broker-style run: 1 worker x batch 1000 for 10 minutes.
 bench-broker: bench-build

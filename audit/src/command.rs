@@ -300,6 +300,11 @@ fn print_summary(o: &Outcome, out: &mut dyn Write) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
+        "  log         {} rejections kept, {} rule set(s); checkpoint at batch {} (state and index compared with the log there)",
+        report.rejections, report.rule_sets, report.checkpoint.batch
+    )?;
+    writeln!(
+        out,
         "  time        {:.3} s; chain and replay {:.3} s, {:.0} events/s",
         report.elapsed.as_secs_f64(),
         report.replay_elapsed.as_secs_f64(),
@@ -455,7 +460,10 @@ fn report_json(o: &Outcome) -> Value {
                 "committed_at": committed_at(report.tip.last_committed_at_us)},
         "counts": {"batches": report.batches, "events": report.events, "aggregates": report.aggregates,
                    "command_ids": report.command_ids, "command_ids_committed": report.command_ids_committed,
-                   "command_ids_rejected": report.command_ids_rejected},
+                   "command_ids_rejected": report.command_ids_rejected, "rejections": report.rejections,
+                   "rule_sets": report.rule_sets},
+        "checkpoint": {"batch": report.checkpoint.batch, "event": report.checkpoint.last_event,
+                       "hash": hex(&report.checkpoint.hash)},
         "timing": {"open_seconds": o.open_elapsed.as_secs_f64(), "elapsed_seconds": report.elapsed.as_secs_f64(),
                    "replay_seconds": report.replay_elapsed.as_secs_f64(), "events_per_second": report.events_per_second()},
         "checks": checks,

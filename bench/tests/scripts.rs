@@ -15,6 +15,7 @@ use std::process::Command;
 const SCRIPTS: &[&str] = &[
     "bench/ensure-fio.sh",
     "bench/run-ceiling.sh",
+    "bench/run-recovery.sh",
     "bench/run-scenario.sh",
     "deploy/cloud/bench.sh",
     "deploy/cloud/common.sh",

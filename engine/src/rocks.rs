@@ -37,6 +37,16 @@ impl RocksStorage {
         // The write-ahead log is what makes a commit durable; keep it on and flushed by RocksDB
         // itself at every write (sync happens per write via WriteOptions).
         db_options.set_manual_wal_flush(false);
+        // A checkpoint (hundreds of thousands of keys, written by the checkpoint thread) must
+        // not hold up a commit: with ordered writes, a commit queued behind it waited for all
+        // of its memtable inserts (measured: fsync p99 100-190 ms, ~60k items/s). Unordered
+        // writes insert into the memtables concurrently, each writer returning after its own
+        // inserts; only the write-ahead log stays ordered. What it relaxes (a snapshot may see
+        // an earlier write land later) does not touch Keel: commits are issued one after the
+        // other by the one writer, a checkpoint's keys are disjoint from a commit's, and the
+        // writer keeps a checkpoint's ids in memory until the write returned.
+        db_options.set_allow_concurrent_memtable_write(true);
+        db_options.set_unordered_write(true);
         let (families, descriptors) = descriptors(path, true);
         let db = DB::open_cf_descriptors(&db_options, path, descriptors)
             .map_err(|e| naming_files(path, e.into()))?;

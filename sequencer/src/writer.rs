@@ -1,6 +1,6 @@
 //! The writer thread: group commit over the bounded queue.
 
-use crate::checkpoint::{Ids, Job, Published, Recovered, placeholder};
+use crate::checkpoint::{Ids, Job, Map, Published, Recovered, Set, placeholder};
 use crate::{
     ItemResult, Message, PoisonOnPanic, ReadError, Reply, Responder, Shared, Submission,
     SubmitError,
@@ -10,7 +10,6 @@ use keel_invariants::{
     Aggregate, AggregateId, CommandOutcome, Envelope, LoggedEvent, LoggedRejection, RejectCode,
     Rejection, apply, codec, decide,
 };
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -18,7 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// The writer's view of every aggregate: the committed state plus, while a batch is being
 /// decided, the effects of its earlier commands.
-pub(crate) type Cache = HashMap<AggregateId, Aggregate>;
+pub(crate) type Cache = Map<AggregateId, Aggregate>;
 
 pub(crate) struct Writer {
     engine: Engine,
@@ -35,7 +34,7 @@ pub(crate) struct Writer {
 /// The writer's side of checkpointing (see `checkpoint.rs`).
 pub(crate) struct Checkpoints {
     /// Aggregates changed since the last checkpoint handed to the thread.
-    pub(crate) dirty: HashSet<AggregateId>,
+    pub(crate) dirty: Set<AggregateId>,
     /// Command ids decided since the last checkpoint handed to the thread.
     pub(crate) recent: Ids,
     /// The checkpoint being written: its batch and its ids (still looked up here until the
@@ -102,13 +101,13 @@ impl Checkpoints {
 #[derive(Default)]
 struct Scratch {
     /// Outcomes decided in this batch, by command id (a repeat in the same batch replays it).
-    outcomes: HashMap<String, CommandOutcome>,
+    outcomes: Map<String, CommandOutcome>,
     /// Aggregates changed in this batch.
-    dirty: HashSet<AggregateId>,
+    dirty: Set<AggregateId>,
     /// Undo records of the atomic submission being decided: the prior cache entries.
     undo: Vec<(AggregateId, Option<Aggregate>)>,
     /// Outcomes of earlier batches, looked up once per batch for every command id.
-    stored: HashMap<String, CommandOutcome>,
+    stored: Map<String, CommandOutcome>,
     rejected_by_code: [u64; RejectCode::ALL.len()],
 }
 
@@ -624,7 +623,12 @@ impl Writer {
                 Some((id, aggregate))
             })
             .collect();
-        let ids = Arc::new(std::mem::take(&mut self.checkpoints.recent));
+        // The next checkpoint's ids start with room for as many: no rehashing while they grow.
+        let capacity = self.checkpoints.recent.len();
+        let ids = Arc::new(std::mem::replace(
+            &mut self.checkpoints.recent,
+            Ids::with_capacity_and_hasher(capacity, Default::default()),
+        ));
         let mark = CheckpointMark::at(&self.engine.tip());
         let job = Job {
             states,
