@@ -46,7 +46,8 @@ trap cleanup EXIT
 PORT=$("$KEEL_BENCH_BIN" free-port)
 URL="http://127.0.0.1:$PORT"
 
-# Starts keel serve on the store and prints the seconds until /readyz answers 200.
+# Starts keel serve on the store; READY_SECONDS = the seconds until /readyz answered 200.
+READY_SECONDS=
 start_and_time() {
   local started
   started=$(now)
@@ -57,7 +58,7 @@ start_and_time() {
     log "FAILED: the server did not become ready"
     exit 1
   fi
-  seconds_since "$started"
+  READY_SECONDS=$(seconds_since "$started")
 }
 
 stop_server() {
@@ -80,9 +81,11 @@ started=$(now)
 "$MAKE_STORE_BIN" "$STORE" "$RECOVERY_EVENTS" >"$DIR/make_store.log" 2>&1
 log "store written in $(seconds_since "$started") s ($(du -sh "$STORE" | cut -f1))"
 
-first=$(start_and_time)
+start_and_time
+first=$READY_SECONDS
 stop_server
-after_sigterm=$(start_and_time)
+start_and_time
+after_sigterm=$READY_SECONDS
 
 log "load for $RECOVERY_LOAD_SECONDS s, then kill -9"
 "$KEEL_BENCH_BIN" --url "$URL" --workers 1 --batch 1000 --duration "$((RECOVERY_LOAD_SECONDS + 30))s" \
@@ -96,7 +99,8 @@ SERVER_PID=
 kill "$LOAD_PID" 2>/dev/null || true
 wait "$LOAD_PID" 2>/dev/null || true
 
-after_kill=$(start_and_time)
+start_and_time
+after_kill=$READY_SECONDS
 replayed=$(grep -o 'replayed_events=[0-9]*' "$DIR/server.log" | tail -n 1 | cut -d= -f2)
 stop_server
 
