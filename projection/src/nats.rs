@@ -116,7 +116,15 @@ pub async fn last_published(
         .ok()
         .map(|m| m.header)
         .filter(|h| h.seq == batch);
-    Ok(Some(Published { batch, header }))
+    let layout = message
+        .payload
+        .strip_prefix(keel_engine::message::BATCH_MESSAGE_MAGIC.as_slice())
+        .and_then(|rest| rest.first().copied());
+    Ok(Some(Published {
+        batch,
+        header,
+        layout,
+    }))
 }
 
 /// Connects to `url` and reads [`last_published`] (`keel audit --nats-url`). The connection is
@@ -141,6 +149,8 @@ fn stream_not_found(error: &GetStreamError) -> bool {
 pub struct Published {
     pub batch: u64,
     pub header: Option<BatchHeader>,
+    /// The layout byte of a Keel batch message (`None`: not a Keel message at all).
+    pub layout: Option<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]

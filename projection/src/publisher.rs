@@ -63,6 +63,13 @@ pub enum PublishError {
         store: u64,
     },
     #[error(
+        "JetStream stream `{stream}` holds batch messages of layout {layout}, written by a store of another \
+         storage format (before `keel upgrade`); this store's batches have other hashes, so publishing \
+         into it would fork the history the projection follows: re-create the stream and rebuild the \
+         projection (docs/PROJECTION.md); refusing to publish"
+    )]
+    OtherLayout { stream: String, layout: u8 },
+    #[error(
         "the store's batch {batch} is not the batch {batch} JetStream stream `{stream}` holds \
          (hash {stored} in the store, {published} published): the store's history forked; refusing to publish"
     )]
@@ -75,11 +82,14 @@ pub enum PublishError {
 }
 
 impl PublishError {
-    /// The store is behind or beside its own published history: never retried away.
+    /// The store is behind or beside the history the stream holds (its own, or a store's of
+    /// another format): never retried away.
     pub fn is_data_loss(&self) -> bool {
         matches!(
             self,
-            PublishError::DataLoss { .. } | PublishError::Forked { .. }
+            PublishError::DataLoss { .. }
+                | PublishError::Forked { .. }
+                | PublishError::OtherLayout { .. }
         )
     }
 }
@@ -195,6 +205,15 @@ fn compare_with_witness(
     let Some(published) = published else {
         return Ok(()); // nothing published (yet, or any more): no witness
     };
+    if let Some(layout) = published
+        .layout
+        .filter(|l| *l != keel_engine::message::BATCH_MESSAGE_VERSION)
+    {
+        return Err(PublishError::OtherLayout {
+            stream: stream.to_owned(),
+            layout,
+        });
+    }
     let tip = reader.tip()?.last_batch;
     if published.batch > tip {
         return Err(PublishError::DataLoss {

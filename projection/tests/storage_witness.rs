@@ -223,3 +223,35 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// After `keel upgrade` the batch hashes change: a stream that still holds the old format's
+/// messages (layout 1) must not get the new store's batches published into it, where the
+/// projection would follow two histories. `keel serve --nats-url` refuses and says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_another_storage_format_is_refused() -> anyhow::Result<()> {
+    let names = Names::new("storage_witness_layout");
+    let nats = Nats::start();
+    let client = async_nats::connect(nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: names.stream.clone(),
+        subjects: vec![names.subject.clone()],
+        ..Default::default()
+    })
+    .await?;
+    // A format-1 batch message: magic, layout 1, then its 92-byte header (content immaterial).
+    let mut payload = b"KEEL\x01".to_vec();
+    payload.extend_from_slice(&[0u8; 92]);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "3");
+    js.publish_with_headers(names.subject.clone(), headers, payload.into())
+        .await?
+        .await?;
+    let data = tempfile::tempdir()?;
+    let stderr = serve_refuses(data.path(), &nats.url(), &names)?;
+    ensure!(
+        stderr.contains("layout 1") && stderr.contains("re-create the stream"),
+        "{stderr}"
+    );
+    Ok(())
+}

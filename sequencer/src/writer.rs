@@ -555,16 +555,25 @@ impl Writer {
     /// Adds the outcome of every command rejected with an id in this batch to the pending
     /// record, so that the log alone gives a retry its original answer (a committed command's
     /// id travels with its event).
+    /// In command-id order, so that the same decisions always make the same record bytes.
     fn stage_rejections(&mut self) {
-        for (id, outcome) in &self.scratch.outcomes {
-            if let CommandOutcome::Rejected(rejection) = outcome {
-                let logged = LoggedRejection {
-                    command_id: id.clone(),
-                    rejection: rejection.clone(),
-                };
-                self.pending
-                    .push_rejection(|out| codec::encode_rejection(&logged, out));
-            }
+        let mut rejected: Vec<(&String, &Rejection)> = self
+            .scratch
+            .outcomes
+            .iter()
+            .filter_map(|(id, outcome)| match outcome {
+                CommandOutcome::Rejected(rejection) => Some((id, rejection)),
+                CommandOutcome::Committed { .. } => None,
+            })
+            .collect();
+        rejected.sort_unstable_by_key(|(id, _)| *id);
+        for (id, rejection) in rejected {
+            let logged = LoggedRejection {
+                command_id: id.clone(),
+                rejection: rejection.clone(),
+            };
+            self.pending
+                .push_rejection(|out| codec::encode_rejection(&logged, out));
         }
     }
 
