@@ -144,8 +144,9 @@ pub fn verify_log(
     Ok(summary)
 }
 
-/// Checks that `header` follows `tip`.
-fn link(tip: &ChainTip, header: &BatchHeader) -> Result<(), String> {
+/// Checks that `header` follows `tip` (also what [`crate::Reader::scan_log`] checks between
+/// the records it reads).
+pub(crate) fn link(tip: &ChainTip, header: &BatchHeader) -> Result<(), String> {
     if header.prev_hash != tip.last_hash {
         return Err(format!(
             "previous hash {} but batch {} has hash {}",

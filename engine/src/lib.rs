@@ -567,16 +567,10 @@ impl Reader {
                         }
                     })
                     .and_then(|view| match &previous {
-                        Some(p)
-                            if view.header.prev_hash != p.hash
-                                || view.header.first_event != p.last_event() + 1 =>
-                        {
-                            Err(FormatError(format!(
-                                "batch {expected} does not follow batch {} (hash or event numbering)",
-                                p.seq
-                            )))
-                        }
-                        _ => Ok(view),
+                        Some(p) => chain::link(&ChainTip::after(p), &view.header)
+                            .map(|()| view)
+                            .map_err(|detail| FormatError(format!("batch {expected}: {detail}"))),
+                        None => Ok(view),
                     });
                 match decoded {
                     Ok(view) => {

@@ -333,24 +333,27 @@ impl Writer {
     /// Looks up, in one multi-get, the stored outcome of every command id in the group.
     fn load_stored_outcomes(&mut self, group: &[Submission]) -> Result<(), ReadError> {
         self.scratch.stored.clear();
-        let ids: Vec<&[u8]> = group
+        // Each id is looked up once per batch: in the ids decided since the last checkpoint
+        // (in memory; a hit, a retry, is copied into `stored`), and the rest in the
+        // checkpointed index with one multi-get. Deciding then looks only at `stored`.
+        let mut missing: Vec<&[u8]> = Vec::new();
+        for id in group
             .iter()
             .flat_map(|s| s.commands.iter())
-            .filter_map(|c| c.id.as_deref().map(str::as_bytes))
-            .collect();
-        if ids.is_empty() {
+            .filter_map(|c| c.id.as_deref())
+        {
+            match self.checkpoints.outcome(id) {
+                Some(outcome) => {
+                    self.scratch.stored.insert(id.to_owned(), outcome.clone());
+                }
+                None => missing.push(id.as_bytes()),
+            }
+        }
+        if missing.is_empty() {
             return Ok(());
         }
-        let mut ids = ids;
-        ids.retain(|id| {
-            let id = std::str::from_utf8(id).unwrap_or_default();
-            self.checkpoints.outcome(id).is_none()
-        });
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let found = self.engine.command_outcomes(&ids)?;
-        for (id, value) in ids.iter().zip(found) {
+        let found = self.engine.command_outcomes(&missing)?;
+        for (id, value) in missing.iter().zip(found) {
             if let Some(bytes) = value {
                 let outcome = codec::decode_outcome(&bytes)?;
                 self.scratch
@@ -453,7 +456,6 @@ impl Writer {
         self.scratch
             .outcomes
             .get(id)
-            .or_else(|| self.checkpoints.outcome(id))
             .or_else(|| self.scratch.stored.get(id))
             .cloned()
     }
