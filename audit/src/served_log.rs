@@ -15,11 +15,12 @@ const SERVED_PAGE_EVENTS: usize = 2000;
 /// it serves differently from the snapshot. Returns how many events were compared.
 pub fn compare(
     url: &str,
+    client: &keel_projection::http_client::ClientOptions,
     served_event_json: fn(&CommittedEvent) -> Value,
     snapshot: &Snapshot,
     report: &mut AuditReport,
 ) -> anyhow::Result<u64> {
-    let server = Server::new(url)?;
+    let server = Server::new(url, client)?;
     let last = report.tip.last_event;
     let mut after = 0;
     let mut compared = 0;
@@ -91,15 +92,19 @@ const RESPONSE_BYTES_MAX: usize = 64 << 20;
 struct Server {
     runtime: tokio::runtime::Runtime,
     client: reqwest::Client,
-    /// `http://host:port`, without a trailing slash.
+    /// `http(s)://host:port`, without a trailing slash.
     base: String,
 }
 
 impl Server {
-    fn new(url: &str) -> anyhow::Result<Self> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| anyhow!("--url {url}: only http://host:port is supported"))?;
+    fn new(
+        url: &str,
+        options: &keel_projection::http_client::ClientOptions,
+    ) -> anyhow::Result<Self> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .filter(|(scheme, _)| matches!(*scheme, "http" | "https"))
+            .ok_or_else(|| anyhow!("--url {url}: must be http://host:port or https://host:port"))?;
         let authority = rest.split('/').next().unwrap_or_default();
         if authority.is_empty() {
             bail!("--url {url}: no host");
@@ -108,8 +113,8 @@ impl Server {
             .enable_all()
             .build()
             .context("starting the async runtime for --url")?;
-        let client = reqwest::Client::builder()
-            .no_proxy()
+        let client = keel_projection::http_client::builder(options)
+            .with_context(|| format!("--url {url}"))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .build()
@@ -117,7 +122,7 @@ impl Server {
         Ok(Self {
             runtime,
             client,
-            base: format!("http://{authority}"),
+            base: format!("{scheme}://{authority}"),
         })
     }
 

@@ -165,6 +165,7 @@ fn audit(dir: &Path, url: String) -> TestResult<(Result<bool, String>, String, V
     let report_dir = tempfile::tempdir()?;
     let json_path = report_dir.path().join("report.json");
     let request = Request {
+        client: keel_projection::http_client::ClientOptions::default(),
         data: Some(dir.to_owned()),
         json: Some(json_path.clone()),
         max_divergences: 20,
@@ -257,7 +258,7 @@ fn a_server_serving_the_log_exactly_passes_and_every_difference_is_located() -> 
 }
 
 #[test]
-fn an_error_answer_or_a_url_that_is_not_plain_http_is_no_verdict() -> TestResult {
+fn an_error_answer_an_unreachable_server_or_a_bad_url_is_no_verdict() -> TestResult {
     let dir = tempfile::tempdir()?;
     write_store(dir.path())?;
     let failing = StandIn::start(Serve::Status(503))?;
@@ -266,9 +267,13 @@ fn an_error_answer_or_a_url_that_is_not_plain_http_is_no_verdict() -> TestResult
     assert!(error.contains("HTTP 503"), "{error}");
 
     let (verdict, _, _) = audit(dir.path(), "https://127.0.0.1:1".into())?;
-    let error = verdict.expect_err("https is refused");
+    let error = verdict.expect_err("nothing listens");
+    assert!(error.contains("https://127.0.0.1:1"), "{error}");
+
+    let (verdict, _, _) = audit(dir.path(), "ftp://127.0.0.1:1".into())?;
+    let error = verdict.expect_err("not http");
     assert!(
-        error.contains("only http://host:port is supported"),
+        error.contains("must be http://host:port or https://host:port"),
         "{error}"
     );
     Ok(())

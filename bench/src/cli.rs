@@ -68,6 +68,9 @@ pub enum SubCommand {
         timeout: Duration,
         #[arg(long)]
         allow_remote: bool,
+        /// PEM certificate(s) to trust for an https --url.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
     },
 }
 
@@ -76,6 +79,12 @@ pub struct LoadArgs {
     /// Base URL of the Keel server.
     #[arg(long, default_value = "http://127.0.0.1:8080", env = "KEEL_BENCH_URL")]
     pub url: String,
+    /// PEM certificate(s) to trust for an https --url (instead of the system's roots).
+    #[arg(long, env = "KEEL_BENCH_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// API key for a server with --auth-keys (scope `write`; `admin` too with --sample-metrics).
+    #[arg(long, env = "KEEL_BENCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Allow a non-loopback target (a server you own; nothing in this repository uses it).
     #[arg(long)]
     pub allow_remote: bool,
@@ -234,6 +243,10 @@ impl LoadArgs {
         };
         Ok(LoadConfig {
             base_url,
+            client: keel_projection::http_client::ClientOptions {
+                ca_cert: self.ca_cert.clone(),
+                api_key: self.api_key.clone(),
+            },
             workers,
             batch,
             duration: self.duration,

@@ -48,9 +48,17 @@ pub fn run_cli(cli: Cli) -> ExitCode {
                 url,
                 timeout,
                 allow_remote,
+                ca_cert,
             }),
             _,
-        ) => with_runtime(wait_ready(url, *timeout, *allow_remote)).map(|()| ExitCode::SUCCESS),
+        ) => {
+            let options = keel_projection::http_client::ClientOptions {
+                ca_cert: ca_cert.clone(),
+                api_key: None,
+            };
+            with_runtime(wait_ready(url, *timeout, *allow_remote, &options))
+                .map(|()| ExitCode::SUCCESS)
+        }
         (None, true) => run_preflight_command(&cli.preflight_args, cli.load.json.as_deref()),
         (None, false) => with_runtime(run_load_command(&cli.load)).map(|report| {
             print!("{}", report.table());
@@ -90,7 +98,7 @@ pub async fn run_load_command(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     let config = Arc::new(args.to_config(run_id.clone())?);
     let mut machine =
         Machine::read(args.preflight_json.as_deref())?.with_data_dir(args.data_dir.as_deref());
-    load::check_health(&config.base_url).await?;
+    load::check_health(&config.base_url, &config.client).await?;
     let setup = load::run_setup(&config).await?;
     if !args.quiet {
         eprintln!(
@@ -102,6 +110,7 @@ pub async fn run_load_command(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     let sampler = args.sample_metrics.as_ref().map(|csv| {
         let config = sampler::SamplerConfig {
             base_url: config.base_url.clone(),
+            client: config.client.clone(),
             csv: csv.clone(),
             interval: args.sample_interval,
             server_pid: args.server_pid,
@@ -293,10 +302,15 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 /// Polls `GET /readyz` every 100 ms until it answers 200, for at most `timeout`.
-pub async fn wait_ready(url: &str, timeout: Duration, allow_remote: bool) -> anyhow::Result<()> {
+pub async fn wait_ready(
+    url: &str,
+    timeout: Duration,
+    allow_remote: bool,
+    options: &keel_projection::http_client::ClientOptions,
+) -> anyhow::Result<()> {
     let base = target::checked_base_url(url, allow_remote)?;
     let readyz = target::endpoint(&base, "/readyz");
-    let client = load::http_client(Duration::from_secs(1))?;
+    let client = load::http_client(Duration::from_secs(1), options)?;
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline {

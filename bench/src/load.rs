@@ -11,6 +11,7 @@ use crate::stats::{LatencyHistogram, us_to_ms};
 use crate::target;
 use crate::workload::{self, Generator, Workload};
 use anyhow::{Context, bail};
+use keel_projection::http_client::ClientOptions;
 use reqwest::{StatusCode, Url, header};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +29,8 @@ const BACKOFF_DEFAULT: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug)]
 pub struct LoadConfig {
     pub base_url: Url,
+    /// https CA certificate and API key (`--ca-cert`, `--api-key`).
+    pub client: ClientOptions,
     pub workers: usize,
     pub batch: usize,
     pub duration: Duration,
@@ -136,9 +139,8 @@ pub struct LoadOutcome {
     pub timeline: Vec<TimelinePoint>,
 }
 
-pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .no_proxy()
+pub fn http_client(timeout: Duration, options: &ClientOptions) -> anyhow::Result<reqwest::Client> {
+    keel_projection::http_client::builder(options)?
         .pool_max_idle_per_host(1)
         .tcp_nodelay(true)
         .timeout(timeout)
@@ -147,8 +149,8 @@ pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
 }
 
 /// Checks the server answers `/healthz`, so a wrong URL fails in a second with a clear message.
-pub async fn check_health(base_url: &Url) -> anyhow::Result<()> {
-    let client = http_client(Duration::from_secs(5))?;
+pub async fn check_health(base_url: &Url, options: &ClientOptions) -> anyhow::Result<()> {
+    let client = http_client(Duration::from_secs(5), options)?;
     let url = target::endpoint(base_url, "/healthz");
     let response = client
         .get(url.clone())
@@ -167,7 +169,7 @@ pub async fn check_health(base_url: &Url) -> anyhow::Result<()> {
 /// Opens and funds the accounts and creates the SKUs the workload uses.
 pub async fn run_setup(config: &LoadConfig) -> anyhow::Result<SetupOutcome> {
     let started = Instant::now();
-    let client = http_client(config.request_timeout)?;
+    let client = http_client(config.request_timeout, &config.client)?;
     let url = target::endpoint(&config.base_url, "/v1/batches");
     let mut outcome = SetupOutcome::default();
     for body in workload::setup_bodies(&config.workload) {
@@ -277,7 +279,7 @@ async fn worker_loop(
     started: Instant,
     deadline: Instant,
 ) -> anyhow::Result<()> {
-    let client = http_client(config.request_timeout)?;
+    let client = http_client(config.request_timeout, &config.client)?;
     let url = target::endpoint(&config.base_url, "/v1/batches");
     let mut generator = Generator::new(&config.workload, worker);
     let mut transport_errors_in_a_row = 0u32;

@@ -404,6 +404,8 @@ pub fn unix_ms() -> u64 {
 #[derive(Clone, Debug)]
 pub struct SamplerConfig {
     pub base_url: Url,
+    /// How the server is reached (scraping /metrics needs the `admin` scope).
+    pub client: keel_projection::http_client::ClientOptions,
     pub csv: PathBuf,
     pub interval: Duration,
     pub server_pid: Option<u32>,
@@ -417,8 +419,7 @@ pub async fn run(
     config: SamplerConfig,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<SampleRow>> {
-    let client = reqwest::Client::builder()
-        .no_proxy()
+    let client = keel_projection::http_client::builder(&config.client)?
         .timeout(Duration::from_secs(5))
         .build()
         .context("building the sampler's HTTP client")?;

@@ -15,8 +15,8 @@ use std::net::IpAddr;
 pub fn checked_base_url(url: &str, allow_remote: bool) -> anyhow::Result<Url> {
     let parsed = Url::parse(url)
         .with_context(|| format!("`{url}` is not a URL (e.g. http://127.0.0.1:8080)"))?;
-    if parsed.scheme() != "http" {
-        bail!("`{url}`: only http:// is supported (the bench measures the server, not TLS)");
+    if !matches!(parsed.scheme(), "http" | "https") {
+        bail!("`{url}`: the URL must be http:// or https:// (https with --ca-cert)");
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
         bail!("`{url}`: credentials in the URL are not supported");
@@ -85,7 +85,8 @@ mod tests {
 
     #[test]
     fn non_http_and_garbage_are_refused() {
-        assert!(checked_base_url("https://127.0.0.1", false).is_err());
+        assert!(checked_base_url("https://127.0.0.1", false).is_ok());
+        assert!(checked_base_url("ftp://127.0.0.1", false).is_err());
         assert!(checked_base_url("127.0.0.1:8080", false).is_err());
         assert!(checked_base_url("http://user:pw@127.0.0.1", false).is_err());
     }

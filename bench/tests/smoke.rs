@@ -36,7 +36,12 @@ fn server_items_committed(url: &str) -> f64 {
         .build()
         .unwrap();
     let text = runtime.block_on(async {
-        reqwest::get(format!("{url}/metrics"))
+        keel_projection::http_client::builder(&Default::default())
+            .unwrap()
+            .build()
+            .unwrap()
+            .get(format!("{url}/metrics"))
+            .send()
             .await
             .unwrap()
             .text()

@@ -160,6 +160,11 @@ impl PendingBatch {
         }
     }
 
+    /// How many events and logged rejections the batch holds so far.
+    pub fn written(&self) -> (usize, u32) {
+        (self.event_ends.len(), self.rejection_count)
+    }
+
     /// True when the batch would write nothing: no event and no rejection to keep.
     pub fn is_empty(&self) -> bool {
         self.event_ends.is_empty() && self.rejection_count == 0

@@ -25,6 +25,12 @@ pub struct AuditArgs {
     /// audited log on `GET /v1/events` (needs --data: the server's own data directory).
     #[arg(long)]
     pub url: Option<String>,
+    /// PEM certificate(s) to trust for an https --url (instead of the system's roots).
+    #[arg(long, env = "KEEL_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// API key (scope `read`) for --url when the server has --auth-keys.
+    #[arg(long, env = "KEEL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Also compare the MongoDB projection at this `mongodb://` URL with the audited log.
     #[arg(long)]
     pub mongo_url: Option<String>,
@@ -57,6 +63,10 @@ impl AuditArgs {
             json: self.json.clone(),
             max_divergences: self.max_divergences,
             url: self.url.clone(),
+            client: keel_projection::http_client::ClientOptions {
+                ca_cert: self.ca_cert.clone(),
+                api_key: self.api_key.clone(),
+            },
             served_event_json: wire::event_json,
             mongo: self.mongo_url.as_ref().map(|url| MongoRequest {
                 url: url.clone(),

@@ -35,6 +35,8 @@ pub enum Command {
     Audit(crate::audit_cmd::AuditArgs),
     /// Project the batches published to NATS JetStream into MongoDB (docs/PROJECTION.md).
     Project(ProjectArgs),
+    /// Manage the API keys `keel serve --auth-keys` accepts (docs/API.md, "Authentication").
+    Keys(crate::keys_cmd::KeysArgs),
     /// Rewrite a store of an older format (1) in the current format (2), keeping the old one
     /// as DIR.v1 (docs/FORMAT.md, "Upgrading from format 1").
     Upgrade(UpgradeArgs),
@@ -52,9 +54,25 @@ pub struct ServeConfig {
     /// Data directory of the RocksDB store (created if missing).
     #[arg(long, env = "KEEL_DATA", default_value = "./data")]
     pub data: PathBuf,
-    /// Address to listen on.
+    /// Address to listen on. Without --auth-keys only a loopback address is accepted, unless
+    /// --insecure-listen-any says otherwise.
     #[arg(long, env = "KEEL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// API key file (`keel keys add`): every route but the health checks and the OpenAPI
+    /// document then needs `Authorization: Bearer <key>` with the route's scope. Reloaded on
+    /// SIGHUP.
+    #[arg(long, env = "KEEL_AUTH_KEYS")]
+    pub auth_keys: Option<PathBuf>,
+    /// Listen on a non-loopback address without --auth-keys: anyone who reaches the port may
+    /// write. Must be said explicitly.
+    #[arg(long, env = "KEEL_INSECURE_LISTEN_ANY")]
+    pub insecure_listen_any: bool,
+    /// PEM certificate chain: serve HTTPS instead of HTTP (with --tls-key). Reloaded on SIGHUP.
+    #[arg(long, env = "KEEL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KEEL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Most commands per request, and per batch (one fsync).
     #[arg(long, env = "KEEL_BATCH_ITEMS_MAX", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batch_items_max: u32,
@@ -171,6 +189,21 @@ fn parse_stream_bytes(text: &str) -> Result<i64, String> {
 }
 
 impl ServeConfig {
+    /// Refuses a listen address that exposes an unauthenticated server to the network, unless
+    /// that was asked for.
+    pub fn check_exposure(&self) -> anyhow::Result<()> {
+        if self.auth_keys.is_none() && !self.listen.ip().is_loopback() && !self.insecure_listen_any
+        {
+            anyhow::bail!(
+                "--listen {} is not a loopback address and no --auth-keys is given: anyone who \
+                 reaches the port could write. Give --auth-keys FILE (see `keel keys add`), or \
+                 --insecure-listen-any to serve without authentication on purpose",
+                self.listen
+            );
+        }
+        Ok(())
+    }
+
     pub fn sequencer(&self) -> keel_sequencer::Config {
         keel_sequencer::Config {
             batch_items_max: self.batch_items_max as usize,
@@ -234,6 +267,12 @@ pub struct ProjectArgs {
     /// The Keel server that gaps in the stream are repaired from (`GET /v1/batches/{seq}`).
     #[arg(long, env = "KEEL_SOURCE_URL", default_value = "http://127.0.0.1:8080")]
     pub source_url: String,
+    /// PEM certificate(s) to trust for an https --source-url (instead of the system's roots).
+    #[arg(long, env = "KEEL_SOURCE_CA_CERT")]
+    pub source_ca_cert: Option<PathBuf>,
+    /// API key (scope `read`) for --source-url when the server has --auth-keys.
+    #[arg(long, env = "KEEL_SOURCE_API_KEY", hide_env_values = true)]
+    pub source_api_key: Option<String>,
     /// MongoDB database of the projection.
     #[arg(long, env = "KEEL_MONGO_DB", default_value = "keel")]
     pub mongo_db: String,
@@ -271,6 +310,10 @@ impl ProjectArgs {
             mongo_url: self.mongo_url.clone(),
             mongo_db: self.mongo_db.clone(),
             source_url: self.source_url.clone(),
+            source_client: keel_projection::http_client::ClientOptions {
+                ca_cert: self.source_ca_cert.clone(),
+                api_key: self.source_api_key.clone(),
+            },
             stream: self.nats_stream.clone(),
             subject: self.nats_subject.clone(),
             durable: self.durable.clone(),

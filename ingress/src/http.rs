@@ -63,6 +63,8 @@ pub struct AppState {
     pub sequencer: Arc<Sequencer>,
     pub metrics: PrometheusHandle,
     pub limits: HttpLimits,
+    /// The API keys, when `--auth-keys` is given; `None`: no authentication.
+    pub auth: Option<Arc<crate::auth::Auth>>,
     parse_permits: Arc<Semaphore>,
     read_permits: Arc<Semaphore>,
 }
@@ -76,19 +78,43 @@ impl AppState {
             parse_permits: Arc::new(Semaphore::new(limits.parse_concurrency_max)),
             read_permits: Arc::new(Semaphore::new(limits.read_concurrency_max)),
             limits,
+            auth: None,
         }
+    }
+
+    /// Requires API keys on every route but the health checks (`None`: no authentication).
+    pub fn with_auth(self, auth: Option<Arc<crate::auth::Auth>>) -> Self {
+        Self { auth, ..self }
     }
 }
 
+/// The routes, grouped by the scope an API key needs for them (docs/API.md, "Authentication").
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/batches", post(post_batch))
+    use crate::auth::Scope;
+    let write = Router::new().route("/v1/batches", post(post_batch));
+    let read = Router::new()
         .route("/v1/aggregates/{id}", get(get_aggregate))
         .route("/v1/events", get(get_events))
-        .route("/v1/batches/{seq}", get(crate::batches_route::get_batch))
-        .route("/metrics", get(get_metrics))
+        .route("/v1/batches/{seq}", get(crate::batches_route::get_batch));
+    let admin = Router::new().route("/metrics", get(get_metrics));
+    let open = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    let guarded = |routes: Router<AppState>, scope: Scope| match &state.auth {
+        Some(auth) => routes.route_layer(axum::middleware::from_fn_with_state(
+            crate::auth::Guard {
+                auth: Arc::clone(auth),
+                scope,
+            },
+            crate::auth::require,
+        )),
+        None => routes,
+    };
+    Router::new()
+        .merge(guarded(write, Scope::Write))
+        .merge(guarded(read, Scope::Read))
+        .merge(guarded(admin, Scope::Admin))
+        .merge(open)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // axum adds the `Allow` header listing the route's methods to this answer.
         .method_not_allowed_fallback(|method: axum::http::Method| async move {
@@ -134,6 +160,10 @@ impl ApiError {
             retry_after_secs: Some(retry_after_secs),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
         }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
     }
 
     fn closing(self) -> Self {
@@ -266,11 +296,13 @@ fn check_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
 
 async fn post_batch(
     State(state): State<AppState>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let answer = submit_batch(&state, &headers, body).await;
+    let caller = caller.map(|axum::Extension(caller)| caller.0);
+    let answer = submit_batch(&state, caller, &headers, body).await;
     let status = match &answer {
         Ok(_) => "ok",
         Err(e) if e.status.is_client_error() => "client_error",
@@ -283,6 +315,7 @@ async fn post_batch(
 
 async fn submit_batch(
     state: &AppState,
+    caller: Option<Arc<str>>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<BatchResponse, ApiError> {
@@ -310,7 +343,7 @@ async fn submit_batch(
     };
     let receiver = state
         .sequencer
-        .submit(commands, atomic)
+        .submit_as(commands, atomic, caller)
         .map_err(|e| ApiError::submit(e, retry_after_secs))?;
     match receiver.await {
         Ok(Ok(reply)) => Ok(BatchResponse::from(reply)),

@@ -6,10 +6,13 @@
 //! itself; it never answers a batch before the sequencer says the batch is durable.
 
 pub mod audit_cmd;
+pub mod auth;
 pub mod batches_route;
 pub mod config;
 pub mod http;
+pub mod keys_cmd;
 pub mod server;
+pub mod tls;
 pub mod upgrade;
 pub mod wire;
 
@@ -84,8 +87,23 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         read_concurrency_max = config.read_concurrency_max,
         read_timeout_ms = config.read_timeout_ms,
         shutdown_drain_secs = config.shutdown_drain_secs,
+        auth_keys = config.auth_keys.as_deref().map(|p| p.display().to_string()).as_deref().unwrap_or("(none: no authentication)"),
+        tls = config.tls_cert.is_some(),
         "keel serve starting"
     );
+    config.check_exposure()?;
+    let auth = match &config.auth_keys {
+        Some(path) => {
+            let auth = auth::Auth::load(path)?;
+            tracing::info!(file = %path.display(), "API keys loaded");
+            Some(Arc::new(auth))
+        }
+        None => None,
+    };
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(cert, key)?)),
+        _ => None,
+    };
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating data directory {}", config.data.display()))?;
     let sequencer = Sequencer::open(&config.data, config.sequencer())
@@ -106,7 +124,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let state = http::AppState::new(Arc::clone(&sequencer), metrics, config.http_limits());
+    let state = http::AppState::new(Arc::clone(&sequencer), metrics, config.http_limits())
+        .with_auth(auth.clone());
+    spawn_reload_on_hangup(auth, tls.clone())?;
     let local = listener.local_addr()?;
     // Installed before the line below, so that a SIGTERM right after it drains.
     let stop_signal = shutdown_signal();
@@ -125,10 +145,12 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     };
     tracing::info!(listen = %local, "serving HTTP");
     // One plain line on stdout for scripts and tests that listen on port 0.
-    println!("keel: listening on http://{local}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("keel: listening on {scheme}://{local}");
     server::serve(
         listener,
         http::router(state),
+        tls,
         &config.connection_limits(),
         stop,
     )
@@ -193,6 +215,43 @@ pub fn redact_credentials(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// On SIGHUP, reads the API key file and the TLS certificate and key again. A file that does
+/// not load is logged and counted (`keel_reload_errors_total`), and what is in force stays.
+fn spawn_reload_on_hangup(
+    auth: Option<Arc<auth::Auth>>,
+    tls: Option<Arc<tls::Tls>>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    register_rare_event_metrics(&["keel_reload_errors_total"]);
+    let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP received; reloading API keys and TLS certificate");
+            if let Some(auth) = &auth {
+                match auth.reload() {
+                    Ok(live) => {
+                        tracing::info!(file = %auth.path().display(), live, "API keys reloaded")
+                    }
+                    Err(error) => {
+                        metrics::counter!("keel_reload_errors_total").increment(1);
+                        tracing::error!(%error, "API keys not reloaded; the keys loaded before stay in force");
+                    }
+                }
+            }
+            if let Some(tls) = &tls {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(error) => {
+                        metrics::counter!("keel_reload_errors_total").increment(1);
+                        tracing::error!(error = %format!("{error:#}"), "TLS certificate not reloaded; the one loaded before stays in force");
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 fn spawn_metrics_upkeep(handle: PrometheusHandle) {

@@ -14,6 +14,7 @@ use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -30,12 +31,14 @@ pub struct ConnectionLimits {
     pub shutdown_drain: Duration,
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets open
-/// connections finish their current request for at most `shutdown_drain`, and drops the rest.
-/// Returns once no connection task (and so no clone of `app`'s state) is left.
+/// Serves `app` on `listener` (over TLS when `tls` is given) until `shutdown` resolves; then
+/// stops accepting, lets open connections finish their current request for at most
+/// `shutdown_drain`, and drops the rest. Returns once no connection task (and so no clone of
+/// `app`'s state) is left.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    tls: Option<Arc<crate::tls::Tls>>,
     limits: &ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -68,8 +71,20 @@ pub async fn serve(
                         drop(stream);
                         continue;
                     };
-                    let connection = serve_connection(&http, &graceful, stream, app.clone(), permit);
-                    connections.spawn(connection);
+                    let connection = Connection {
+                        http: http.clone(),
+                        watcher: graceful.watcher(),
+                        app: app.clone(),
+                        permit,
+                    };
+                    match &tls {
+                        None => connections.spawn(connection.serve(stream)),
+                        Some(tls) => connections.spawn(connection.serve_tls(
+                            stream,
+                            tls.acceptor(),
+                            limits.header_read_timeout,
+                        )),
+                    };
                 }
                 Err(error) => accept_failed(error).await,
             },
@@ -79,27 +94,62 @@ pub async fn serve(
     drain(graceful, connections, limits.shutdown_drain).await;
 }
 
-/// One connection, watched by the graceful shutdown, holding its permit until it ends.
-fn serve_connection(
-    http: &http1::Builder,
-    graceful: &GracefulShutdown,
-    stream: TcpStream,
+/// One accepted connection: what serving it needs, and its permit, held until it ends.
+struct Connection {
+    http: http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
     app: Router,
     permit: OwnedSemaphorePermit,
-) -> impl Future<Output = ()> + Send + 'static {
-    if let Err(error) = stream.set_nodelay(true) {
-        tracing::debug!(%error, "cannot set TCP_NODELAY");
+}
+
+impl Connection {
+    /// Plain HTTP.
+    async fn serve(self, stream: TcpStream) {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        self.serve_io(stream).await;
     }
-    let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
-    let connection = graceful.watch(connection);
-    async move {
+
+    /// HTTPS: the handshake must finish within the header read timeout (a client that opens a
+    /// connection and sends nothing holds it no longer than one that sends half a request).
+    async fn serve_tls(
+        self,
+        stream: TcpStream,
+        acceptor: tokio_rustls::TlsAcceptor,
+        handshake_timeout: Duration,
+    ) {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => self.serve_io(tls).await,
+            Ok(Err(error)) => {
+                metrics::counter!("keel_tls_handshake_failures_total").increment(1);
+                tracing::debug!(%error, "TLS handshake failed");
+            }
+            Err(_) => {
+                metrics::counter!("keel_tls_handshake_failures_total").increment(1);
+                tracing::debug!("TLS handshake timed out");
+            }
+        }
+    }
+
+    async fn serve_io<I>(self, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let connection = self
+            .http
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(self.app));
+        let connection = self.watcher.watch(connection);
         metrics::gauge!("keel_http_connections").increment(1.0);
         if let Err(error) = connection.await {
             // Timeouts, resets and malformed request heads end up here; none is a server fault.
             tracing::debug!(%error, "connection ended with an error");
         }
         metrics::gauge!("keel_http_connections").decrement(1.0);
-        drop(permit);
+        drop(self.permit);
     }
 }
 

@@ -86,7 +86,7 @@ impl Drop for Server {
 }
 
 fn client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
+    Ok(keel_projection::http_client::builder(&Default::default())?
         .timeout(Duration::from_secs(30))
         .build()?)
 }

@@ -13,6 +13,7 @@
 
 pub mod backoff;
 pub mod documents;
+pub mod http_client;
 pub mod nats;
 pub mod projector;
 pub mod publisher;

@@ -45,6 +45,8 @@ pub struct ProjectorConfig {
     pub mongo_db: String,
     /// The Keel server whose `GET /v1/batches/{seq}` repairs gaps.
     pub source_url: String,
+    /// How the source is reached (https CA certificate, API key).
+    pub source_client: crate::http_client::ClientOptions,
     pub stream: String,
     /// The stream's subject, used only if the projector has to create the stream itself.
     pub subject: String,
@@ -69,6 +71,7 @@ impl ProjectorConfig {
             mongo_url: mongo_url.to_owned(),
             mongo_db: "keel".into(),
             source_url: source_url.to_owned(),
+            source_client: crate::http_client::ClientOptions::default(),
             stream: "KEEL".into(),
             subject: "keel.batches".into(),
             durable: "keel-projector".into(),
@@ -208,8 +211,8 @@ pub async fn run(config: ProjectorConfig, shutdown: Shutdown) -> Result<(), Proj
     let store = Store::connect(&config.mongo_url, &config.mongo_db, &config.durable)
         .await
         .map_err(|e| ProjectError::Config(format!("MongoDB URL: {e}")))?;
-    let source =
-        Source::new(&config.source_url).map_err(|e| ProjectError::Config(e.to_string()))?;
+    let source = Source::new(&config.source_url, &config.source_client)
+        .map_err(|e| ProjectError::Config(e.to_string()))?;
     let client = nats::connect(&config.nats_url, "keel-projector")
         .await
         .map_err(|e| ProjectError::Config(format!("NATS URL `{}`: {e}", config.nats_url)))?;

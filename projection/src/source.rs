@@ -24,10 +24,16 @@ pub struct Source {
 }
 
 impl Source {
-    /// `base_url` is the server's root, e.g. `http://127.0.0.1:8080`.
-    pub fn new(base_url: &str) -> Result<Self, SourceError> {
-        let client = reqwest::Client::builder()
-            .no_proxy()
+    /// `base_url` is the server's root, e.g. `http://127.0.0.1:8080` or `https://keel:8443`.
+    pub fn new(
+        base_url: &str,
+        options: &crate::http_client::ClientOptions,
+    ) -> Result<Self, SourceError> {
+        let client = crate::http_client::builder(options)
+            .map_err(|e| SourceError::Client {
+                url: base_url.to_owned(),
+                detail: e.to_string(),
+            })?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .build()

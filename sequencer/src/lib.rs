@@ -126,6 +126,8 @@ pub struct CommittedEvent {
 pub(crate) struct Submission {
     commands: Vec<Envelope>,
     atomic: bool,
+    /// Who submitted it (an API key id), recorded in the batch's record.
+    submitter: Option<Arc<str>>,
     reply: Responder,
     enqueued_at: Instant,
 }
@@ -301,6 +303,17 @@ impl Sequencer {
         commands: Vec<Envelope>,
         atomic: bool,
     ) -> Result<oneshot::Receiver<Result<Reply, SubmitError>>, SubmitError> {
+        self.submit_as(commands, atomic, None)
+    }
+
+    /// [`Sequencer::submit`] on behalf of `submitter` (an API key id), which the record of the
+    /// batch that decides the commands names.
+    pub fn submit_as(
+        &self,
+        commands: Vec<Envelope>,
+        atomic: bool,
+        submitter: Option<Arc<str>>,
+    ) -> Result<oneshot::Receiver<Result<Reply, SubmitError>>, SubmitError> {
         let items = commands.len();
         if items == 0 {
             return Err(SubmitError::Empty);
@@ -322,6 +335,7 @@ impl Sequencer {
         let submission = Submission {
             commands,
             atomic,
+            submitter,
             reply: Responder(Some(reply)),
             enqueued_at: Instant::now(),
         };

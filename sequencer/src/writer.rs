@@ -318,8 +318,16 @@ impl Writer {
         self.load_stored_outcomes(group)?;
         let mut decided = Vec::with_capacity(group.len());
         for submission in group.drain(..) {
+            let before = self.pending.written();
             let (results, committed) =
                 self.decide_submission(&submission.commands, submission.atomic);
+            // The record names who submitted what it holds: a submission that only replayed
+            // earlier answers added nothing to it.
+            if let Some(submitter) = &submission.submitter
+                && self.pending.written() != before
+            {
+                self.pending.add_submitter(submitter);
+            }
             decided.push(Decided {
                 reply: submission.reply,
                 results,

@@ -77,6 +77,7 @@ impl Server {
             &server.url,
             Duration::from_secs(30),
             false,
+            &keel_projection::http_client::ClientOptions::default(),
         )) {
             panic!(
                 "keel serve did not get ready: {error:#}\nlog:\n{}",

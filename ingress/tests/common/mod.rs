@@ -80,7 +80,8 @@ impl Drop for KeelProcess {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
+    keel_projection::http_client::builder(&Default::default())
+        .expect("client settings")
         .timeout(Duration::from_secs(30))
         .build()
         .expect("client")

@@ -455,8 +455,8 @@ impl Drop for ProjectorProcess {
 }
 
 pub fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
+    keel_projection::http_client::builder(&Default::default())
+        .expect("http client settings")
         .timeout(Duration::from_secs(30))
         .build()
         .expect("http client")
