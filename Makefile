@@ -11,7 +11,7 @@ KEEL := $(CARGO_TARGET_DIR)/release/keel
 KEEL_DATA ?= ./data
 KEEL_LISTEN ?= 127.0.0.1:8080
 
-.PHONY: run build test test-python test-fast lint fmt deps deps-build deps-test clean-data
+.PHONY: run build test test-python test-fast openapi lint fmt deps deps-build deps-test clean-data
 
 run: build
 	$(KEEL) serve --data $(KEEL_DATA) --listen $(KEEL_LISTEN)
@@ -37,6 +37,11 @@ test: build deps-test
 # `keel` binary built above.
 test-python: build deps-test
 	KEEL_BIN=$(KEEL) clients/python/run-tests.sh
+
+# Rewrites docs/openapi.json from the code (ingress/src/openapi.rs); a test fails while the
+# committed file differs from what `GET /v1/openapi.json` serves.
+openapi: build
+	$(KEEL) openapi > docs/openapi.json
 
 lint: deps-build
 	$(CARGO) fmt --all -- --check

@@ -35,6 +35,8 @@ pub enum Command {
     Audit(crate::audit_cmd::AuditArgs),
     /// Project the batches published to NATS JetStream into MongoDB (docs/PROJECTION.md).
     Project(ProjectArgs),
+    /// Print the OpenAPI 3.1 document of the HTTP API (docs/openapi.json) on stdout.
+    Openapi,
     /// Manage the API keys `keel serve --auth-keys` accepts (docs/API.md, "Authentication").
     Keys(crate::keys_cmd::KeysArgs),
     /// Rewrite a store of an older format (1) in the current format (2), keeping the old one

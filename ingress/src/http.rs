@@ -98,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/batches/{seq}", get(crate::batches_route::get_batch));
     let admin = Router::new().route("/metrics", get(get_metrics));
     let open = Router::new()
+        .route("/v1/openapi.json", get(get_openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     let guarded = |routes: Router<AppState>, scope: Scope| match &state.auth {
@@ -568,6 +569,13 @@ async fn get_events(
         Json(json!({"events": events, "next_after": next_after, "last_seq": last_seq}))
             .into_response(),
     )
+}
+
+/// The OpenAPI document, made once.
+async fn get_openapi() -> Response {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let body = DOCUMENT.get_or_init(crate::openapi::document).clone();
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn get_metrics(State(state): State<AppState>) -> Response {

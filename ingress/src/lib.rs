@@ -11,6 +11,7 @@ pub mod batches_route;
 pub mod config;
 pub mod http;
 pub mod keys_cmd;
+pub mod openapi;
 pub mod server;
 pub mod tls;
 pub mod upgrade;

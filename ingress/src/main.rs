@@ -36,6 +36,10 @@ fn main() -> ExitCode {
         Command::Serve(config) => runtime.block_on(keel_ingress::serve(config)),
         Command::Audit(args) => return keel_ingress::audit_cmd::run(&args),
         Command::Project(args) => runtime.block_on(keel_ingress::project(args)),
+        Command::Openapi => {
+            print!("{}", keel_ingress::openapi::document());
+            Ok(())
+        }
         Command::Keys(args) => keel_ingress::keys_cmd::run(&args),
         Command::Upgrade(args) => keel_ingress::upgrade::run(&args.data),
     };

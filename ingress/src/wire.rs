@@ -352,14 +352,20 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
-#[derive(Serialize)]
+/// The answer to `POST /v1/batches`.
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct BatchResponse {
+    /// The batch (one fsync) holding this request's committed events; null when none committed.
     pub batch: Option<u64>,
+    /// The batch's commit time (RFC 3339, UTC, microseconds).
     pub committed_at: String,
+    /// One per command, in order.
     pub results: Vec<ItemDto>,
 }
 
-#[derive(Serialize)]
+/// What happened to one command. `replayed: true`: the original answer to a command id seen
+/// before; nothing was written this time.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum ItemDto {
     Committed {
@@ -612,6 +618,9 @@ mod tests {
             (r#""9007199254740993""#, 9_007_199_254_740_993),
             ("9223372036854775807", i64::MAX as u64),
             (r#""9223372036854775807""#, i64::MAX as u64),
+            ("5.0", 5),
+            ("11726682655.0", 11_726_682_655),
+            ("9007199254740992.0", 1 << 53),
         ] {
             let (envelopes, _) = parse_batch(deposit(amount).as_bytes(), 10).expect("accepted");
             let Command::Ledger(ledger::Command::Deposit { amount: got, .. }) =

@@ -291,7 +291,9 @@ impl RawCommand {
         match field {
             F::Type => self.kind = map.next_value()?,
             F::Id => self.id = map.next_value()?,
-            F::ExpectedVersion => self.expected_version = map.next_value()?,
+            F::ExpectedVersion => {
+                self.expected_version = map.next_value::<Option<Version>>()?.map(|v| v.0);
+            }
             F::Account => self.account = map.next_value()?,
             F::OverdraftLimit => self.overdraft_limit = map.next_value()?,
             F::Amount => self.amount = map.next_value()?,
@@ -384,6 +386,13 @@ impl<'de> Visitor<'de> for QuantityVisitor {
     }
 
     fn visit_f64<E: de::Error>(self, n: f64) -> Result<Quantity, E> {
+        // A number written with a zero fraction (`5.0`, as some JSON writers emit whole
+        // numbers; JSON Schema's `integer` admits it) is that integer while a double holds it
+        // exactly (up to 2^53); a fraction, or a larger double, is not an exact integer.
+        const EXACT_MAX: f64 = 9_007_199_254_740_992.0;
+        if n.is_finite() && n >= 0.0 && n.fract() == 0.0 && n <= EXACT_MAX {
+            return Ok(Quantity::Whole(n as u64));
+        }
         let shown =
             serde_json::Number::from_f64(n).map_or_else(|| n.to_string(), |n| n.to_string());
         Ok(Quantity::Other(shown))
@@ -398,5 +407,43 @@ impl<'de> Visitor<'de> for QuantityVisitor {
             Ok(n) if canonical => Quantity::Whole(n),
             _ => Quantity::Other(format!("the string {}", quote(text))),
         })
+    }
+}
+
+/// `expected_version`: a JSON integer from 0 to 2^64-1, or one written with a zero fraction
+/// (`3.0`) while a double holds it exactly (up to 2^53), as for quantities.
+struct Version(u64);
+
+impl<'de> Deserialize<'de> for Version {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(VersionVisitor)
+    }
+}
+
+struct VersionVisitor;
+
+impl Visitor<'_> for VersionVisitor {
+    type Value = Version;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an integer from 0 to 18446744073709551615")
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Version, E> {
+        Ok(Version(n))
+    }
+
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Version, E> {
+        u64::try_from(n)
+            .map(Version)
+            .map_err(|_| E::invalid_value(de::Unexpected::Signed(n), &self))
+    }
+
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Version, E> {
+        const EXACT_MAX: f64 = 9_007_199_254_740_992.0;
+        if n.is_finite() && n >= 0.0 && n.fract() == 0.0 && n <= EXACT_MAX {
+            return Ok(Version(n as u64));
+        }
+        Err(E::invalid_type(de::Unexpected::Float(n), &self))
     }
 }
