@@ -260,6 +260,7 @@ impl Writer {
             Ok(header) => {
                 if let Some(header) = &header {
                     self.after_commit(header.seq);
+                    self.notify_durable(header);
                 }
                 let batch = header.map(|h| h.seq);
                 self.record_metrics(header.map_or(0, |h| h.count), fsync_seconds, decided.len());
@@ -284,6 +285,21 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Tells listeners (live subscriptions) that `header`'s batch is durable: one send on a
+    /// bounded, lossy channel that never blocks, nothing per listener. Errors only mean that
+    /// nobody listens.
+    fn notify_durable(&self, header: &keel_engine::BatchHeader) {
+        let durable_at_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let _ = self.shared.durable.send(crate::DurableBatch {
+            batch: header.seq,
+            first_event: header.first_event,
+            events: header.count,
+            durable_at_us,
+        });
     }
 
     fn record_metrics(&mut self, events: u32, fsync_seconds: f64, submissions: usize) {
