@@ -10,6 +10,7 @@ pub mod batches_route;
 pub mod config;
 pub mod http;
 pub mod server;
+pub mod subscribe;
 pub mod upgrade;
 pub mod wire;
 
@@ -84,6 +85,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         read_concurrency_max = config.read_concurrency_max,
         read_timeout_ms = config.read_timeout_ms,
         shutdown_drain_secs = config.shutdown_drain_secs,
+        subscribers_max = config.subscribers_max,
+        subscriber_buffer_batches = config.subscriber_buffer_batches,
         "keel serve starting"
     );
     std::fs::create_dir_all(&config.data)
@@ -107,6 +110,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         None => None,
     };
     let state = http::AppState::new(Arc::clone(&sequencer), metrics, config.http_limits());
+    let subscriptions = Arc::clone(&state.subscriptions);
+    subscriptions.start();
     let local = listener.local_addr()?;
     // Installed before the line below, so that a SIGTERM right after it drains.
     let stop_signal = shutdown_signal();
@@ -122,6 +127,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 let _ = writer_failure.set(reason);
             }
         }
+        // Open subscriptions never end by themselves: end them now (a final `resume` event)
+        // so that they do not hold the drain.
+        subscriptions.shutdown();
     };
     tracing::info!(listen = %local, "serving HTTP");
     // One plain line on stdout for scripts and tests that listen on port 0.
