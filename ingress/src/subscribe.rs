@@ -168,6 +168,8 @@ struct Entry {
 struct Registry {
     next_id: u64,
     closing: bool,
+    /// Live delivery stopped (the store refused a read): no subscription is taken any more.
+    failed: bool,
     subscribers: HashMap<u64, Entry>,
     everything: HashSet<u64>,
     by_kind: HashMap<String, HashSet<u64>>,
@@ -289,12 +291,30 @@ impl Hub {
         }
     }
 
+    /// Live delivery cannot go on (the store refused a read, e.g. after a failed commit):
+    /// every stream ends (without a `resume`: resuming here would not help) and new
+    /// subscriptions are refused.
+    fn fail(&self) {
+        let mut registry = self.registry();
+        registry.failed = true;
+        let ids: Vec<u64> = registry.subscribers.keys().copied().collect();
+        for id in ids {
+            registry.remove(id);
+        }
+    }
+
     fn subscribe(self: &Arc<Self>, after: u64, filter: Filter) -> Result<Session, ApiError> {
         let (tx, rx) = mpsc::channel(self.limits.buffer_batches);
         let end = Arc::new(End::default());
         let filter = Arc::new(filter);
         let id = {
             let mut registry = self.registry();
+            if registry.failed {
+                return Err(ApiError::internal(
+                    "subscribe",
+                    &"live delivery stopped after a failed store read",
+                ));
+            }
             if registry.closing {
                 return Err(ApiError::unavailable(
                     "shutting_down",
@@ -451,9 +471,10 @@ async fn run_hub(
         };
         hub.durable_last_event.fetch_max(to, Ordering::AcqRel);
         if let Err(error) = deliver_until(&hub, to, &round).await {
-            // The store refuses reads only when the write path is poisoned; nothing more will
-            // be committed, so live delivery ends here (subscriptions stay open, idle).
+            // The store refuses reads when the write path is poisoned (nothing more will be
+            // committed) or damaged: live delivery ends here, and every stream with it.
             tracing::error!(%error, "subscriptions: reading committed batches failed; live delivery stops");
+            hub.fail();
             return;
         }
     }
@@ -659,6 +680,9 @@ impl Session {
     /// Waits for the hub's next delivery (or sends a keepalive after [`KEEPALIVE`]).
     async fn receive(&mut self) {
         match tokio::time::timeout(KEEPALIVE, self.rx.recv()).await {
+            // A failed commit sends no note: an idle stream learns of it here, and ends (a new
+            // subscription would get 503 `engine_poisoned`).
+            Err(_) if self.hub().sequencer.is_poisoned() => self.finished = true,
             Err(_) => self.ready.push_back(Bytes::from_static(b": keepalive\n\n")),
             Ok(Some(delivery)) => self.deliver(&delivery),
             // The hub let go of this subscription: it set the reason before (checked next).

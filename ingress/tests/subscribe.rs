@@ -547,3 +547,64 @@ async fn shutdown_ends_every_stream_with_resume_at_once() {
         started.elapsed()
     );
 }
+
+/// The router in process (no `keel serve`): the hub starts with the first subscription, and a
+/// poisoned write path refuses subscriptions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_router_streams_and_a_poisoned_engine_refuses() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use keel_engine::{Engine, FaultPlan, MemoryStorage};
+    use keel_ingress::http::{AppState, HttpLimits, router};
+    use keel_sequencer::{Config, Sequencer};
+    use std::sync::Arc;
+    use tower::ServiceExt;
+
+    // Sync 1 records the format version, sync 2 opens the account, sync 3 fails.
+    let storage = Arc::new(MemoryStorage::new(FaultPlan {
+        fail_sync_at: Some(3),
+        power_loss_at: None,
+    }));
+    let engine = Engine::open(storage).unwrap();
+    let sequencer = Arc::new(Sequencer::start(engine, Config::default()).unwrap());
+    let app = router(AppState::new(
+        Arc::clone(&sequencer),
+        keel_ingress::metrics_handle().unwrap(),
+        HttpLimits::default(),
+    ));
+    let call = |method: &str, uri: &str, body: Option<Value>| {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+            .unwrap();
+        app.clone().oneshot(request)
+    };
+    let stream = call("GET", "/v1/subscribe", None).await.unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    let mut body = stream.into_body();
+    let open = json!({"commands": [{"type": "open_account", "account": "a"}]});
+    let answer = call("POST", "/v1/batches", Some(open)).await.unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    let frame = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("an event within the wait")
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap();
+    assert!(text.contains("id: 1\nevent: event\n"), "{text}");
+
+    let deposit = json!({"commands": [{"type": "deposit", "account": "a", "amount": 1}]});
+    let answer = call("POST", "/v1/batches", Some(deposit)).await.unwrap();
+    assert_eq!(answer.status().as_u16(), 503);
+    assert!(sequencer.is_poisoned());
+    let refused = call("GET", "/v1/subscribe", None).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 503);
+    let bytes = axum::body::to_bytes(refused.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    let error: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(error["error"]["code"], "engine_poisoned");
+}
