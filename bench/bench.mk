@@ -60,7 +60,7 @@ RUN_SCENARIO := $(BENCH_MK_DIR)/run-scenario.sh
 BENCH_STAMP = $(or $(BENCH_RUN_ID),$(shell date -u +%Y%m%dT%H%M%SZ))
 
 .PHONY: bench-build preflight bench bench-broker bench-ceiling bench-dense bench-engine \
-	cloud-bench-broker cloud-bench-dense bench-test bench-recovery
+	cloud-bench-broker cloud-bench-dense bench-test bench-recovery bench-subscribe
 
 ## Build the release binaries the benchmarks use (keel and keel-bench).
 bench-build:
@@ -83,6 +83,13 @@ bench: bench-build
 bench-recovery:
 	$(CARGO) build --release --workspace --bins --examples
 	CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) $(BENCH_MK_DIR)/run-recovery.sh
+
+## Live subscriptions (GET /v1/subscribe): three scenarios of SSE subscribers under a write
+## load, BENCH_DURATION (default 20s) of writes each (docs/BENCHMARKING.md).
+bench-subscribe:
+	$(CARGO) build --release --workspace --bins
+	CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) SUBSCRIBE_DURATION=$(or $(BENCH_DURATION),20s) \
+	$(BENCH_MK_DIR)/run-subscribe.sh
 
 ## Sustained broker-style run: 1 worker x batch 1000 for 10 minutes.
 bench-broker: bench-build

@@ -58,6 +58,8 @@ pub enum SubCommand {
         #[arg(required = true, num_args = 1..)]
         files: Vec<String>,
     },
+    /// Live subscriptions (`GET /v1/subscribe`) under a write load: delivery latency and rate.
+    Subscribe(crate::subscribe::SubscribeArgs),
     /// Print a free TCP port on 127.0.0.1.
     FreePort,
     /// Wait until `GET /readyz` answers 200, or fail after --timeout.

@@ -19,6 +19,7 @@ pub mod report;
 pub mod sampler;
 pub mod schedule;
 pub mod stats;
+pub mod subscribe;
 pub mod target;
 pub mod workload;
 
@@ -39,6 +40,9 @@ pub fn run_cli(cli: Cli) -> ExitCode {
     let result = match (&cli.command, cli.preflight) {
         (Some(SubCommand::Engine(args)), _) => run_engine_command(args).map(|()| ExitCode::SUCCESS),
         (Some(SubCommand::Compare { files }), _) => run_compare(files).map(|()| ExitCode::SUCCESS),
+        (Some(SubCommand::Subscribe(args)), _) => {
+            with_runtime(run_subscribe_command(args)).map(|()| ExitCode::SUCCESS)
+        }
         (Some(SubCommand::FreePort), _) => free_port().map(|port| {
             println!("{port}");
             ExitCode::SUCCESS
@@ -82,6 +86,17 @@ fn with_runtime<T>(
         .build()
         .context("starting the async runtime")?
         .block_on(future)
+}
+
+/// `keel-bench subscribe`: runs it, prints the table, writes the JSON when asked.
+async fn run_subscribe_command(args: &subscribe::SubscribeArgs) -> anyhow::Result<()> {
+    let report = subscribe::run(args).await?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn now_rfc3339() -> String {

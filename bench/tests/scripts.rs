@@ -17,6 +17,7 @@ const SCRIPTS: &[&str] = &[
     "bench/run-ceiling.sh",
     "bench/run-recovery.sh",
     "bench/run-scenario.sh",
+    "bench/run-subscribe.sh",
     "deploy/cloud/bench.sh",
     "deploy/cloud/common.sh",
     "deploy/cloud/fetch-results.sh",

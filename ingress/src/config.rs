@@ -125,6 +125,13 @@ pub struct ServeConfig {
     /// then they are closed and the store is shut down.
     #[arg(long, env = "KEEL_SHUTDOWN_DRAIN_SECS", default_value_t = 10)]
     pub shutdown_drain_secs: u64,
+    /// Most live subscriptions (`GET /v1/subscribe`) open at once; more get 503 `overloaded`.
+    #[arg(long, env = "KEEL_SUBSCRIBERS_MAX", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub subscribers_max: u32,
+    /// Committed batches waiting to be sent to one subscriber; a subscriber that falls further
+    /// behind is ended with a `resume` event (`too_slow`) and resumes from where it was.
+    #[arg(long, env = "KEEL_SUBSCRIBER_BUFFER_BATCHES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub subscriber_buffer_batches: u32,
     /// NATS server URL; when set, every committed batch is published to JetStream.
     #[arg(long, env = "KEEL_NATS_URL")]
     pub nats_url: Option<String>,
@@ -229,6 +236,8 @@ impl ServeConfig {
             read_concurrency_max: self.read_concurrency_max as usize,
             read_timeout: Duration::from_millis(self.read_timeout_ms),
             retry_after_secs: 1,
+            subscribers_max: self.subscribers_max as usize,
+            subscriber_buffer_batches: self.subscriber_buffer_batches as usize,
         }
     }
 

@@ -37,6 +37,10 @@ pub struct HttpLimits {
     pub read_timeout: Duration,
     /// Seconds a client is told to wait after a 503 for overload.
     pub retry_after_secs: u32,
+    /// Most live subscriptions (`GET /v1/subscribe`) open at once.
+    pub subscribers_max: usize,
+    /// Committed batches waiting to be sent to one subscriber before it is ended as too slow.
+    pub subscriber_buffer_batches: usize,
 }
 
 impl Default for HttpLimits {
@@ -49,6 +53,8 @@ impl Default for HttpLimits {
             read_concurrency_max: 8,
             read_timeout: Duration::from_secs(5),
             retry_after_secs: 1,
+            subscribers_max: 4096,
+            subscriber_buffer_batches: 64,
         }
     }
 }
@@ -65,6 +71,8 @@ pub struct AppState {
     pub limits: HttpLimits,
     /// The API keys, when `--auth-keys` is given; `None`: no authentication.
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// The fan-out of committed batches to `GET /v1/subscribe`.
+    pub subscriptions: Arc<crate::subscribe::Hub>,
     parse_permits: Arc<Semaphore>,
     read_permits: Arc<Semaphore>,
 }
@@ -72,9 +80,19 @@ pub struct AppState {
 impl AppState {
     pub fn new(sequencer: Arc<Sequencer>, metrics: PrometheusHandle, limits: HttpLimits) -> Self {
         assert!(limits.parse_concurrency_max > 0 && limits.read_concurrency_max > 0);
+        let subscriptions = Arc::new(crate::subscribe::Hub::new(
+            Arc::clone(&sequencer),
+            crate::subscribe::SubscribeLimits {
+                subscribers_max: limits.subscribers_max,
+                buffer_batches: limits.subscriber_buffer_batches,
+                catch_up_reads_max: limits.read_concurrency_max,
+                retry_after_secs: limits.retry_after_secs,
+            },
+        ));
         Self {
             sequencer,
             metrics,
+            subscriptions,
             parse_permits: Arc::new(Semaphore::new(limits.parse_concurrency_max)),
             read_permits: Arc::new(Semaphore::new(limits.read_concurrency_max)),
             limits,
@@ -95,6 +113,7 @@ pub fn router(state: AppState) -> Router {
     let read = Router::new()
         .route("/v1/aggregates/{id}", get(get_aggregate))
         .route("/v1/events", get(get_events))
+        .route("/v1/subscribe", get(crate::subscribe::get_subscribe))
         .route("/v1/batches/{seq}", get(crate::batches_route::get_batch));
     let admin = Router::new().route("/metrics", get(get_metrics));
     let open = Router::new()
@@ -246,7 +265,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Longest text of a library's error (a rejection's body text) put in an error message.
-const ERROR_TEXT_BYTES_MAX: usize = 160;
+pub(crate) const ERROR_TEXT_BYTES_MAX: usize = 160;
 
 fn is_json(headers: &HeaderMap) -> bool {
     headers

@@ -13,6 +13,7 @@ pub mod http;
 pub mod keys_cmd;
 pub mod openapi;
 pub mod server;
+pub mod subscribe;
 pub mod tls;
 pub mod upgrade;
 pub mod wire;
@@ -90,6 +91,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         shutdown_drain_secs = config.shutdown_drain_secs,
         auth_keys = config.auth_keys.as_deref().map(|p| p.display().to_string()).as_deref().unwrap_or("(none: no authentication)"),
         tls = config.tls_cert.is_some(),
+        subscribers_max = config.subscribers_max,
+        subscriber_buffer_batches = config.subscriber_buffer_batches,
         "keel serve starting"
     );
     config.check_exposure()?;
@@ -128,6 +131,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let state = http::AppState::new(Arc::clone(&sequencer), metrics, config.http_limits())
         .with_auth(auth.clone());
     spawn_reload_on_hangup(auth, tls.clone())?;
+    let subscriptions = Arc::clone(&state.subscriptions);
+    subscriptions.start();
     let local = listener.local_addr()?;
     // Installed before the line below, so that a SIGTERM right after it drains.
     let stop_signal = shutdown_signal();
@@ -143,6 +148,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 let _ = writer_failure.set(reason);
             }
         }
+        // Open subscriptions never end by themselves: end them now (a final `resume` event)
+        // so that they do not hold the drain.
+        subscriptions.shutdown();
     };
     tracing::info!(listen = %local, "serving HTTP");
     // One plain line on stdout for scripts and tests that listen on port 0.

@@ -172,7 +172,34 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     /// Set once, when the writer thread died of a panic: why. Watched by [`Sequencer::writer_failed`].
     failure: tokio::sync::watch::Sender<Option<String>>,
+    /// One note per committed batch, sent after its fsync returned (see [`DurableBatch`]).
+    durable: tokio::sync::broadcast::Sender<DurableBatch>,
 }
+
+/// A note that batch `batch` is durable: sent by the writer once per committed batch, after
+/// `commit` (its fsync) returned and before the batch's requests are answered. The writer does
+/// nothing per listener: the channel is bounded and lossy (a listener that falls more than
+/// [`DURABLE_NOTES_MAX`] notes behind misses the oldest and is told so), and a listener reads
+/// the batch itself from the store. Live subscriptions (`GET /v1/subscribe`) are built on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DurableBatch {
+    pub batch: u64,
+    /// The batch's first event's sequence (when `events` is 0, the next event's).
+    pub first_event: u64,
+    pub events: u32,
+    /// When the writer's fsync of the batch returned, µs since the Unix epoch.
+    pub durable_at_us: u64,
+}
+
+impl DurableBatch {
+    /// The batch's last event's sequence (the one before it when the batch has none).
+    pub fn last_event(&self) -> u64 {
+        (self.first_event + u64::from(self.events)).saturating_sub(1)
+    }
+}
+
+/// Notes of durable batches a listener may fall behind by before it misses some.
+pub const DURABLE_NOTES_MAX: usize = 4096;
 
 impl Shared {
     pub(crate) fn poison(&self, error: &str) {
@@ -231,6 +258,7 @@ impl Sequencer {
             poisoned: AtomicBool::new(engine.is_poisoned()),
             closing: AtomicBool::new(false),
             failure: tokio::sync::watch::Sender::new(None),
+            durable: tokio::sync::broadcast::Sender::new(DURABLE_NOTES_MAX),
         });
         let spawn_error =
             |e: std::io::Error| EngineError::Storage(keel_engine::StorageError::Io(e.to_string()));
@@ -389,6 +417,12 @@ impl Sequencer {
             // The sender lives in `Shared`, as long as `self`: unreachable, but never spin.
             Err(_) => std::future::pending().await,
         }
+    }
+
+    /// Notes of every batch committed from now on, each sent after the batch's fsync returned
+    /// (see [`DurableBatch`]). Batches committed before this call are in the store.
+    pub fn durable_batches(&self) -> tokio::sync::broadcast::Receiver<DurableBatch> {
+        self.shared.durable.subscribe()
     }
 
     /// True once [`Sequencer::shutdown`] began.

@@ -258,6 +258,9 @@ impl Writer {
         let fsync_seconds = started.elapsed().as_secs_f64();
         match committed {
             Ok(header) => {
+                let durable_at_us = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64);
                 if let Some(header) = &header {
                     self.after_commit(header.seq);
                 }
@@ -274,6 +277,11 @@ impl Writer {
                         results: d.results,
                     }));
                 }
+                // After the answers, so that the requests' tasks are woken before the many
+                // that the note wakes (live subscriptions).
+                if let Some(header) = &header {
+                    self.notify_durable(header, durable_at_us);
+                }
             }
             Err(error) => {
                 // The cache now holds effects that are not durable. Nothing of this batch is
@@ -284,6 +292,18 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Tells listeners (live subscriptions) that `header`'s batch is durable (its fsync returned
+    /// at `durable_at_us`): one send on a bounded, lossy channel that never blocks, nothing per
+    /// listener. Errors only mean that nobody listens.
+    fn notify_durable(&self, header: &keel_engine::BatchHeader, durable_at_us: u64) {
+        let _ = self.shared.durable.send(crate::DurableBatch {
+            batch: header.seq,
+            first_event: header.first_event,
+            events: header.count,
+            durable_at_us,
+        });
     }
 
     fn record_metrics(&mut self, events: u32, fsync_seconds: f64, submissions: usize) {

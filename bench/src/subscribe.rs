@@ -1,0 +1,503 @@
+//! `keel-bench subscribe`: live subscriptions (`GET /v1/subscribe`) under a write load.
+//!
+//! N Server-Sent Events connections subscribe at the current tip (everything, or each one
+//! account with `--filter-accounts`), then one writer client (the HTTP load's own worker, open
+//! or closed loop) writes transfers. Every delivered event's latency is its receive time minus
+//! the `durable_at_us` the server put in its batch's comment (when the writer's fsync of the
+//! batch returned), both read from this machine's clock: the bench and the server must run on
+//! the same machine. With `--baseline`, the same write load first runs without subscribers, so
+//! that the write throughput with and without them is measured on the same server and store.
+
+use crate::load::{self, LoadConfig};
+use crate::schedule::{OpenLoop, Schedule};
+use crate::stats::{LatencyHistogram, LatencySummaryMs};
+use crate::target;
+use crate::workload::{self, Mix, Workload};
+use anyhow::{Context, bail};
+use reqwest::Url;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// How long the subscribers may take to receive what was written after the writer stopped.
+const DRAIN_MAX: Duration = Duration::from_secs(15);
+/// The drain ends once no event arrived for this long.
+const DRAIN_QUIET: Duration = Duration::from_secs(1);
+/// Most subscriber connections.
+pub const SUBSCRIBERS_MAX: u32 = 10_000;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SubscribeArgs {
+    /// Base URL of the Keel server (loopback unless --allow-remote; latency needs the same
+    /// clock, so the same machine).
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "KEEL_BENCH_URL")]
+    pub url: String,
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Subscriber connections.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=i64::from(SUBSCRIBERS_MAX)))]
+    pub subscribers: u32,
+    /// Each subscriber follows one account (`aggregate=account:a<i mod accounts>`) instead of
+    /// everything.
+    #[arg(long)]
+    pub filter_accounts: bool,
+    /// The writer's items per second (open loop); without it the writer goes at full speed.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Items per write request.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch: u32,
+    /// How long the writer writes.
+    #[arg(long, default_value = "20s", value_parser = crate::cli::parse_duration)]
+    pub duration: Duration,
+    /// Accounts the transfers move money between (opened in setup).
+    #[arg(long, default_value_t = 1000)]
+    pub accounts: u64,
+    /// First run the same write load without subscribers, for its throughput.
+    #[arg(long)]
+    pub baseline: bool,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Write the result JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long)]
+    pub label: Option<String>,
+}
+
+/// What one run measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SubscribeReport {
+    pub label: Option<String>,
+    pub subscribers: u32,
+    pub filter_accounts: bool,
+    pub rate_items_per_s: Option<f64>,
+    pub batch: u32,
+    pub duration_s: f64,
+    /// Events received over all subscribers.
+    pub deliveries: u64,
+    /// Deliveries over the time from the writer's start to the last event received.
+    pub deliveries_per_s: f64,
+    /// Deliveries that had a batch comment (their latency is measured).
+    pub deliveries_timed: u64,
+    pub latency_ms: LatencySummaryMs,
+    pub write_items_per_s: f64,
+    pub write_items_committed: u64,
+    pub write_requests_failed: u64,
+    /// The writer alone on the same server before the subscribers connected (`--baseline`).
+    pub baseline_write_items_per_s: Option<f64>,
+    /// Streams ended by the server with `resume` (too slow), and ended otherwise.
+    pub resumes: u64,
+    pub streams_ended: u64,
+    /// Events received out of order or twice (subscribers following everything).
+    pub order_errors: u64,
+}
+
+impl SubscribeReport {
+    pub fn table(&self) -> String {
+        let l = &self.latency_ms;
+        let baseline = self
+            .baseline_write_items_per_s
+            .map_or("-".to_string(), |b| format!("{b:.0}"));
+        format!(
+            "subscribers            {}{}\n\
+             deliveries             {} ({:.0}/s; {} timed)\n\
+             latency ms             p50 {:.3}  p99 {:.3}  p999 {:.3}  max {:.3}\n\
+             write items/s          {:.0} (without subscribers: {baseline})\n\
+             write requests failed  {}\n\
+             resumes / streams ended / order errors  {} / {} / {}\n",
+            self.subscribers,
+            if self.filter_accounts {
+                " (one account each)"
+            } else {
+                " (everything)"
+            },
+            self.deliveries,
+            self.deliveries_per_s,
+            self.deliveries_timed,
+            l.p50,
+            l.p99,
+            l.p999,
+            l.max,
+            self.write_items_per_s,
+            self.write_requests_failed,
+            self.resumes,
+            self.streams_ended,
+            self.order_errors,
+        )
+    }
+}
+
+/// What one subscriber saw.
+#[derive(Default)]
+struct SubscriberTally {
+    latency: LatencyHistogram,
+    deliveries: u64,
+    timed: u64,
+    resumes: u64,
+    ended: bool,
+    order_errors: u64,
+    last_receive: Option<Instant>,
+}
+
+/// Reads one SSE stream's bytes, line by line, across chunk boundaries.
+struct Parser {
+    partial: Vec<u8>,
+    durable_at_us: Option<u64>,
+    pending_id: Option<u64>,
+    last_id: Option<u64>,
+    check_order: bool,
+}
+
+impl Parser {
+    fn feed(&mut self, bytes: &[u8], now_us: u64, tally: &mut SubscriberTally) {
+        let mut rest = bytes;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            let line = if self.partial.is_empty() {
+                &rest[..end]
+            } else {
+                self.partial.extend_from_slice(&rest[..end]);
+                &self.partial[..]
+            };
+            let line = parse_line(line);
+            self.partial.clear();
+            rest = &rest[end + 1..];
+            match line {
+                Line::Durable(us) => self.durable_at_us = Some(us),
+                Line::Id(id) => self.pending_id = Some(id),
+                Line::Event => {
+                    if let Some(id) = self.pending_id.take() {
+                        self.delivered(id, now_us, tally);
+                    }
+                }
+                Line::Resume => tally.resumes += 1,
+                Line::Other => {}
+            }
+        }
+        self.partial.extend_from_slice(rest);
+    }
+
+    fn delivered(&mut self, id: u64, now_us: u64, tally: &mut SubscriberTally) {
+        if self.check_order && self.last_id.is_some_and(|last| id != last + 1) {
+            tally.order_errors += 1;
+        }
+        self.last_id = Some(id);
+        tally.deliveries += 1;
+        if let Some(durable) = self.durable_at_us {
+            tally.timed += 1;
+            tally.latency.record_us(now_us.saturating_sub(durable));
+        }
+    }
+}
+
+/// The SSE lines the bench reads.
+enum Line {
+    /// A batch comment's `durable_at_us`.
+    Durable(u64),
+    Id(u64),
+    /// `event: event`: the event named by the last `id:` was delivered.
+    Event,
+    /// `event: resume`: the server ended the stream.
+    Resume,
+    Other,
+}
+
+fn parse_line(line: &[u8]) -> Line {
+    let number = |text: &[u8]| std::str::from_utf8(text).ok()?.trim().parse::<u64>().ok();
+    if let Some(comment) = line.strip_prefix(b": batch ") {
+        let at = comment
+            .windows(15)
+            .position(|w| w == b" durable_at_us ")
+            .and_then(|p| number(&comment[p + 15..]));
+        return at.map_or(Line::Other, Line::Durable);
+    }
+    if let Some(id) = line.strip_prefix(b"id: ") {
+        return number(id).map_or(Line::Other, Line::Id);
+    }
+    match line {
+        b"event: event" => Line::Event,
+        b"event: resume" => Line::Resume,
+        _ => Line::Other,
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// One subscriber: reads its stream until told to stop or the stream ends.
+async fn subscriber(
+    client: reqwest::Client,
+    url: Url,
+    check_order: bool,
+    received: Arc<AtomicU64>,
+    connected: tokio::sync::mpsc::Sender<anyhow::Result<()>>,
+    mut stop: watch::Receiver<bool>,
+) -> SubscriberTally {
+    let mut tally = SubscriberTally::default();
+    let response = match client.get(url).send().await {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => {
+            let _ = connected
+                .send(Err(anyhow::anyhow!("subscribe answered {}", r.status())))
+                .await;
+            return tally;
+        }
+        Err(e) => {
+            let _ = connected.send(Err(e.into())).await;
+            return tally;
+        }
+    };
+    let _ = connected.send(Ok(())).await;
+    drop(connected);
+    let mut response = response;
+    let mut parser = Parser {
+        partial: Vec::new(),
+        durable_at_us: None,
+        pending_id: None,
+        last_id: None,
+        check_order,
+    };
+    loop {
+        let chunk = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            chunk = response.chunk() => chunk,
+        };
+        match chunk {
+            Ok(Some(bytes)) => {
+                let before = tally.deliveries;
+                parser.feed(&bytes, now_us(), &mut tally);
+                received.fetch_add(tally.deliveries - before, Ordering::Relaxed);
+                tally.last_receive = Some(Instant::now());
+            }
+            Ok(None) | Err(_) => {
+                tally.ended = true;
+                break;
+            }
+        }
+    }
+    tally
+}
+
+fn load_config(args: &SubscribeArgs, base_url: &Url, run_id: String) -> anyhow::Result<LoadConfig> {
+    let batch = args.batch as usize;
+    let schedule = match args.rate {
+        None => Schedule::Closed,
+        Some(rate) => Schedule::Open(
+            OpenLoop::new(rate, batch, 1)
+                .ok_or_else(|| anyhow::anyhow!("--rate {rate}: give a positive number"))?,
+        ),
+    };
+    if !(2..=workload::ACCOUNTS_MAX).contains(&args.accounts) {
+        bail!("--accounts must be from 2 to {}", workload::ACCOUNTS_MAX);
+    }
+    Ok(LoadConfig {
+        base_url: base_url.clone(),
+        client: Default::default(),
+        workers: 1,
+        batch,
+        duration: args.duration,
+        requests_max: u64::MAX / 2,
+        atomic: false,
+        schedule,
+        workload: Workload {
+            mix: Mix::Ledger,
+            accounts: args.accounts,
+            skus: 1,
+            payload_bytes: 0,
+            reject_ratio: 0.0,
+            seed: args.seed,
+            run_id,
+        },
+        request_timeout: Duration::from_secs(30),
+        progress: false,
+    })
+}
+
+fn with_query(base: &Url, path: &str, query: &str) -> Url {
+    let mut url = target::endpoint(base, path);
+    url.set_query(Some(query));
+    url
+}
+
+/// The last committed event's sequence.
+async fn tip(client: &reqwest::Client, base: &Url) -> anyhow::Result<u64> {
+    let page: serde_json::Value = client
+        .get(with_query(base, "/v1/events", "limit=1&after=0"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    page["last_seq"]
+        .as_u64()
+        .context("GET /v1/events gave no last_seq")
+}
+
+/// Opens every subscription at `after`; fails unless all of them are answered 200.
+async fn connect_subscribers(
+    args: &SubscribeArgs,
+    base: &Url,
+    after: u64,
+    received: &Arc<AtomicU64>,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<SubscriberTally>>> {
+    let subscribers = args.subscribers as usize;
+    let client = keel_projection::http_client::builder(&Default::default())?
+        .connect_timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let (connected_tx, mut connected_rx) = tokio::sync::mpsc::channel(subscribers);
+    let mut tasks = Vec::with_capacity(subscribers);
+    for i in 0..subscribers {
+        let query = if args.filter_accounts {
+            let account = workload::account_name(i as u64 % args.accounts);
+            format!("after={after}&aggregate=account:{account}")
+        } else {
+            format!("after={after}")
+        };
+        tasks.push(tokio::spawn(subscriber(
+            client.clone(),
+            with_query(base, "/v1/subscribe", &query),
+            !args.filter_accounts,
+            Arc::clone(received),
+            connected_tx.clone(),
+            stop.clone(),
+        )));
+    }
+    drop(connected_tx);
+    for _ in 0..subscribers {
+        match tokio::time::timeout(Duration::from_secs(60), connected_rx.recv()).await {
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(error))) => bail!("a subscriber could not connect: {error:#}"),
+            Ok(None) | Err(_) => bail!("the subscribers did not all connect within 60 s"),
+        }
+    }
+    Ok(tasks)
+}
+
+/// Waits until no event arrived for [`DRAIN_QUIET`], at most [`DRAIN_MAX`].
+async fn drain(received: &AtomicU64) {
+    let deadline = Instant::now() + DRAIN_MAX;
+    let mut seen = received.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = received.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= DRAIN_QUIET {
+            return;
+        }
+    }
+}
+
+/// The whole run: setup, optional baseline, subscribers, the write load, the drain, the report.
+pub async fn run(args: &SubscribeArgs) -> anyhow::Result<SubscribeReport> {
+    let base = target::checked_base_url(&args.url, args.allow_remote)?;
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let config = Arc::new(load_config(
+        args,
+        &base,
+        workload::run_id_from_millis(millis),
+    )?);
+    load::check_health(&base, &Default::default()).await?;
+    let setup = load::run_setup(&config).await?;
+    eprintln!(
+        "setup: {} accounts in {:.1} s",
+        args.accounts, setup.duration_s
+    );
+    let baseline = if args.baseline {
+        let outcome = load::run_load(Arc::clone(&config), setup.clone()).await?;
+        let rate = outcome.counters.items_committed as f64 / outcome.elapsed.as_secs_f64();
+        eprintln!("baseline (no subscribers): {rate:.0} items/s");
+        Some(rate)
+    } else {
+        None
+    };
+    let client = load::http_client(Duration::from_secs(30), &Default::default())?;
+    let after = tip(&client, &base).await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tasks = connect_subscribers(args, &base, after, &received, &stop_rx).await?;
+    eprintln!(
+        "{} subscribers connected at event {after}",
+        args.subscribers
+    );
+    let started = Instant::now();
+    let outcome = load::run_load(Arc::clone(&config), setup).await?;
+    let write_elapsed = outcome.elapsed;
+    drain(&received).await;
+    let _ = stop_tx.send(true);
+    let mut total = SubscriberTally::default();
+    for task in tasks {
+        let tally = task.await.context("a subscriber task failed")?;
+        total.latency.add(&tally.latency);
+        total.deliveries += tally.deliveries;
+        total.timed += tally.timed;
+        total.resumes += tally.resumes;
+        total.ended |= tally.ended;
+        total.order_errors += tally.order_errors;
+        total.last_receive = total.last_receive.max(tally.last_receive);
+        if tally.ended {
+            total.ended = true;
+        }
+    }
+    let window = total
+        .last_receive
+        .map_or(write_elapsed, |last| last.duration_since(started))
+        .max(Duration::from_millis(1));
+    Ok(SubscribeReport {
+        label: args.label.clone(),
+        subscribers: args.subscribers,
+        filter_accounts: args.filter_accounts,
+        rate_items_per_s: args.rate,
+        batch: args.batch,
+        duration_s: args.duration.as_secs_f64(),
+        deliveries: total.deliveries,
+        deliveries_per_s: total.deliveries as f64 / window.as_secs_f64(),
+        deliveries_timed: total.timed,
+        latency_ms: total.latency.summary_ms(),
+        write_items_per_s: outcome.counters.items_committed as f64 / write_elapsed.as_secs_f64(),
+        write_items_committed: outcome.counters.items_committed,
+        write_requests_failed: outcome.counters.requests_failed,
+        baseline_write_items_per_s: baseline,
+        resumes: total.resumes,
+        streams_ended: u64::from(total.ended),
+        order_errors: total.order_errors,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parser_times_events_by_their_batch_comment_across_chunks() {
+        let stream = b": batch 7 durable_at_us 1000\nid: 5\nevent: event\ndata: {}\n\nid: 6\nevent: event\ndata: {\"x\":1}\n\n: keepalive\n\nid: 7\nevent: resume\ndata: {}\n\n";
+        for cut in 0..stream.len() {
+            let mut tally = SubscriberTally::default();
+            let mut parser = Parser {
+                partial: Vec::new(),
+                durable_at_us: None,
+                pending_id: None,
+                last_id: Some(4),
+                check_order: true,
+            };
+            parser.feed(&stream[..cut], 1500, &mut tally);
+            parser.feed(&stream[cut..], 1500, &mut tally);
+            assert_eq!(tally.deliveries, 2, "cut at {cut}");
+            assert_eq!((tally.timed, tally.resumes, tally.order_errors), (2, 1, 0));
+            assert_eq!(tally.latency.quantile_us(0.5), 500);
+        }
+    }
+}
