@@ -415,7 +415,7 @@ mod tests {
         ]));
         let caller = auth.check(&bearer(&a), Scope::Write).expect("allowed");
         assert_eq!(&*caller.0, "writer");
-        let status = |h: &HeaderMap, s| auth.check(h, s).map(|_| ()).unwrap_err().status();
+        let status = |h: &HeaderMap, s| auth.check(h, s).map(|_| ()).expect_err("refused").status();
         assert_eq!(status(&bearer(&a), Scope::Read), StatusCode::FORBIDDEN);
         assert_eq!(status(&bearer(&b), Scope::Write), StatusCode::UNAUTHORIZED);
         assert_eq!(
@@ -472,7 +472,7 @@ mod tests {
         ];
         for (text, expected) in cases {
             std::fs::write(&path, text).expect("write");
-            let error = KeyFile::read(&path).unwrap_err().to_string();
+            let error = KeyFile::read(&path).expect_err("refused").to_string();
             assert!(error.contains(expected), "{text}: {error}");
             assert!(error.contains("keys.json"), "{error}");
         }

@@ -119,6 +119,18 @@ fn routes(url: &str) -> Vec<(&'static str, Option<&'static str>, reqwest::Method
             format!("{url}/v1/batches/1"),
         ),
         (
+            "GET /v1/subscribe",
+            Some("read"),
+            Method::GET,
+            format!("{url}/v1/subscribe?after=0"),
+        ),
+        (
+            "GET /v1/openapi.json",
+            None,
+            Method::GET,
+            format!("{url}/v1/openapi.json"),
+        ),
+        (
             "GET /metrics",
             Some("admin"),
             Method::GET,
