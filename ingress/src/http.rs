@@ -593,7 +593,7 @@ async fn get_events(
 /// The OpenAPI document, made once.
 async fn get_openapi() -> Response {
     static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let body = DOCUMENT.get_or_init(crate::openapi::document).clone();
+    let body: &'static str = DOCUMENT.get_or_init(crate::openapi::document);
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
