@@ -38,13 +38,13 @@ pub(super) struct Carried {
 }
 
 /// An entry of the command-id index.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Indexed {
     fp: u128,
     outcome: Outcome,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Outcome {
     Committed(u64),
     Rejected(RejectCode),
@@ -87,8 +87,8 @@ impl Run<'_> {
             let found = indexed
                 .binary_search_by_key(&r.fp, |i| i.fp)
                 .ok()
-                .map(|at| indexed[at].outcome);
-            if found != Some(Outcome::Rejected(r.code)) {
+                .map(|at| indexed[at].outcome.clone());
+            if found != Some(Outcome::Rejected(r.code.clone())) {
                 let d = Divergence::new(
                     Check::CommandIndex,
                     format!(
@@ -99,7 +99,7 @@ impl Run<'_> {
                 )
                 .at_batch(Some(r.batch))
                 .expected_found(
-                    Outcome::Rejected(r.code).describe(),
+                    Outcome::Rejected(r.code.clone()).describe(),
                     found.map_or_else(|| "no index entry".to_owned(), Outcome::describe),
                 );
                 self.report.record(d);

@@ -919,7 +919,7 @@ impl LogVisitor for Feeding<'_, '_> {
 }
 
 /// A rejection the log keeps, reduced for the command-id check.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Rejected {
     pub(crate) fp: u128,
     pub(crate) code: RejectCode,

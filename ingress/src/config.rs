@@ -1,5 +1,6 @@
 //! The `keel` command line: one config per command, from flags and environment, parsed once.
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -75,6 +76,11 @@ pub struct ServeConfig {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "KEEL_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// A domain definition file (TOML with CEL expressions, docs/DOMAINS.md) to decide commands
+    /// under besides the built-in domains; repeat the flag for more (the environment variable
+    /// takes a comma-separated list). The files' text is recorded in the log.
+    #[arg(long = "domain", env = "KEEL_DOMAINS", value_delimiter = ',')]
+    pub domains: Vec<PathBuf>,
     /// Most commands per request, and per batch (one fsync).
     #[arg(long, env = "KEEL_BATCH_ITEMS_MAX", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub batch_items_max: u32,
@@ -213,8 +219,23 @@ impl ServeConfig {
         Ok(())
     }
 
-    pub fn sequencer(&self) -> keel_sequencer::Config {
+    /// Reads and compiles every `--domain` file; an error names the file, line and problem.
+    pub fn load_domains(&self) -> anyhow::Result<keel_invariants::declared::DomainSet> {
+        let mut files = Vec::with_capacity(self.domains.len());
+        for path in &self.domains {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading domain file {}", path.display()))?;
+            files.push((path.display().to_string(), text));
+        }
+        Ok(keel_invariants::declared::DomainSet::load(&files)?)
+    }
+
+    pub fn sequencer(
+        &self,
+        domains: std::sync::Arc<keel_invariants::declared::DomainSet>,
+    ) -> keel_sequencer::Config {
         keel_sequencer::Config {
+            domains,
             batch_items_max: self.batch_items_max as usize,
             queue_depth_max: self.queue_depth_max as usize,
             queue_items_max: (self.queue_items_max as usize).max(self.batch_items_max as usize),

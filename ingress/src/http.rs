@@ -359,7 +359,8 @@ async fn submit_batch(
         let _permit = parse_permit(state).await?;
         let bytes = read_body(body, declared, &state.limits).await?;
         let batch_items_max = state.sequencer.config().batch_items_max;
-        wire::parse_batch(&bytes, batch_items_max).map_err(ApiError::bad_request)?
+        wire::parse_batch(&bytes, batch_items_max, &state.sequencer.config().domains)
+            .map_err(ApiError::bad_request)?
     };
     let receiver = state
         .sequencer

@@ -108,9 +108,18 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(cert, key)?)),
         _ => None,
     };
+    let domains = Arc::new(config.load_domains()?);
+    for domain in domains.domains() {
+        tracing::info!(
+            domain = %domain.name,
+            file = %domain.file,
+            commands = domain.commands.len(),
+            "domain loaded"
+        );
+    }
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating data directory {}", config.data.display()))?;
-    let sequencer = Sequencer::open(&config.data, config.sequencer())
+    let sequencer = Sequencer::open(&config.data, config.sequencer(domains))
         .with_context(|| format!("opening the store in {}", config.data.display()))?;
     let sequencer = Arc::new(sequencer);
     let listener = TcpListener::bind(config.listen)

@@ -2,14 +2,17 @@
 //! Only this module knows the JSON shape; the domain types are not `Serialize` for its sake.
 
 use de::{BatchSeed, ParseContext, Quantity, RawCommand};
+use keel_invariants::declared::DomainSet;
 use keel_invariants::{Aggregate, AggregateId, Command, Envelope, Event, State, inventory, ledger};
 use keel_sequencer::{CommittedEvent, ItemResult, Reply};
 use serde::Serialize;
 use serde::de::DeserializeSeed;
 use serde_json::{Value, json};
 use std::fmt;
+use std::sync::Arc;
 
 mod de;
+pub mod declared;
 
 /// Longest aggregate name, order name or command id, in bytes.
 pub const NAME_BYTES_MAX: usize = 128;
@@ -168,6 +171,21 @@ impl RawCommand {
             )
         })?;
         let item = Item { index, kind: &kind };
+        if let Some((def, fields)) = self.declared.take() {
+            let id = match self.id.take() {
+                Some(id) => {
+                    check_name(&id)
+                        .map_err(|why| item.error("invalid_name", format!("field `id` {why}")))?;
+                    Some(id)
+                }
+                None => None,
+            };
+            return Ok(Envelope {
+                id,
+                expected_version: self.expected_version,
+                command: declared::command(&item, def, fields)?,
+            });
+        }
         let allowed = fields_of(&kind).ok_or_else(|| {
             WireError::new(
                 "unknown_command_type",
@@ -268,8 +286,12 @@ impl RawCommand {
 pub fn parse_batch(
     body: &[u8],
     batch_items_max: usize,
+    domains: &Arc<DomainSet>,
 ) -> Result<(Vec<Envelope>, bool), WireError> {
-    let context = ParseContext::default();
+    let context = ParseContext {
+        domains: (!domains.is_empty()).then(|| Arc::clone(domains)),
+        ..ParseContext::default()
+    };
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let seed = BatchSeed {
         context: &context,
@@ -429,6 +451,7 @@ pub fn state_json(state: &State) -> Value {
             "available": s.on_hand.saturating_sub(s.reserved),
             "reservations": s.reservations,
         }),
+        State::Declared(s) => declared::state_json(s),
     }
 }
 
@@ -490,6 +513,7 @@ fn event_data(event: &Event) -> Value {
         ) => {
             json!({"sku": sku.name(), "qty": qty, "order": order})
         }
+        Event::Declared(e) => declared::event_json(e),
     }
 }
 

@@ -49,12 +49,15 @@ impl fmt::Display for AggregateId {
     }
 }
 
-/// The aggregates one command touches: a primary one (where `expected_version` applies) and at
-/// most one more. Borrowed from the command, so asking costs no allocation.
+/// The aggregates one command touches: a primary one (where `expected_version` applies), then
+/// any number more (the built-in domains touch at most two; a declared command up to
+/// [`crate::declared::TARGETS_MAX`]). Borrowed from the command, so asking costs no allocation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Targets<'a> {
     pub primary: &'a AggregateId,
     pub secondary: Option<&'a AggregateId>,
+    /// The targets after the second, in order (empty for the built-in domains).
+    pub rest: &'a [AggregateId],
 }
 
 impl<'a> Targets<'a> {
@@ -62,6 +65,7 @@ impl<'a> Targets<'a> {
         Self {
             primary,
             secondary: None,
+            rest: &[],
         }
     }
 
@@ -69,11 +73,37 @@ impl<'a> Targets<'a> {
         Self {
             primary,
             secondary: Some(secondary),
+            rest: &[],
         }
     }
 
+    /// The targets of a non-empty list, in order; `None` when `ids` is empty.
+    pub fn list(ids: &'a [AggregateId]) -> Option<Self> {
+        let (primary, more) = ids.split_first()?;
+        let (secondary, rest) = match more.split_first() {
+            Some((second, rest)) => (Some(second), rest),
+            None => (None, &[][..]),
+        };
+        Some(Self {
+            primary,
+            secondary,
+            rest,
+        })
+    }
+
     pub fn iter(self) -> impl Iterator<Item = &'a AggregateId> {
-        std::iter::once(self.primary).chain(self.secondary)
+        std::iter::once(self.primary)
+            .chain(self.secondary)
+            .chain(self.rest.iter())
+    }
+
+    pub fn len(self) -> usize {
+        1 + usize::from(self.secondary.is_some()) + self.rest.len()
+    }
+
+    /// Never true: a command targets at least its primary aggregate.
+    pub fn is_empty(self) -> bool {
+        false
     }
 }
 
@@ -94,8 +124,10 @@ impl Rejection {
 }
 
 /// Every rejection code Keel can answer. Never renumber or rename: codes are stored in the
-/// command-id index and sent to clients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// command-id index and sent to clients. The built-in codes are variants; a declared domain's
+/// own codes (its definition file names them) are [`RejectCode::Rule`], appended last so that
+/// the stored encoding of every built-in code is unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RejectCode {
     /// `expected_version` did not match the primary aggregate's version.
     VersionConflict,
@@ -118,6 +150,9 @@ pub enum RejectCode {
     InsufficientStock,
     ReservationExists,
     ReservationNotFound,
+    /// A code a declared domain defines (`hold_exists`, `overbooked`): a precondition, an
+    /// invariant or a target's existence rule of its definition file refused the command.
+    Rule(String),
 }
 
 impl RejectCode {
@@ -141,8 +176,9 @@ impl RejectCode {
     ];
 
     /// The stable snake_case code sent on the wire.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
+            Self::Rule(code) => code,
             Self::VersionConflict => "version_conflict",
             Self::AtomicRollback => "atomic_rollback",
             Self::InvalidAmount => "invalid_amount",
@@ -162,9 +198,13 @@ impl RejectCode {
         }
     }
 
-    /// Position in [`RejectCode::ALL`], for per-code counters kept in a fixed array.
-    pub fn index(self) -> usize {
-        Self::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    /// Position in [`RejectCode::ALL`], for per-code counters kept in a fixed array; a declared
+    /// domain's code counts at `ALL.len()` (one bucket for every declared code).
+    pub fn index(&self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|c| c == self)
+            .unwrap_or(Self::ALL.len())
     }
 }
 
@@ -172,7 +212,7 @@ impl RejectCode {
 /// decision outcome: decisions reject before an invariant can break).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
-    pub invariant: &'static str,
+    pub invariant: std::borrow::Cow<'static, str>,
     pub detail: String,
 }
 

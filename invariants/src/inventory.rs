@@ -260,7 +260,7 @@ impl Domain for Inventory {
     fn check(state: &Sku) -> Result<(), Violation> {
         if state.reserved > state.on_hand {
             return Err(Violation {
-                invariant: "reserved <= on_hand",
+                invariant: "reserved <= on_hand".into(),
                 detail: format!(
                     "reserved {} exceeds on_hand {}",
                     state.reserved, state.on_hand
@@ -273,7 +273,7 @@ impl Domain for Inventory {
             .try_fold(0u64, |acc, q| acc.checked_add(*q));
         if sum != Some(state.reserved) {
             return Err(Violation {
-                invariant: "reserved == sum(reservations)",
+                invariant: "reserved == sum(reservations)".into(),
                 detail: format!(
                     "reserved {} but reservations sum to {sum:?}",
                     state.reserved
@@ -282,7 +282,7 @@ impl Domain for Inventory {
         }
         if let Some((order, _)) = state.reservations.iter().find(|(_, q)| **q == 0) {
             return Err(Violation {
-                invariant: "reservations are positive",
+                invariant: "reservations are positive".into(),
                 detail: format!("order {order} reserves 0"),
             });
         }

@@ -264,7 +264,7 @@ impl Domain for Ledger {
         let floor = -i128::from(state.overdraft_limit);
         if i128::from(state.balance) < floor {
             return Err(Violation {
-                invariant: "balance >= -overdraft_limit",
+                invariant: "balance >= -overdraft_limit".into(),
                 detail: format!(
                     "balance {} is below -{}",
                     state.balance, state.overdraft_limit
@@ -273,13 +273,13 @@ impl Domain for Ledger {
         }
         if i64::try_from(state.overdraft_limit).is_err() {
             return Err(Violation {
-                invariant: "overdraft_limit <= i64::MAX",
+                invariant: "overdraft_limit <= i64::MAX".into(),
                 detail: format!("overdraft_limit {}", state.overdraft_limit),
             });
         }
         if state.closed && state.balance != 0 {
             return Err(Violation {
-                invariant: "closed accounts hold zero",
+                invariant: "closed accounts hold zero".into(),
                 detail: format!("closed account has balance {}", state.balance),
             });
         }

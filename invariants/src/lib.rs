@@ -11,6 +11,7 @@
 //! domain is a new module plus one variant in each registry enum.
 
 pub mod codec;
+pub mod declared;
 mod domain;
 pub mod inventory;
 pub mod ledger;
@@ -21,7 +22,7 @@ pub use domain::{
 };
 pub use registry::{
     Aggregate, Command, CommandOutcome, Envelope, Event, Law, LoggedEvent, LoggedRejection, State,
-    apply, check_invariants, conservation_laws, decide,
+    apply, check_invariants, conservation_laws, decide, decide_at,
 };
 
 /// The rules the built-in domains decide under, as the committed log records them: every log

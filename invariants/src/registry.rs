@@ -1,6 +1,7 @@
 //! The registry of domains: the enums the sequencer, engine records and audit speak, each
 //! routing to the domain module that owns the variant.
 
+use crate::declared::{DeclaredCommand, DeclaredEvent, DeclaredState};
 use crate::domain::{
     AggregateId, Conservation, Domain, LawScope, RejectCode, Rejection, Targets, Violation,
 };
@@ -8,10 +9,12 @@ use crate::inventory::{self, Inventory};
 use crate::ledger::{self, Ledger};
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     Ledger(ledger::Command),
     Inventory(inventory::Command),
+    /// A command of a domain loaded from a definition file (`keel serve --domain`).
+    Declared(DeclaredCommand),
 }
 
 /// Never reorder or remove variants: the position is the stored encoding (docs/FORMAT.md).
@@ -19,6 +22,7 @@ pub enum Command {
 pub enum Event {
     Ledger(ledger::Event),
     Inventory(inventory::Event),
+    Declared(Box<DeclaredEvent>),
 }
 
 /// Never reorder or remove variants: the position is the stored encoding (docs/FORMAT.md).
@@ -26,6 +30,7 @@ pub enum Event {
 pub enum State {
     Account(ledger::Account),
     Sku(inventory::Sku),
+    Declared(DeclaredState),
 }
 
 /// An aggregate's state and version. Version 0 means "does not exist"; every event that touches
@@ -73,8 +78,18 @@ impl Command {
         match self {
             Self::Ledger(c) => Ledger::targets(c),
             Self::Inventory(c) => Inventory::targets(c),
+            Self::Declared(c) => declared_targets(&c.targets),
         }
     }
+}
+
+/// A declared command's or event's target list; never empty (the definition has at least one
+/// target and the wire fills each), and a malformed stored event with none is refused by the
+/// codec before it gets here.
+fn declared_targets(ids: &[AggregateId]) -> Targets<'_> {
+    static NONE: std::sync::OnceLock<AggregateId> = std::sync::OnceLock::new();
+    Targets::list(ids)
+        .unwrap_or_else(|| Targets::one(NONE.get_or_init(|| AggregateId::from_full(String::new()))))
 }
 
 impl Event {
@@ -82,14 +97,17 @@ impl Event {
         match self {
             Self::Ledger(e) => Ledger::event_targets(e),
             Self::Inventory(e) => Inventory::event_targets(e),
+            Self::Declared(e) => declared_targets(&e.targets),
         }
     }
 
-    /// The stable snake_case event type name (`transferred`, `reserved`, ...).
-    pub fn type_name(&self) -> &'static str {
+    /// The stable snake_case event type name (`transferred`, `reserved`, ...; a declared
+    /// command's `event` name).
+    pub fn type_name(&self) -> &str {
         match self {
             Self::Ledger(e) => e.type_name(),
             Self::Inventory(e) => e.type_name(),
+            Self::Declared(e) => &e.event,
         }
     }
 }
@@ -103,6 +121,31 @@ pub fn decide(
     primary: Option<&Aggregate>,
     secondary: Option<&Aggregate>,
 ) -> Result<Event, Rejection> {
+    let targets = envelope.command.targets();
+    decide_at(
+        envelope,
+        |id| {
+            if id == targets.primary {
+                primary
+            } else if Some(id) == targets.secondary {
+                secondary
+            } else {
+                None
+            }
+        },
+        0,
+    )
+}
+
+/// Decides `envelope` at commit time `now_us` (µs since the Unix epoch; only declared domains
+/// read it), with `lookup` giving the current aggregate of each target (`None` where absent).
+pub fn decide_at<'a>(
+    envelope: &Envelope,
+    lookup: impl Fn(&AggregateId) -> Option<&'a Aggregate>,
+    now_us: u64,
+) -> Result<Event, Rejection> {
+    let targets = envelope.command.targets();
+    let primary = lookup(targets.primary);
     if let Some(expected) = envelope.expected_version {
         let found = primary.map_or(0, |a| a.version);
         if found != expected {
@@ -116,6 +159,17 @@ pub fn decide(
     let kind = match &envelope.command {
         Command::Ledger(_) => ledger::KIND,
         Command::Inventory(_) => inventory::KIND,
+        Command::Declared(c) => {
+            let mut states = [None; crate::declared::TARGETS_MAX];
+            for (slot, id) in states.iter_mut().zip(&c.targets) {
+                *slot = lookup(id);
+            }
+            let states = &states[..c.targets.len().min(crate::declared::TARGETS_MAX)];
+            return c
+                .def
+                .decide(&c.params, &c.targets, states, now_us)
+                .map(|e| Event::Declared(Box::new(e)));
+        }
     };
     if let Some(id) = envelope
         .command
@@ -133,7 +187,7 @@ pub fn decide(
             let targets = Ledger::targets(c);
             let p = account(targets.primary, primary)?;
             let s = match targets.secondary {
-                Some(id) => account(id, secondary)?,
+                Some(id) => account(id, lookup(id))?,
                 None => None,
             };
             Ledger::decide(c, p, s).map(Event::Ledger)
@@ -142,6 +196,7 @@ pub fn decide(
             let p = sku(Inventory::targets(c).primary, primary)?;
             Inventory::decide(c, p, None).map(Event::Inventory)
         }
+        Command::Declared(_) => unreachable!("declared commands returned above"),
     }
 }
 
@@ -154,26 +209,40 @@ pub fn apply(event: &Event, target: usize, previous: Option<Aggregate>) -> Aggre
         Event::Ledger(e) => {
             let prev = previous.and_then(|a| match a.state {
                 State::Account(s) => Some(s),
-                State::Sku(_) => None,
+                _ => None,
             });
             State::Account(Ledger::apply(e, target, prev))
         }
         Event::Inventory(e) => {
             let prev = previous.and_then(|a| match a.state {
                 State::Sku(s) => Some(s),
-                State::Account(_) => None,
+                _ => None,
             });
             State::Sku(Inventory::apply(e, target, prev))
+        }
+        Event::Declared(e) => {
+            let prev = previous.and_then(|a| match a.state {
+                State::Declared(s) => Some(s),
+                _ => None,
+            });
+            let effect = e
+                .effects
+                .get(target)
+                .unwrap_or(&crate::declared::Effect::Read);
+            State::Declared(effect.fold(prev))
         }
     };
     Aggregate { version, state }
 }
 
-/// Every invariant of the aggregate's domain, for the audit and for assertions.
+/// Every invariant of the aggregate's built-in domain, for the audit and for assertions. A
+/// declared aggregate's invariants are its definition's:
+/// [`crate::declared::DomainSet::check_invariants`] checks both.
 pub fn check_invariants(aggregate: &Aggregate) -> Result<(), Violation> {
     match &aggregate.state {
         State::Account(s) => Ledger::check(s),
         State::Sku(s) => Inventory::check(s),
+        State::Declared(_) => Ok(()),
     }
 }
 

@@ -288,7 +288,7 @@ fn every_event_variant_has_its_pinned_position() {
         .into_iter()
         .map(|(event, prefix)| (Event::Inventory(event), prefix));
     for (event, prefix) in ledger.chain(inventory) {
-        let name = event.type_name();
+        let name = event.type_name().to_owned();
         let mut bytes = Vec::new();
         encode_event(
             &LoggedEvent {

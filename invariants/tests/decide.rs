@@ -292,7 +292,7 @@ fn when(store: &Store, envelope: &Envelope) -> Result<Event, Rejection> {
 
 /// Decides the case's command against `store` and checks the outcome; returns the rejection
 /// code or the accepted event's type name, for the coverage checks.
-fn check_case(name: &str, mut store: Store, envelope: &Envelope, then: &Then) -> &'static str {
+fn check_case(name: &str, mut store: Store, envelope: &Envelope, then: &Then) -> String {
     let outcome = when(&store, envelope);
     match (then, outcome) {
         (Then::Rejected(code), Err(rejection)) => {
@@ -305,14 +305,14 @@ fn check_case(name: &str, mut store: Store, envelope: &Envelope, then: &Then) ->
                 !rejection.message.is_empty(),
                 "{name}: a rejection explains itself"
             );
-            code.as_str()
+            code.as_str().to_owned()
         }
         (Then::Accepted(expected, afters), Ok(event)) => {
             assert_eq!(&event, expected, "{name}: wrong event");
             let before = store.clone();
             apply_to(&mut store, &event);
             check_after(name, &before, &store, &event, afters);
-            event.type_name()
+            event.type_name().to_owned()
         }
         (Then::Rejected(code), Ok(event)) => {
             panic!("{name}: expected rejection {code:?}, got accepted {event:?}")
@@ -373,7 +373,7 @@ fn check_after(name: &str, before: &Store, store: &Store, event: &Event, afters:
     );
 }
 
-fn run(cases: &[Case]) -> BTreeSet<&'static str> {
+fn run(cases: &[Case]) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut outcomes = BTreeSet::new();
     for case in cases {
@@ -693,6 +693,8 @@ fn every_command_is_accepted_on_its_happy_path_with_the_expected_post_state() {
         "released",
         "shipped",
     ]);
+    let every_event_type: BTreeSet<String> =
+        every_event_type.into_iter().map(str::to_owned).collect();
     assert_eq!(
         event_types, every_event_type,
         "a command of some domain has no happy path case"
@@ -1152,11 +1154,11 @@ fn an_aggregate_of_the_wrong_kind_is_rejected_as_wrong_kind() {
 fn every_domain_reject_code_is_produced_by_some_rejected_case() {
     let mut produced = run(&rejected_cases());
     // WrongKind needs a planted store; its own test above covers it.
-    produced.insert(RejectCode::WrongKind.as_str());
-    let domain_codes: BTreeSet<&str> = RejectCode::ALL
+    produced.insert(RejectCode::WrongKind.as_str().to_owned());
+    let domain_codes: BTreeSet<String> = RejectCode::ALL
         .iter()
         .filter(|code| **code != RejectCode::AtomicRollback)
-        .map(|code| code.as_str())
+        .map(|code| code.as_str().to_owned())
         .collect();
     assert_eq!(
         produced, domain_codes,
@@ -1212,9 +1214,12 @@ fn is_snake_case(name: &str) -> bool {
 fn reject_code_wire_names_are_unique_snake_case() {
     let mut seen = BTreeSet::new();
     for code in RejectCode::ALL {
-        let name = code.as_str();
-        assert!(is_snake_case(name), "{code:?} has wire name {name:?}");
-        assert!(seen.insert(name), "{code:?} reuses wire name {name:?}");
+        let name = code.as_str().to_owned();
+        assert!(is_snake_case(&name), "{code:?} has wire name {name:?}");
+        assert!(
+            seen.insert(name.clone()),
+            "{code:?} reuses wire name {name:?}"
+        );
     }
     assert_eq!(seen.len(), RejectCode::ALL.len());
 }

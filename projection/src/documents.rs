@@ -6,6 +6,7 @@
 //! Integers are BSON Int64. A `u64` above `i64::MAX` (possible only for an SKU's `on_hand`) is
 //! stored as Decimal128 so that it stays exact; sequences never get there.
 
+use keel_invariants::declared::{DeclaredState, Effect, Value};
 use keel_invariants::{Aggregate, Event, LoggedEvent, State, inventory, ledger};
 use mongodb::bson::{Bson, DateTime, Decimal128, Document, doc};
 use std::collections::BTreeMap;
@@ -128,8 +129,75 @@ fn event_data(event: &Event) -> Document {
             | I::Released { sku, qty, order }
             | I::Shipped { sku, qty, order },
         ) => doc! {"sku": sku.name(), "qty": u64_bson(*qty), "order": order.as_str()},
+        Event::Declared(e) => {
+            let params: Document = e
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), value_bson(v)))
+                .collect();
+            let effects: Vec<Bson> = e
+                .effects
+                .iter()
+                .map(|effect| match effect {
+                    Effect::Create(fields) => {
+                        Bson::Document(doc! {"create": fields_document(fields)})
+                    }
+                    Effect::Update(fields) => {
+                        Bson::Document(doc! {"update": fields_document(fields)})
+                    }
+                    Effect::Delete => Bson::String("delete".into()),
+                    Effect::Read => Bson::String("read".into()),
+                })
+                .collect();
+            doc! {"domain": e.domain.as_str(), "command": e.command.as_str(), "params": params, "effects": effects}
+        }
     }
 }
+
+/// A declared domain's value as BSON: int and uint as Int64 (a uint above `i64::MAX` as
+/// Decimal128), timestamps as dates (millisecond precision, what BSON has), durations as Int64
+/// microseconds, maps as sub-documents.
+pub fn value_bson(value: &Value) -> Bson {
+    match value {
+        Value::Int(n) => Bson::Int64(*n),
+        Value::Uint(n) => u64_bson(*n),
+        Value::Bool(b) => Bson::Boolean(*b),
+        Value::String(s) => Bson::String(s.clone()),
+        Value::Timestamp(us) => Bson::DateTime(DateTime::from_millis(us.div_euclid(1000))),
+        Value::Duration(us) => Bson::Int64(*us),
+        Value::Map(m) => Bson::Document(fields_document(m)),
+    }
+}
+
+fn fields_document(fields: &BTreeMap<String, Value>) -> Document {
+    fields
+        .iter()
+        .map(|(k, v)| (k.clone(), value_bson(v)))
+        .collect()
+}
+
+/// The inverse of [`value_bson`] as far as the document tells: Int64 reads as int, Decimal128
+/// as uint, a date as a timestamp. The projector only renders what it reads back, and every
+/// value renders to the same BSON as the one it was read from, so the documents stay exact.
+fn bson_value(value: &Bson) -> Option<Value> {
+    Some(match value {
+        Bson::Int32(n) => Value::Int(i64::from(*n)),
+        Bson::Int64(n) => Value::Int(*n),
+        Bson::Decimal128(d) => Value::Uint(d.to_string().parse().ok()?),
+        Bson::Boolean(b) => Value::Bool(*b),
+        Bson::String(s) => Value::String(s.clone()),
+        Bson::DateTime(t) => Value::Timestamp(t.timestamp_millis().checked_mul(1000)?),
+        Bson::Document(d) => Value::Map(
+            d.iter()
+                .map(|(k, v)| bson_value(v).map(|v| (k.clone(), v)))
+                .collect::<Option<_>>()?,
+        ),
+        _ => return None,
+    })
+}
+
+/// The fields an aggregate document holds besides its state.
+const AGGREGATE_META: &[&str] = &["_id", "kind", "version", "last_seq", "updated_at"];
 
 /// The `aggregates` document: `_id`, `kind`, `version`, `last_seq` (the last event applied),
 /// `updated_at` (that event's commit time) and the state's fields flattened.
@@ -163,6 +231,16 @@ pub fn aggregate_document(
                 .map(|(o, q)| (o.clone(), u64_bson(*q)))
                 .collect();
             document.insert("reservations", reservations);
+        }
+        State::Declared(s) => {
+            for (name, value) in &s.fields {
+                if !AGGREGATE_META.contains(&name.as_str()) {
+                    document.insert(name.clone(), value_bson(value));
+                }
+            }
+            if s.deleted {
+                document.insert("deleted", true);
+            }
         }
     }
     document
@@ -218,7 +296,22 @@ pub fn parse_aggregate_document(
                 reservations,
             })
         }
-        other => return Err(fail(format!("unknown kind `{other}`"))),
+        _ => {
+            let mut state = DeclaredState::default();
+            for (name, value) in document {
+                if AGGREGATE_META.contains(&name.as_str()) {
+                    continue;
+                }
+                if name == "deleted" {
+                    state.deleted = value.as_bool().unwrap_or(false);
+                    continue;
+                }
+                let value = bson_value(value)
+                    .ok_or_else(|| fail(format!("field `{name}` has a type Keel never writes")))?;
+                state.fields.insert(name.clone(), value);
+            }
+            State::Declared(state)
+        }
     };
     Ok((id, Aggregate { version, state }, last_seq))
 }

@@ -40,6 +40,9 @@ pub struct Config {
     /// many the writer hands one over at once, waiting for the one in flight if need be. The
     /// bound on the memory the overlay and the recent ids take.
     pub checkpoint_pending_max: usize,
+    /// The domains commands are decided under besides the built-in ones (`keel serve
+    /// --domain`); their definitions are part of the rules every batch names.
+    pub domains: Arc<keel_invariants::declared::DomainSet>,
 }
 
 impl Default for Config {
@@ -52,6 +55,7 @@ impl Default for Config {
             checkpoint_every_batches: 256,
             checkpoint_interval: Duration::from_secs(1),
             checkpoint_pending_max: 1_000_000,
+            domains: Arc::new(keel_invariants::declared::DomainSet::builtin()),
         }
     }
 }
@@ -239,7 +243,7 @@ impl Sequencer {
     /// checkpoint thread.
     pub fn start(mut engine: Engine, config: Config) -> Result<Self, ReadError> {
         assert!(config.batch_items_max > 0 && config.queue_depth_max > 0);
-        engine.set_rules(RuleSet::new(keel_invariants::BUILTIN_RULES));
+        engine.set_rules(RuleSet::new(config.domains.rules_text()));
         let reader = engine.reader();
         let published = Arc::new(checkpoint::Published::default());
         let started = Instant::now();

@@ -8,7 +8,7 @@ use crate::{
 use keel_engine::{CheckpointMark, Engine, PendingBatch};
 use keel_invariants::{
     Aggregate, AggregateId, CommandOutcome, Envelope, LoggedEvent, LoggedRejection, RejectCode,
-    Rejection, apply, codec, decide,
+    Rejection, apply, codec, decide_at,
 };
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -108,7 +108,8 @@ struct Scratch {
     undo: Vec<(AggregateId, Option<Aggregate>)>,
     /// Outcomes of earlier batches, looked up once per batch for every command id.
     stored: Map<String, CommandOutcome>,
-    rejected_by_code: [u64; RejectCode::ALL.len()],
+    /// Per built-in code (`RejectCode::ALL` order), then one for every declared domain's code.
+    rejected_by_code: [u64; RejectCode::ALL.len() + 1],
 }
 
 /// What the writer decided for one submission, waiting for the fsync.
@@ -316,12 +317,13 @@ impl Writer {
         metrics::histogram!("keel_batch_requests").record(submissions as f64);
         metrics::gauge!("keel_queue_items")
             .set(self.shared.queued_items.load(Ordering::Acquire) as f64);
-        for (code, count) in RejectCode::ALL
-            .iter()
+        let codes = RejectCode::ALL.iter().map(|code| code.as_str());
+        for (code, count) in codes
+            .chain(std::iter::once("domain_rule"))
             .zip(self.scratch.rejected_by_code.iter_mut())
         {
             if *count > 0 {
-                metrics::counter!("keel_items_rejected_total", "code" => code.as_str())
+                metrics::counter!("keel_items_rejected_total", "code" => code.to_owned())
                     .increment(*count);
                 *count = 0;
             }
@@ -447,10 +449,9 @@ impl Writer {
                 },
             };
         }
-        let targets = envelope.command.targets();
-        let primary = self.cache.get(targets.primary);
-        let secondary = targets.secondary.and_then(|id| self.cache.get(id));
-        let outcome = match decide(envelope, primary, secondary) {
+        let cache = &self.cache;
+        let now = self.pending.committed_at_us();
+        let outcome = match decide_at(envelope, |id| cache.get(id), now) {
             Ok(event) => {
                 let logged = LoggedEvent {
                     command_id: envelope.id.clone(),

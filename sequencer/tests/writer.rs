@@ -59,11 +59,11 @@ async fn run(s: &Sequencer, commands: Vec<Envelope>, atomic: bool) -> Reply {
 fn balance(s: &Sequencer, name: &str) -> Option<i64> {
     s.aggregate(&account(name)).unwrap().map(|a| match a.state {
         State::Account(a) => a.balance,
-        State::Sku(_) => panic!("not an account"),
+        _ => panic!("not an account"),
     })
 }
 
-fn codes(reply: &Reply) -> Vec<&'static str> {
+fn codes(reply: &Reply) -> Vec<&str> {
     reply
         .results
         .iter()

@@ -12,10 +12,12 @@
 //! allocation per field (this is the request hot path).
 
 use super::{WireError, quote};
+use keel_invariants::declared::{CommandDef, DomainSet, Resolved};
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::cell::Cell;
 use std::fmt;
+use std::sync::Arc;
 
 /// What a visitor knows about a failure that serde's error type cannot carry: the command being
 /// parsed, and an error the visitors classified themselves.
@@ -23,6 +25,9 @@ use std::fmt;
 pub(super) struct ParseContext {
     item: Cell<Option<usize>>,
     failure: Cell<Option<WireError>>,
+    /// The declared domains, when any is loaded: each command is then read as an object
+    /// first, and parsed by its declared command's definition or as a built-in one.
+    pub domains: Option<Arc<DomainSet>>,
 }
 
 impl ParseContext {
@@ -168,7 +173,14 @@ impl<'de> Visitor<'de> for CommandsSeed<'_> {
         let mut items = Vec::new();
         loop {
             context.item.set(Some(items.len()));
-            let Some(item) = seq.next_element_seed(CommandSeed { context })? else {
+            let next = match &context.domains {
+                Some(domains) => seq
+                    .next_element_seed(ObjectSeed { context })?
+                    .map(|object| declared_or_builtin(context, domains, object))
+                    .transpose()?,
+                None => seq.next_element_seed(CommandSeed { context })?,
+            };
+            let Some(item) = next else {
                 break;
             };
             if items.len() == self.items_max {
@@ -205,6 +217,104 @@ pub(super) struct RawCommand {
     pub on_hand: Option<Quantity>,
     pub qty: Option<Quantity>,
     pub order: Option<String>,
+    /// A command of a declared domain: its definition and its fields as sent (`type`, `id` and
+    /// `expected_version` already taken out into the fields above).
+    pub declared: Option<(Arc<CommandDef>, serde_json::Map<String, serde_json::Value>)>,
+}
+
+/// Reads one command as a JSON object, refusing a key that appears twice (which
+/// `serde_json::Value` would silently keep the last of).
+struct ObjectSeed<'a> {
+    context: &'a ParseContext,
+}
+
+impl<'de> DeserializeSeed<'de> for ObjectSeed<'_> {
+    type Value = serde_json::Map<String, serde_json::Value>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ObjectSeed<'_> {
+    type Value = serde_json::Map<String, serde_json::Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            r#"a command object, e.g. {"type": "deposit", "account": "alice", "amount": 5}"#,
+        )
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(self.context.fail(
+                    "invalid_request",
+                    format!("field {} appears more than once", quote(&key)),
+                ));
+            }
+            let value = map.next_value::<serde_json::Value>()?;
+            object.insert(key, value);
+        }
+        Ok(object)
+    }
+}
+
+/// A command read as an object: a declared command's fields are kept for its definition to
+/// check; any other command is parsed as a built-in one, exactly as without domains.
+fn declared_or_builtin<E: de::Error>(
+    context: &ParseContext,
+    domains: &DomainSet,
+    mut object: serde_json::Map<String, serde_json::Value>,
+) -> Result<RawCommand, E> {
+    let command = match object.get("type").and_then(|t| t.as_str()) {
+        Some(name) => match domains.resolve(name) {
+            Resolved::Command(command) => Some(Arc::clone(command)),
+            Resolved::Ambiguous(names) => {
+                return Err(context.fail(
+                    "unknown_command_type",
+                    format!(
+                        "command type {} is defined by more than one domain; name one of {}",
+                        quote(name),
+                        names.join(", ")
+                    ),
+                ));
+            }
+            Resolved::None => None,
+        },
+        None => None,
+    };
+    let Some(command) = command else {
+        let value = serde_json::Value::Object(object);
+        return CommandSeed { context }
+            .deserialize(value)
+            .map_err(|e| E::custom(e.to_string()));
+    };
+    let kind = object
+        .remove("type")
+        .and_then(|t| t.as_str().map(str::to_owned));
+    let id = match object.remove("id") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(id)) => Some(id),
+        Some(_) => {
+            return Err(context.fail("invalid_request", "field `id` must be a string".to_owned()));
+        }
+    };
+    let expected_version = match object.remove("expected_version") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(value) => Some(
+            Version::deserialize(value)
+                .map_err(|e| E::custom(e.to_string()))?
+                .0,
+        ),
+    };
+    Ok(RawCommand {
+        kind,
+        id,
+        expected_version,
+        declared: Some((command, object)),
+        ..RawCommand::default()
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
