@@ -192,7 +192,7 @@ impl Run<'_> {
                 (None, None) => return Ok(unbacked),
                 (Some(event), Some(entry)) if event.fp == entry.fp => {
                     if entry.outcome != Outcome::Committed(event.seq) {
-                        self.report_misindexed(*event, Some(entry.outcome))?;
+                        self.report_misindexed(*event, Some(entry.outcome.clone()))?;
                     }
                     c += 1;
                     i += 1;

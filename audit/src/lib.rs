@@ -31,7 +31,7 @@ use keel_engine::{
     BatchHeader, Cf, ChainError, ChainTip, CheckpointMark, FORMAT_VERSION, LogVisitor, RecordView,
     Storage, StorageError, verify_log,
 };
-use keel_invariants::{Aggregate, Law, LawScope, RejectCode, check_invariants, codec};
+use keel_invariants::{Aggregate, Law, LawScope, RejectCode, codec};
 pub use replay::{AggregateAt, LogState};
 use replay::{CHUNKS_IN_FLIGHT, Chunk, Feeder, Replay, Replayed};
 use snapshot::OnePass;
@@ -403,6 +403,7 @@ pub fn audit_with_log(
         replay,
         point,
         fingerprints,
+        domains: std::sync::Arc::new(keel_invariants::declared::DomainSet::builtin()),
     };
     let tip = run.read_tip()?;
     run.report.tip = tip;
@@ -463,6 +464,9 @@ struct Run<'a> {
     point: u64,
     /// Shared by the replay (events' ids) and the command-id check (the index's ids).
     fingerprints: Fingerprints,
+    /// The declared domains of the last rule set the log records: the invariants of declared
+    /// aggregates are checked under them.
+    domains: std::sync::Arc<keel_invariants::declared::DomainSet>,
 }
 
 impl Run<'_> {
@@ -548,7 +552,10 @@ impl Run<'_> {
             let fed = self.feed(&mut feeder, tip);
             // Closing the channel (finish, or drop on error) is what ends the replay thread.
             let fed = match fed {
-                Ok(whole) => Ok((whole, feeder.finish())),
+                Ok(whole) => {
+                    self.domains = feeder.latest_rules();
+                    Ok((whole, feeder.finish()))
+                }
                 Err(e) => {
                     drop(feeder);
                     Err(e)
@@ -760,7 +767,8 @@ impl Run<'_> {
                 return;
             }
         };
-        if let Err(violation) = check_invariants(&stored) {
+        let aggregate_id = keel_invariants::AggregateId::from_full(id.to_string());
+        if let Err(violation) = self.domains.check_invariants(&aggregate_id, &stored) {
             let d = Divergence::new(Check::Invariant, violation.detail.clone())
                 .on(&id)
                 .expected_found(violation.invariant, describe(&stored));
@@ -831,7 +839,11 @@ impl Run<'_> {
         let mut found = Vec::new();
         for (id, replayed) in &self.replay.aggregates {
             let at = (Some(replayed.last_seq), Some(replayed.last_batch));
-            if let Err(violation) = check_invariants(&replayed.aggregate) {
+            let aggregate_id = keel_invariants::AggregateId::from_full(id.to_string());
+            if let Err(violation) = self
+                .domains
+                .check_invariants(&aggregate_id, &replayed.aggregate)
+            {
                 let d = Divergence::new(
                     Check::Invariant,
                     format!("the log's own fold breaks it: {}", violation.detail),
@@ -898,6 +910,7 @@ struct Feeding<'f, 'p> {
 impl LogVisitor for Feeding<'_, '_> {
     fn record(&mut self, record: &RecordView<'_>) {
         self.feeder.found.count_submitters(record);
+        self.feeder.record(record);
     }
 
     fn event(&mut self, seq: u64, batch: u64, payload: &[u8]) {

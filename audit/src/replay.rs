@@ -3,8 +3,10 @@
 
 use super::command_ids::{Carried, Fingerprints};
 use super::{AuditReport, Check, Divergence, Rejected};
+use keel_invariants::declared::{DeclaredEvent, DomainSet, Resolved};
 use keel_invariants::{Aggregate, Law, LawScope, State, apply, codec, conservation_laws, ledger};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender};
 
 /// Events handed from the chain thread to the replay thread at a time.
@@ -20,6 +22,16 @@ pub(super) struct Chunk {
     bytes: Vec<u8>,
     /// (seq, batch, end of the payload in `bytes`).
     events: Vec<(u64, u64, usize)>,
+    /// The rules and commit time of each batch whose events are in the chunk, in order.
+    batches: Vec<BatchRules>,
+}
+
+/// What a declared event is decided again under: its batch's rules and commit time.
+#[derive(Clone)]
+pub(super) struct BatchRules {
+    pub(super) batch: u64,
+    pub(super) committed_at_us: u64,
+    pub(super) domains: Arc<DomainSet>,
 }
 
 impl Chunk {
@@ -39,6 +51,7 @@ impl Chunk {
     fn clear(&mut self) {
         self.bytes.clear();
         self.events.clear();
+        self.batches.clear();
     }
 }
 
@@ -59,6 +72,10 @@ pub(super) struct Feeder {
     fingerprints: Fingerprints,
     /// Every rejection the log keeps (the `command_index` check).
     rejected: Vec<Rejected>,
+    /// Every rule set the log records, by hash, compiled.
+    rule_sets: HashMap<[u8; 32], Arc<DomainSet>>,
+    /// The rules of the record being fed.
+    current: Option<BatchRules>,
 }
 
 impl Feeder {
@@ -79,7 +96,44 @@ impl Feeder {
             found: AuditReport::new(max_divergences),
             fingerprints,
             rejected: Vec::new(),
+            rule_sets: HashMap::new(),
+            current: None,
         }
+    }
+
+    /// A record begins: its rules text, when it carries one, is compiled (the domains it
+    /// defines are what its batch and the next ones under the same hash are decided under).
+    pub(super) fn record(&mut self, record: &keel_engine::RecordView<'_>) {
+        let hash = record.header.rule_set;
+        let text = record.rules_text();
+        if !text.is_empty() && !self.rule_sets.contains_key(&hash) {
+            match DomainSet::from_rules_text(text) {
+                Ok(set) => {
+                    self.rule_sets.insert(hash, Arc::new(set));
+                }
+                Err(e) => {
+                    let d = Divergence::new(
+                        Check::State,
+                        format!("the rules text recorded in this batch does not compile: {e}"),
+                    )
+                    .at_batch(Some(record.header.seq));
+                    self.found.record(d);
+                }
+            }
+        }
+        self.current = self.rule_sets.get(&hash).map(|domains| BatchRules {
+            batch: record.header.seq,
+            committed_at_us: record.header.committed_at_us,
+            domains: Arc::clone(domains),
+        });
+    }
+
+    /// The rules of the last record fed (the built-in ones alone when none was recorded).
+    pub(super) fn latest_rules(&self) -> Arc<DomainSet> {
+        self.current.as_ref().map_or_else(
+            || Arc::new(DomainSet::builtin()),
+            |r| Arc::clone(&r.domains),
+        )
     }
 
     /// A rejection the log keeps: decoded here (they are few) for the command-id check.
@@ -108,6 +162,12 @@ impl Feeder {
         if batch != self.last_batch {
             self.batches += 1;
             self.last_batch = batch;
+        }
+        if let Some(rules) = &self.current
+            && rules.batch == batch
+            && self.chunk.batches.last().is_none_or(|b| b.batch != batch)
+        {
+            self.chunk.batches.push(rules.clone());
         }
         self.chunk.push(seq, batch, payload);
         if self.chunk.events.len() == CHUNK_EVENTS {
@@ -199,8 +259,17 @@ impl Replay {
         let mut replay = Replay::new(fingerprints, point, checkpoint);
         let mut found = AuditReport::new(max_divergences);
         for chunk in rx {
+            let mut rules = chunk.batches.iter().peekable();
+            let mut current: Option<&BatchRules> = None;
             for (seq, batch, payload) in chunk.iter() {
-                replay.event(seq, batch, payload, &mut found);
+                while let Some(next) = rules.peek() {
+                    if next.batch > batch {
+                        break;
+                    }
+                    current = rules.next();
+                }
+                let in_force = current.filter(|r| r.batch == batch);
+                replay.event(seq, batch, payload, in_force, &mut found);
             }
             // The feeder allocates a new chunk when none came back in time; never block here.
             let _ = back.try_send(chunk);
@@ -208,7 +277,14 @@ impl Replay {
         (replay, found)
     }
 
-    fn event(&mut self, seq: u64, batch: u64, payload: &[u8], found: &mut AuditReport) {
+    fn event(
+        &mut self,
+        seq: u64,
+        batch: u64,
+        payload: &[u8],
+        rules: Option<&BatchRules>,
+        found: &mut AuditReport,
+    ) {
         let logged = match codec::decode_event(payload) {
             Ok(logged) => logged,
             Err(e) => {
@@ -218,12 +294,69 @@ impl Replay {
                 return;
             }
         };
+        if let keel_invariants::Event::Declared(event) = &logged.event
+            && let Err(detail) = self.decide_again(event, rules)
+        {
+            let d = Divergence::new(Check::State, detail);
+            found.record(d.at_seq(Some(seq)).at_batch(Some(batch)));
+        }
         for (target, id) in logged.event.targets().iter().enumerate() {
             self.fold(&logged.event, target, id.as_str(), seq, batch);
         }
         if let Some(command_id) = &logged.command_id {
             let fp = self.fingerprints.of(command_id.as_bytes());
             self.carried.push(Carried { fp, seq, batch });
+        }
+    }
+
+    /// Decides a declared event's command again, under the rules its batch names, against the
+    /// states the log folds to just before it, at its batch's commit time: it must be accepted
+    /// with exactly the effects the log recorded.
+    fn decide_again(
+        &self,
+        event: &DeclaredEvent,
+        rules: Option<&BatchRules>,
+    ) -> Result<(), String> {
+        let Some(rules) = rules else {
+            return Err(format!(
+                "a {}.{} event in a batch whose rules the log does not record",
+                event.domain, event.command
+            ));
+        };
+        let qualified = format!("{}.{}", event.domain, event.command);
+        let Resolved::Command(def) = rules.domains.resolve(&qualified) else {
+            return Err(format!(
+                "a {qualified} event, a command the rules in force do not define"
+            ));
+        };
+        let names_match = def.params.len() == event.params.len()
+            && def
+                .params
+                .iter()
+                .zip(&event.params)
+                .all(|(p, (n, _))| p.name == *n);
+        if !names_match || def.targets.len() != event.targets.len() {
+            return Err(format!(
+                "a {qualified} event whose parameters or targets are not the definition's"
+            ));
+        }
+        let params: Vec<_> = event.params.iter().map(|(_, v)| v.clone()).collect();
+        let states: Vec<Option<&Aggregate>> = event
+            .targets
+            .iter()
+            .map(|id| self.aggregates.get(id.as_str()).map(|r| &r.aggregate))
+            .collect();
+        match def.decide_effects(&params, &event.targets, &states, rules.committed_at_us) {
+            Ok(effects) if effects == event.effects => Ok(()),
+            Ok(effects) => Err(format!(
+                "{qualified}: the rules recorded for its batch decide other effects: {}",
+                keel_sequencer::shorten(format!("{effects:?}"), 300)
+            )),
+            Err(rejection) => Err(format!(
+                "{qualified}: the rules recorded for its batch reject it: {} ({})",
+                rejection.code.as_str(),
+                keel_sequencer::shorten(rejection.message, 200)
+            )),
         }
     }
 

@@ -107,6 +107,14 @@ impl AppState {
 }
 
 /// The routes, grouped by the scope an API key needs for them (docs/API.md, "Authentication").
+/// `GET /v1/domains`: the declared domains the server decides under, with every command's
+/// parameters, targets, rules and rejection codes, and the hash of the rule set in force.
+async fn get_domains(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(crate::wire::declared::domains_json(
+        &state.sequencer.config().domains,
+    ))
+}
+
 pub fn router(state: AppState) -> Router {
     use crate::auth::Scope;
     let write = Router::new().route("/v1/batches", post(post_batch));
@@ -114,7 +122,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/aggregates/{id}", get(get_aggregate))
         .route("/v1/events", get(get_events))
         .route("/v1/subscribe", get(crate::subscribe::get_subscribe))
-        .route("/v1/batches/{seq}", get(crate::batches_route::get_batch));
+        .route("/v1/batches/{seq}", get(crate::batches_route::get_batch))
+        .route("/v1/domains", get(get_domains));
     let admin = Router::new().route("/metrics", get(get_metrics));
     let open = Router::new()
         .route("/v1/openapi.json", get(get_openapi))

@@ -30,6 +30,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
         get_events,
         get_batch,
         get_subscribe,
+        get_domains,
         get_metrics,
         get_healthz,
         get_readyz,
@@ -588,6 +589,18 @@ fn get_batch() {}
     security(("api_key" = ["read"]))
 )]
 fn get_subscribe() {}
+
+#[utoipa::path(
+    get, path = "/v1/domains", tag = "read",
+    description = "The domains loaded with `keel serve --domain` (docs/DOMAINS.md): their kinds with fields and invariants, their commands with parameters, targets and rejection codes, their laws, and `rule_set`, the BLAKE3 hash of the rules in force. A declared command is sent to POST /v1/batches with `\"type\": \"<domain>.<command>\"` (or the bare command name when no other domain or built-in type has it) and its parameters as fields; the `Command` schema of this document covers the built-in commands only.",
+    responses(
+        (status = 200, description = "The loaded domains", content_type = "application/json", body = Object),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+        (status = 403, description = "The key lacks the `read` scope", body = ErrorBody),
+    ),
+    security(("api_key" = ["read"]))
+)]
+fn get_domains() {}
 
 #[utoipa::path(
     get, path = "/metrics", tag = "operations",

@@ -288,10 +288,7 @@ pub fn parse_batch(
     batch_items_max: usize,
     domains: &Arc<DomainSet>,
 ) -> Result<(Vec<Envelope>, bool), WireError> {
-    let context = ParseContext {
-        domains: (!domains.is_empty()).then(|| Arc::clone(domains)),
-        ..ParseContext::default()
-    };
+    let context = ParseContext::new((!domains.is_empty()).then(|| Arc::clone(domains)));
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let seed = BatchSeed {
         context: &context,
@@ -396,7 +393,8 @@ pub enum ItemDto {
         replayed: bool,
     },
     Rejected {
-        code: &'static str,
+        #[schema(value_type = String)]
+        code: std::borrow::Cow<'static, str>,
         message: String,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         replayed: bool,
@@ -414,7 +412,7 @@ impl From<Reply> for BatchResponse {
                     rejection,
                     replayed,
                 } => ItemDto::Rejected {
-                    code: rejection.code.as_str(),
+                    code: rejection.code.to_cow(),
                     message: rejection.message,
                     replayed,
                 },
@@ -521,8 +519,12 @@ fn event_data(event: &Event) -> Value {
 mod tests {
     use super::*;
 
+    fn no_domains() -> Arc<DomainSet> {
+        Arc::new(DomainSet::builtin())
+    }
+
     fn code_of(body: &str, items_max: usize) -> (&'static str, String) {
-        match parse_batch(body.as_bytes(), items_max) {
+        match parse_batch(body.as_bytes(), items_max, &no_domains()) {
             Err(e) => (e.code, e.message),
             Ok(_) => panic!("accepted: {body}"),
         }
@@ -572,7 +574,14 @@ mod tests {
     #[test]
     fn only_objects_are_requests_and_commands() {
         let open = r#"{"type":"open_account","account":"x"}"#;
-        assert!(parse_batch(format!(r#"{{"commands":[{open}]}}"#).as_bytes(), 10).is_ok());
+        assert!(
+            parse_batch(
+                format!(r#"{{"commands":[{open}]}}"#).as_bytes(),
+                10,
+                &no_domains()
+            )
+            .is_ok()
+        );
         for body in [
             format!("[[{open}], false]"),
             r#"{"commands":[["open_account",null,null,"x"]]}"#.to_string(),
@@ -646,7 +655,8 @@ mod tests {
             ("11726682655.0", 11_726_682_655),
             ("9007199254740992.0", 1 << 53),
         ] {
-            let (envelopes, _) = parse_batch(deposit(amount).as_bytes(), 10).expect("accepted");
+            let (envelopes, _) =
+                parse_batch(deposit(amount).as_bytes(), 10, &no_domains()).expect("accepted");
             let Command::Ledger(ledger::Command::Deposit { amount: got, .. }) =
                 &envelopes[0].command
             else {

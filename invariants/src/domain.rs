@@ -179,6 +179,21 @@ impl RejectCode {
     pub fn as_str(&self) -> &str {
         match self {
             Self::Rule(code) => code,
+            builtin => builtin.builtin_name(),
+        }
+    }
+
+    /// The code as an owned-or-static string, without allocating for a built-in code.
+    pub fn to_cow(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Self::Rule(code) => std::borrow::Cow::Owned(code.clone()),
+            builtin => std::borrow::Cow::Borrowed(builtin.builtin_name()),
+        }
+    }
+
+    fn builtin_name(&self) -> &'static str {
+        match self {
+            Self::Rule(_) => "rule",
             Self::VersionConflict => "version_conflict",
             Self::AtomicRollback => "atomic_rollback",
             Self::InvalidAmount => "invalid_amount",

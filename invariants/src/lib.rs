@@ -1,14 +1,16 @@
 //! Keel's pure domain: commands, events, aggregate state and the invariants that guard them.
 //!
 //! This crate decides whether a command may happen and what it changed. It does no IO, owns no
-//! clock (time is a parameter where a rule needs it), spawns nothing and cannot fail except by
+//! clock (time is a parameter where a rule needs it), spawns nothing (but the one joined thread a
+//! declared expression is parsed on at load, see [`declared::expr`]) and cannot fail except by
 //! returning a [`Rejection`]. It knows nothing of HTTP, JSON or RocksDB: the sequencer calls
 //! [`decide`] and [`apply`], the engine stores the bytes [`codec`] produces, and the audit
 //! replays events through [`apply`] to prove the stored state.
 //!
 //! A domain is a module implementing [`Domain`]; [`Command`], [`Event`] and [`State`] are the
-//! registry that routes to it. Two domains are built in: [`ledger`] and [`inventory`]. A third
-//! domain is a new module plus one variant in each registry enum.
+//! registry that routes to it. Two domains are built in: [`ledger`] and [`inventory`]. Any other
+//! domain is a definition file ([`declared`], docs/DOMAINS.md), routed through the registry
+//! enums' `Declared` variants.
 
 pub mod codec;
 pub mod declared;

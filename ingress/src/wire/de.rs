@@ -31,6 +31,13 @@ pub(super) struct ParseContext {
 }
 
 impl ParseContext {
+    pub(super) fn new(domains: Option<Arc<DomainSet>>) -> Self {
+        Self {
+            domains,
+            ..Self::default()
+        }
+    }
+
     /// Records a classified failure and returns the serde error that unwinds the parse.
     fn fail<E: de::Error>(&self, code: &'static str, message: String) -> E {
         self.failure.set(Some(WireError::new(code, message)));
@@ -277,6 +284,18 @@ fn declared_or_builtin<E: de::Error>(
                         "command type {} is defined by more than one domain; name one of {}",
                         quote(name),
                         names.join(", ")
+                    ),
+                ));
+            }
+            // Neither declared nor built-in: say so, rather than refusing its fields one by one.
+            Resolved::None if super::fields_of(name).is_none() => {
+                return Err(context.fail(
+                    "unknown_command_type",
+                    format!(
+                        "unknown command type {}; expected one of {}, {}",
+                        quote(name),
+                        super::COMMAND_TYPES,
+                        domains.command_names().join(", ")
                     ),
                 ));
             }

@@ -3,7 +3,8 @@
 
 use super::{Item, WireError, check_name, quote};
 use keel_invariants::declared::{
-    CommandDef, DeclaredCommand, DeclaredEvent, DeclaredState, ParamType, Type, Value, expr,
+    CommandDef, DeclaredCommand, DeclaredEvent, DeclaredState, DomainSet, Must, ParamType, Type,
+    Value, expr,
 };
 use keel_invariants::{AggregateId, Command};
 use serde_json::{Map, json};
@@ -181,5 +182,92 @@ pub fn event_json(event: &DeclaredEvent) -> serde_json::Value {
             keel_invariants::declared::Effect::Delete => json!("delete"),
             keel_invariants::declared::Effect::Read => json!("read"),
         }).collect::<Vec<_>>(),
+    })
+}
+
+/// The `GET /v1/domains` body.
+pub fn domains_json(set: &DomainSet) -> serde_json::Value {
+    let rules_hash = keel_engine::format::hex(&keel_engine::RuleSet::new(set.rules_text()).hash);
+    let domains: Vec<serde_json::Value> = set
+        .domains()
+        .iter()
+        .map(|d| {
+            let kinds: Vec<serde_json::Value> = d
+                .kinds
+                .iter()
+                .map(|k| {
+                    json!({
+                        "name": k.name,
+                        "description": k.description,
+                        "fields": k.fields.iter().map(|f| json!({
+                            "name": f.name,
+                            "type": f.ty.name(),
+                            "default": value_json(&f.default),
+                        })).collect::<Vec<_>>(),
+                        "invariants": k.invariants.iter().map(|i| json!({
+                            "code": i.code, "check": i.source,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            let commands: Vec<serde_json::Value> = d
+                .commands
+                .iter()
+                .map(|c| {
+                    let mut codes: Vec<&str> = c
+                        .targets
+                        .iter()
+                        .map(|t| t.code.as_str())
+                        .chain(c.targets.iter().flat_map(|t| t.checks().iter().map(|k| k.code.as_str())))
+                        .chain(c.preconditions().map(|p| p.code.as_str()))
+                        .chain(c.targets.iter().flat_map(|t| t.kind.invariants.iter().map(|i| i.code.as_str())))
+                        .collect();
+                    codes.sort_unstable();
+                    codes.dedup();
+                    json!({
+                        "name": c.name,
+                        "type": c.qualified(),
+                        "event": c.event,
+                        "description": c.description,
+                        "params": c.params.iter().map(|p| {
+                            let mut param = json!({
+                                "name": p.name,
+                                "type": p.ty.name(),
+                                "optional": p.optional,
+                            });
+                            if let ParamType::Id(kind) = &p.ty {
+                                param["kind"] = json!(kind.name);
+                            }
+                            if let Some(min) = p.min { param["min"] = json!(min.to_string()); }
+                            if let Some(max) = p.max { param["max"] = json!(max.to_string()); }
+                            if matches!(p.ty, ParamType::Value(Type::String)) { param["max_len"] = json!(p.max_len); }
+                            param
+                        }).collect::<Vec<_>>(),
+                        "targets": c.targets.iter().map(|t| json!({
+                            "param": t.param,
+                            "kind": t.kind.name,
+                            "must": match t.must { Must::Exist => "exist", Must::NotExist => "not_exist" },
+                            "action": t.action.as_str(),
+                        })).collect::<Vec<_>>(),
+                        "rejection_codes": codes,
+                    })
+                })
+                .collect();
+            json!({
+                "name": d.name,
+                "description": d.description,
+                "file": d.file,
+                "kinds": kinds,
+                "commands": commands,
+                "laws": d.laws.iter().map(|l| json!({"name": l.name, "statement": l.statement, "kind": l.kind, "scope": l.scope.as_str()})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "rule_set": rules_hash,
+        "core_rejection_codes": ["version_conflict", "atomic_rollback", "overflow", "wrong_kind",
+            keel_invariants::declared::EVALUATION_ERROR, keel_invariants::declared::DUPLICATE_TARGET,
+            keel_invariants::declared::FIELD_LIMIT],
+        "domains": domains,
     })
 }

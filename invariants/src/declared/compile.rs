@@ -441,6 +441,8 @@ fn compile_param(
     let max_len = match (&ty, param.max_len) {
         (ParamType::Value(Type::String), Some(n)) if n <= STRING_BYTES_MAX => n,
         (ParamType::Value(Type::String), None) => STRING_BYTES_DEFAULT,
+        // The edge checks an id's name (1 to 128 bytes of printable ASCII).
+        (ParamType::Id(_), None) => 128,
         (ParamType::Value(Type::String), Some(n)) => {
             return Err(ctx.error(
                 name.span(),
