@@ -173,8 +173,7 @@ fn command_types_resolve_qualified_and_unqualified() {
     // Two domains defining one name: unqualified is ambiguous.
     let other = COUNTER
         .replace("\"counters\"", "\"others\"")
-        .replace("counter", "tally")
-        .replace("\"others\"", "\"others\"");
+        .replace("counter", "tally");
     let other = other.replace("[commands.add]", "[commands.hold_seats]");
     let set = DomainSet::load(&[example("seats.toml"), ("o.toml".to_owned(), other)]).unwrap();
     assert!(matches!(set.resolve("hold_seats"), Resolved::Ambiguous(names) if names.len() == 2));
