@@ -172,16 +172,8 @@ impl RawCommand {
         })?;
         let item = Item { index, kind: &kind };
         if let Some((def, fields)) = self.declared.take() {
-            let id = match self.id.take() {
-                Some(id) => {
-                    check_name(&id)
-                        .map_err(|why| item.error("invalid_name", format!("field `id` {why}")))?;
-                    Some(id)
-                }
-                None => None,
-            };
             return Ok(Envelope {
-                id,
+                id: self.checked_id(&item)?,
                 expected_version: self.expected_version,
                 command: declared::command(&item, def, fields)?,
             });
@@ -201,14 +193,7 @@ impl RawCommand {
                 format!("field `{extra}` does not belong to this command type"),
             ));
         }
-        let id = match self.id.take() {
-            Some(id) => {
-                check_name(&id)
-                    .map_err(|why| item.error("invalid_name", format!("field `id` {why}")))?;
-                Some(id)
-            }
-            None => None,
-        };
+        let id = self.checked_id(&item)?;
         let expected_version = self.expected_version;
         let command = self.command(&item)?;
         Ok(Envelope {
@@ -216,6 +201,18 @@ impl RawCommand {
             expected_version,
             command,
         })
+    }
+
+    /// The client command id, taken out and checked as a name.
+    fn checked_id(&mut self, item: &Item<'_>) -> Result<Option<String>, WireError> {
+        match self.id.take() {
+            Some(id) => {
+                check_name(&id)
+                    .map_err(|why| item.error("invalid_name", format!("field `id` {why}")))?;
+                Ok(Some(id))
+            }
+            None => Ok(None),
+        }
     }
 
     fn command(self, item: &Item<'_>) -> Result<Command, WireError> {
