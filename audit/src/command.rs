@@ -331,6 +331,7 @@ fn print_summary(o: &Outcome, out: &mut dyn Write) -> std::io::Result<()> {
         }
     }
     writeln!(out, "  checks      {}", checks.join(", "))?;
+    writeln!(out, "  rules       {}", rule_set_runs(report))?;
     writeln!(out, "  laws        {}", law_names(report))?;
     match o.projection {
         Some(p) => print_projection(report, p, out)?,
@@ -347,8 +348,49 @@ fn print_summary(o: &Outcome, out: &mut dyn Write) -> std::io::Result<()> {
 }
 
 fn law_names(report: &AuditReport) -> String {
-    let names: Vec<&str> = report.laws.iter().map(|law| law.name()).collect();
+    let mut names: Vec<String> = report.laws.iter().map(|l| l.name().to_owned()).collect();
+    names.extend(report.declared_laws.iter().map(|l| {
+        let to = l
+            .to_batch
+            .map_or_else(String::new, |b| format!(" to batch {b}"));
+        format!(
+            "{} (definition {}, from batch {}{to})",
+            l.name, l.domain_version, l.from_batch
+        )
+    }));
     names.join(", ")
+}
+
+/// The rule sets the log was decided under, run by run: `1a2b3c4d batches 1-40 (built-in +
+/// seats@5e6f7a8b)`.
+fn rule_set_runs(report: &AuditReport) -> String {
+    if report.rule_set_runs.is_empty() {
+        return "none (an empty log)".to_owned();
+    }
+    let runs: Vec<String> = report
+        .rule_set_runs
+        .iter()
+        .map(|run| {
+            let domains = match &run.domains {
+                None => "text not recorded".to_owned(),
+                Some(domains) => std::iter::once("built-in".to_owned())
+                    .chain(
+                        domains
+                            .iter()
+                            .map(|(name, version)| format!("{name}@{version}")),
+                    )
+                    .collect::<Vec<_>>()
+                    .join(" + "),
+            };
+            format!(
+                "{} batches {}-{} ({domains})",
+                &hex(&run.hash)[..8],
+                run.first_batch,
+                run.last_batch
+            )
+        })
+        .collect();
+    runs.join(", ")
 }
 
 fn print_projection(
@@ -481,6 +523,16 @@ fn report_json(o: &Outcome) -> Value {
         "checks": checks,
         "conservation_laws": report.laws.iter().map(|law| json!({
             "name": law.name(), "statement": law.statement(), "scope": law.scope().as_str(),
+        })).chain(report.declared_laws.iter().map(|law| json!({
+            "name": law.name, "statement": law.statement, "scope": law.scope.as_str(),
+            "domain_version": law.domain_version, "from_batch": law.from_batch, "to_batch": law.to_batch,
+        }))).collect::<Vec<_>>(),
+        "rule_sets": report.rule_set_runs.iter().map(|run| json!({
+            "hash": hex(&run.hash), "first_batch": run.first_batch, "last_batch": run.last_batch,
+            "batches": run.batches,
+            "domains": run.domains.as_ref().map(|domains| domains.iter().map(|(name, version)| json!({
+                "name": name, "version": version,
+            })).collect::<Vec<_>>()),
         })).collect::<Vec<_>>(),
         "projection": o.projection.map_or_else(
             || json!({"checked": false, "reason": PROJECTION_NOT_CHECKED}),

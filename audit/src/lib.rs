@@ -20,6 +20,7 @@
 
 pub mod command;
 mod command_ids;
+mod declared_laws;
 pub mod projection;
 mod replay;
 mod served_log;
@@ -248,10 +249,41 @@ pub struct AuditReport {
     pub earlier_attempts: Vec<u64>,
     /// The conservation laws checked (`conservation`).
     pub laws: Vec<Law>,
+    /// The declared domains' conservation laws checked, one entry per version.
+    pub declared_laws: Vec<DeclaredLawChecked>,
+    /// The rule sets the log's batches were decided under, run by run in log order (a rule set
+    /// used, replaced and used again appears twice).
+    pub rule_set_runs: Vec<RuleSetSeen>,
     /// Who wrote the log: every API key id the records name, with how many batches name it
     /// (`keel serve --auth-keys`; empty for a server without authentication).
     pub submitters: std::collections::BTreeMap<String, u64>,
     max_divergences: usize,
+}
+
+/// A run of consecutive batches decided under one rule set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSetSeen {
+    pub hash: [u8; 32],
+    pub first_batch: u64,
+    pub last_batch: u64,
+    pub batches: u64,
+    /// The declared domains it defines besides the built-in ones: (name, the first 8 hex digits
+    /// of the hash of its definition text). `None` when the log does not record its text.
+    pub domains: Option<Vec<(String, String)>>,
+}
+
+/// A version of a declared domain's conservation law that the audit proved (or found broken).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeclaredLawChecked {
+    /// `<domain>.<law>`.
+    pub name: String,
+    pub statement: String,
+    pub scope: LawScope,
+    /// The first 8 hex digits of the hash of the domain's definition text.
+    pub domain_version: String,
+    pub from_batch: u64,
+    /// The batch whose rules replaced it; `None`: in force at the log's end.
+    pub to_batch: Option<u64>,
 }
 
 impl AuditReport {
@@ -274,6 +306,8 @@ impl AuditReport {
             attempts: 1,
             earlier_attempts: Vec::new(),
             laws: Vec::new(),
+            declared_laws: Vec::new(),
+            rule_set_runs: Vec::new(),
             submitters: std::collections::BTreeMap::new(),
             max_divergences,
         }
@@ -554,6 +588,7 @@ impl Run<'_> {
             let fed = match fed {
                 Ok(whole) => {
                     self.domains = feeder.latest_rules();
+                    self.report.rule_set_runs = std::mem::take(&mut feeder.seen);
                     Ok((whole, feeder.finish()))
                 }
                 Err(e) => {
@@ -881,6 +916,27 @@ impl Run<'_> {
         for d in found {
             self.report.record(d);
         }
+        let mut declared = Vec::new();
+        let replay = &self.replay;
+        replay
+            .declared_laws
+            .check_in_force(&replay.aggregates, &mut declared);
+        for d in declared {
+            self.report.record(d);
+        }
+        self.report.declared_laws = replay
+            .declared_laws
+            .versions
+            .iter()
+            .map(|v| DeclaredLawChecked {
+                name: v.def().name.clone(),
+                statement: v.def().statement.clone(),
+                scope: v.def().scope,
+                domain_version: v.domain_version(),
+                from_batch: v.from_batch,
+                to_batch: v.to_batch,
+            })
+            .collect();
         for (i, law) in self.replay.laws.iter().enumerate() {
             let (flow, state) = (self.replay.total_flows[i], totals[i]);
             if law.scope() == LawScope::Total && flow != state {

@@ -2,6 +2,7 @@
 //! thread decodes every event and folds it into the recomputed aggregates ([`Replay`]).
 
 use super::command_ids::{Carried, Fingerprints};
+use super::declared_laws::{self, DeclaredLaws};
 use super::{AuditReport, Check, Divergence, Rejected};
 use keel_invariants::declared::{DeclaredEvent, DomainSet, Resolved};
 use keel_invariants::{Aggregate, Law, LawScope, State, apply, codec, conservation_laws, ledger};
@@ -76,6 +77,8 @@ pub(super) struct Feeder {
     rule_sets: HashMap<[u8; 32], Arc<DomainSet>>,
     /// The rules of the record being fed.
     current: Option<BatchRules>,
+    /// The rule sets the records name, run by run, in log order.
+    pub(super) seen: Vec<super::RuleSetSeen>,
 }
 
 impl Feeder {
@@ -98,6 +101,7 @@ impl Feeder {
             rejected: Vec::new(),
             rule_sets: HashMap::new(),
             current: None,
+            seen: Vec::new(),
         }
     }
 
@@ -120,6 +124,25 @@ impl Feeder {
                     self.found.record(d);
                 }
             }
+        }
+        let batch = record.header.seq;
+        match self.seen.last_mut() {
+            Some(run) if run.hash == hash => {
+                run.last_batch = batch;
+                run.batches += 1;
+            }
+            _ => self.seen.push(super::RuleSetSeen {
+                hash,
+                first_batch: batch,
+                last_batch: batch,
+                batches: 1,
+                domains: self.rule_sets.get(&hash).map(|set| {
+                    set.domains()
+                        .iter()
+                        .map(|d| (d.name.clone(), declared_laws::domain_version(d)))
+                        .collect()
+                }),
+            }),
         }
         self.current = self.rule_sets.get(&hash).map(|domains| BatchRules {
             batch: record.header.seq,
@@ -206,6 +229,12 @@ pub(super) struct Replay {
     /// summed over the log, indexed like `laws`.
     pub(super) laws: Vec<Law>,
     pub(super) total_flows: Vec<i128>,
+    /// The declared domains' conservation laws, version by version.
+    pub(super) declared_laws: DeclaredLaws,
+    /// What the declared laws found, until it is recorded.
+    law_findings: Vec<Divergence>,
+    /// Per-aggregate flows of the declared event being folded: (target, law version, flow).
+    pending_flows: Vec<(usize, usize, i128)>,
     /// An event after this sequence keeps the state it changes as of this point
     /// ([`Replayed::at_point`]); `u64::MAX` keeps none.
     point: u64,
@@ -222,6 +251,8 @@ pub(super) struct Replayed {
     /// [`Replay::laws`]; boxed and only where such a law applies, so that an entry stays small
     /// and the replay's hot map stays in cache.
     pub(super) flows: Option<Box<[i128]>>,
+    /// Likewise for the declared laws: (law version, its opening quantity plus the flows).
+    pub(super) declared_flows: Option<Box<Vec<(usize, i128)>>>,
     /// Set when an event after the point first touches it: the aggregate and its last
     /// sequence as of the point (`None` inside: it did not exist yet).
     pub(super) at_point: Option<Box<Option<(Aggregate, u64, u64)>>>,
@@ -241,6 +272,9 @@ impl Replay {
             fingerprints,
             total_flows: vec![0; laws.len()],
             laws,
+            declared_laws: DeclaredLaws::default(),
+            law_findings: Vec::new(),
+            pending_flows: Vec::new(),
             point,
             checkpoint,
         }
@@ -294,14 +328,49 @@ impl Replay {
                 return;
             }
         };
-        if let keel_invariants::Event::Declared(event) = &logged.event
-            && let Err(detail) = self.decide_again(event, rules)
-        {
-            let d = Divergence::new(Check::State, detail);
-            found.record(d.at_seq(Some(seq)).at_batch(Some(batch)));
+        if let Some(rules) = rules {
+            let findings = &mut self.law_findings;
+            let aggregates = &mut self.aggregates;
+            self.declared_laws
+                .rules(&rules.domains, batch, aggregates, findings);
+        }
+        self.pending_flows.clear();
+        if let keel_invariants::Event::Declared(event) = &logged.event {
+            if let Err(detail) = self.decide_again(event, rules) {
+                let d = Divergence::new(Check::State, detail);
+                found.record(d.at_seq(Some(seq)).at_batch(Some(batch)));
+            }
+            let mut flows = Vec::new();
+            for (target, id) in event.targets.iter().enumerate() {
+                let before = self.aggregates.get(id.as_str());
+                self.declared_laws.flows(
+                    event,
+                    target,
+                    before,
+                    (seq, batch),
+                    &mut self.law_findings,
+                    &mut flows,
+                );
+                self.pending_flows
+                    .extend(flows.drain(..).map(|(v, flow)| (target, v, flow)));
+            }
         }
         for (target, id) in logged.event.targets().iter().enumerate() {
             self.fold(&logged.event, target, id.as_str(), seq, batch);
+        }
+        if let keel_invariants::Event::Declared(event) = &logged.event {
+            for &(target, v, flow) in &self.pending_flows {
+                let replayed = event
+                    .targets
+                    .get(target)
+                    .and_then(|id| self.aggregates.get_mut(id.as_str()));
+                if let Some(replayed) = replayed {
+                    declared_laws::add(&mut replayed.declared_flows, v, flow);
+                }
+            }
+        }
+        for d in self.law_findings.drain(..) {
+            found.record(d);
         }
         if let Some(command_id) = &logged.command_id {
             let fp = self.fingerprints.of(command_id.as_bytes());
@@ -412,6 +481,7 @@ impl Replay {
             last_seq: seq,
             last_batch: batch,
             flows,
+            declared_flows: None,
             at_point: after_point.then(|| Box::new(None)),
             at_checkpoint: after_checkpoint.then(|| Box::new(None)),
             seen: false,

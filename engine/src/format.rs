@@ -15,6 +15,9 @@ pub const META_TIP: &[u8] = b"tip";
 /// The checkpoint mark: the batch, last event and hash the `state` and `command_ids`
 /// families stand at ([`CheckpointMark`]).
 pub const META_CHECKPOINT: &[u8] = b"checkpoint";
+/// The batch whose record carries the text of the last rule set recorded (u64 BE): what a
+/// restart under other rules reads to learn which domains the log was last decided under.
+pub const META_RULES_RECORD: &[u8] = b"rules_record";
 
 /// A value that does not have the layout its key space requires.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -34,7 +34,7 @@ pub use rocks::{LockProbe, RocksStorage, Verified};
 pub use storage::{Cf, Storage, StorageError, StorageErrorKind, Visit, WriteSet};
 pub use upgrade::{UpgradeSummary, upgrade_v1};
 
-use format::{META_CHECKPOINT, META_FORMAT_VERSION, META_TIP, seq_key};
+use format::{META_CHECKPOINT, META_FORMAT_VERSION, META_RULES_RECORD, META_TIP, seq_key};
 use record::{RecordParts, SUBMITTER_BYTES_MAX, SUBMITTERS_MAX, push_frame};
 use std::path::Path;
 use std::sync::Arc;
@@ -336,10 +336,74 @@ impl Engine {
                 &seq_key(header.seq),
             );
         }
+        if first_record_under_rules {
+            pending
+                .set
+                .put(Cf::Meta, META_RULES_RECORD, &header.seq.to_be_bytes());
+        }
         pending
             .set
             .put(Cf::Meta, META_TIP, &ChainTip::after(&header).encode());
         header
+    }
+
+    /// The hash of the rule set the log's last record names; `None` for an empty log.
+    pub fn last_rule_set(&self) -> Option<[u8; 32]> {
+        self.last_rule_set
+    }
+
+    /// The text of the rule set the log's last record names, and the batch that recorded it;
+    /// `None` for an empty log. Read through `meta/rules_record`; a store written before that
+    /// key existed is searched from its first record (once: the next record under new rules
+    /// writes the key).
+    pub fn last_rules_text(&self) -> Result<Option<(u64, String)>, EngineError> {
+        let Some(hash) = self.last_rule_set else {
+            return Ok(None);
+        };
+        self.ensure_healthy()?;
+        let storage = self.storage.as_ref();
+        if let Some(value) = storage.get(Cf::Meta, META_RULES_RECORD)? {
+            let seq = format::decode_seq_key(&value)?;
+            if let Some(record) = storage.get(Cf::Log, &value)? {
+                let view = RecordView::decode(seq, &record)?;
+                if view.header.rule_set == hash && !view.rules_text().is_empty() {
+                    return Ok(Some((seq, view.rules_text().to_owned())));
+                }
+            }
+            return Err(EngineError::Corrupt(format!(
+                "meta/rules_record names batch {seq}, which does not record the text of the rule set the last record names"
+            )));
+        }
+        let mut found = None;
+        let mut error = None;
+        storage.scan(Cf::Log, &[], &mut |key, value| {
+            let view = format::decode_seq_key(key)
+                .map_err(EngineError::from)
+                .and_then(|seq| Ok((seq, RecordView::decode(seq, value)?)));
+            match view {
+                Ok((seq, view)) => {
+                    if view.header.rule_set == hash && !view.rules_text().is_empty() {
+                        found = Some((seq, view.rules_text().to_owned()));
+                        return false;
+                    }
+                    true
+                }
+                Err(e) => {
+                    error = Some(e);
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = error {
+            return Err(e);
+        }
+        match found {
+            Some(found) => Ok(Some(found)),
+            None => Err(EngineError::Corrupt(format!(
+                "no record carries the text of rule set {}, which the last record names",
+                format::hex(&hash)
+            ))),
+        }
     }
 
     fn ensure_healthy(&self) -> Result<(), EngineError> {

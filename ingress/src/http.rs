@@ -323,15 +323,35 @@ fn check_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// The query of `POST /v1/batches`. Unknown parameters are refused: a misspelt `dry_run`
+/// must not commit.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
 async fn post_batch(
     State(state): State<AppState>,
     caller: Option<axum::Extension<crate::auth::Caller>>,
+    query: Result<Query<BatchQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let caller = caller.map(|axum::Extension(caller)| caller.0);
-    let answer = submit_batch(&state, caller, &headers, body).await;
+    let answer = match query {
+        Ok(Query(query)) => submit_batch(&state, caller, query.dry_run, &headers, body).await,
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!(
+                "{} (the one parameter is `dry_run=true|false`)",
+                keel_sequencer::shorten(e.body_text(), ERROR_TEXT_BYTES_MAX)
+            ),
+        )),
+    };
     let status = match &answer {
         Ok(_) => "ok",
         Err(e) if e.status.is_client_error() => "client_error",
@@ -345,6 +365,7 @@ async fn post_batch(
 async fn submit_batch(
     state: &AppState,
     caller: Option<Arc<str>>,
+    dry_run: bool,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<BatchResponse, ApiError> {
@@ -371,12 +392,17 @@ async fn submit_batch(
         wire::parse_batch(&bytes, batch_items_max, &state.sequencer.config().domains)
             .map_err(ApiError::bad_request)?
     };
+    let how = keel_sequencer::Submit {
+        atomic,
+        dry_run,
+        submitter: caller,
+    };
     let receiver = state
         .sequencer
-        .submit_as(commands, atomic, caller)
+        .submit_with(commands, how)
         .map_err(|e| ApiError::submit(e, retry_after_secs))?;
     match receiver.await {
-        Ok(Ok(reply)) => Ok(BatchResponse::from(reply)),
+        Ok(Ok(reply)) => Ok(BatchResponse::new(reply, dry_run)),
         Ok(Err(e)) => Err(ApiError::submit(e, retry_after_secs)),
         Err(_) => Err(ApiError::submit(
             SubmitError::ShuttingDown,

@@ -505,12 +505,22 @@ pub struct SubscribeParams {
     pub aggregate: Option<String>,
 }
 
+/// The query of `POST /v1/batches`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BatchQuery {
+    /// `true`: decide every command against the committed state and answer exactly as a commit
+    /// would, writing nothing (`dry_run: true` in the answer, `batch` null). Default `false`.
+    pub dry_run: Option<bool>,
+}
+
 #[utoipa::path(
     post, path = "/v1/batches", tag = "write",
+    params(BatchQuery),
     request_body(content = BatchRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "Every command answered, in order, after the batch's fsync", body = crate::wire::BatchResponse),
-        (status = 400, description = "The request is not a valid batch (`invalid_request`, `invalid_amount`, `invalid_name`, `empty_batch`, `too_many_items`, `malformed_body`, ...); nothing is committed", body = ErrorBody),
+        (status = 200, description = "Every command answered, in order, after the batch's fsync (a dry run's at once, nothing written)", body = crate::wire::BatchResponse),
+        (status = 400, description = "The request is not a valid batch (`invalid_request`, `invalid_amount`, `invalid_name`, `empty_batch`, `too_many_items`, `malformed_body`, ...) or a bad query (`invalid_query`); nothing is committed", body = ErrorBody),
         (status = 401, description = "No valid API key", body = ErrorBody),
         (status = 403, description = "The key lacks the `write` scope", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),

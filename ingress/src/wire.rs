@@ -377,6 +377,10 @@ pub struct BatchResponse {
     pub committed_at: String,
     /// One per command, in order.
     pub results: Vec<ItemDto>,
+    /// Present (true) only for `?dry_run=true`: nothing was written; `batch` is null and each
+    /// committed item's `seq` is the one its event would have had.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// What happened to one command. `replayed: true`: the original answer to a command id seen
@@ -398,8 +402,8 @@ pub enum ItemDto {
     },
 }
 
-impl From<Reply> for BatchResponse {
-    fn from(reply: Reply) -> Self {
+impl BatchResponse {
+    pub fn new(reply: Reply, dry_run: bool) -> Self {
         let results = reply
             .results
             .into_iter()
@@ -419,6 +423,7 @@ impl From<Reply> for BatchResponse {
             batch: reply.batch,
             committed_at: timestamp(reply.committed_at_us),
             results,
+            dry_run,
         }
     }
 }

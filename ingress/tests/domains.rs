@@ -224,6 +224,60 @@ async fn seat_booking_over_http_then_audited() {
         before
     );
 
+    // A dry run answers as the commit would and writes nothing; a misspelt query commits
+    // nothing either.
+    let (_, events_before) = get(&c, &keel.url, "/v1/events?after=0&limit=1").await;
+    let request = json!({"commands": [
+        {"type": "hold_seats", "flight": "AF1", "hold": "d1", "seats": 1, "id": "dry-1"},
+        {"type": "hold_seats", "flight": "AF1", "hold": "d2", "seats": 1},
+        {"type": "hold_seats", "flight": "AF1", "hold": "d3", "seats": 2},
+    ]});
+    for query in ["?dry_run=true", "?dry_run=true&dry_run=true"] {
+        let r = c
+            .post(format!("{}/v1/batches{query}", keel.url))
+            .json(&request)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        if query.ends_with("&dry_run=true") {
+            assert_eq!(status, 400, "{body}");
+            assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+            continue;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["dry_run"], json!(true), "{body}");
+        assert_eq!(body["batch"], Value::Null, "{body}");
+        assert_eq!(
+            outcomes(&body),
+            ["committed", "committed", "sold_out"],
+            "{body}"
+        );
+    }
+    for query in ["?dryrun=true", "?dry_run=yes"] {
+        let r = c
+            .post(format!("{}/v1/batches{query}", keel.url))
+            .json(&request)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{query}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+    }
+    assert_eq!(
+        get(&c, &keel.url, "/v1/aggregates/flight:AF1").await.1,
+        before
+    );
+    let (_, events_after) = get(&c, &keel.url, "/v1/events?after=0&limit=1").await;
+    assert_eq!(events_after["last_seq"], events_before["last_seq"]);
+    // The same request committed for real answers the same, and its id is new.
+    let (_, real) = post(&c, &keel.url, request).await;
+    assert_eq!(outcomes(&real), ["committed", "committed", "sold_out"]);
+    assert_eq!(real["results"][0].get("replayed"), None, "{real}");
+    assert_eq!(real.get("dry_run"), None, "{real}");
+
     let status = keel.terminate();
     assert!(status.success());
 
@@ -267,4 +321,204 @@ fn a_definition_that_does_not_load_stops_the_server_naming_file_and_line() {
     assert!(stderr.contains("bad.toml:9:"), "{stderr}");
     assert!(stderr.contains("int and uint"), "{stderr}");
     assert!(!dir.path().join("data").exists(), "nothing was created");
+}
+
+/// A points domain: `earn` and `spend` move a wallet's points and say so in the laws' flows.
+/// `extra` is appended (commands of a later version of the file).
+fn points_domain(extra: &str) -> String {
+    format!(
+        r#"name = "points"
+
+[kinds.wallet]
+fields.points = {{ type = "int" }}
+
+[commands.open_wallet]
+params.wallet = {{ type = "id", kind = "wallet" }}
+targets = [{{ param = "wallet", must = "not_exist" }}]
+effects.wallet = {{ points = "0" }}
+
+[commands.earn]
+params.wallet = {{ type = "id", kind = "wallet" }}
+params.amount = {{ type = "uint", min = 1, max = 1000000 }}
+targets = [{{ param = "wallet", must = "exist" }}]
+effects.wallet = {{ points = "wallet.points + int(params.amount)" }}
+
+[commands.spend]
+params.wallet = {{ type = "id", kind = "wallet" }}
+params.amount = {{ type = "uint", min = 1, max = 1000000 }}
+targets = [{{ param = "wallet", must = "exist" }}]
+preconditions = [{{ check = "wallet.points >= int(params.amount)", code = "not_enough_points" }}]
+effects.wallet = {{ points = "wallet.points - int(params.amount)" }}
+{extra}
+[[laws]]
+name = "issued"
+statement = "all points equal points earned minus points spent"
+kind = "wallet"
+scope = "total"
+quantity = "wallet.points"
+flows.earn = {{ wallet = "int(params.amount)" }}
+flows.spend = {{ wallet = "-int(params.amount)" }}
+"#
+    )
+}
+
+fn audit_json(dir: &std::path::Path) -> (bool, Value, String) {
+    let json_path = dir.join("audit.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["audit", "--data"])
+        .arg(dir.join("data"))
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.success(), report, text)
+}
+
+/// Runs `keel serve --domain file` over `dir/data` and posts each body in turn.
+async fn serve_and_post(dir: &std::path::Path, file: &std::path::Path, bodies: &[Value]) {
+    let keel = KeelProcess::start(&dir.join("data"), &["--domain", file.to_str().unwrap()]);
+    let c = client();
+    for body in bodies {
+        let (status, answer) = post(&c, &keel.url, body.clone()).await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(
+            outcomes(&answer).iter().all(|o| o == "committed"),
+            "{answer}"
+        );
+    }
+    assert!(keel.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_laws_are_proven_per_definition_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("points.toml");
+
+    // Version 1.
+    std::fs::write(&file, points_domain("")).unwrap();
+    serve_and_post(
+        dir.path(),
+        &file,
+        &[
+            json!({"commands": [
+                {"type": "open_wallet", "wallet": "w1"},
+                {"type": "open_wallet", "wallet": "w2"},
+                {"type": "earn", "wallet": "w1", "amount": 50},
+            ]}),
+            json!({"commands": [{"type": "spend", "wallet": "w1", "amount": 20}]}),
+        ],
+    )
+    .await;
+    let (ok, report, text) = audit_json(dir.path());
+    assert!(ok, "{report}");
+    let runs = report["rule_sets"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{report}");
+    assert_eq!(runs[0]["first_batch"], 1);
+    assert_eq!(runs[0]["domains"][0]["name"], "points");
+    let v1 = runs[0]["domains"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(text.contains(&format!("points@{v1}")), "{text}");
+    let law = |report: &Value, i: usize| {
+        report["conservation_laws"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["name"] == "points.issued")
+            .nth(i)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(law(&report, 0)["from_batch"], 1, "{report}");
+    assert_eq!(law(&report, 0)["to_batch"], Value::Null, "{report}");
+
+    // Version 2 adds a command that moves points and declares its flow: the law's new version
+    // opens with the points already there, and the audit proves both versions.
+    let bonus = r#"
+[commands.bonus]
+params.wallet = { type = "id", kind = "wallet" }
+params.amount = { type = "uint", min = 1, max = 1000 }
+targets = [{ param = "wallet", must = "exist" }]
+effects.wallet = { points = "wallet.points + int(params.amount)" }
+"#;
+    let v2_text = points_domain(bonus).replace(
+        "flows.spend = {",
+        "flows.bonus = { wallet = \"int(params.amount)\" }\nflows.spend = {",
+    );
+    std::fs::write(&file, &v2_text).unwrap();
+    serve_and_post(
+        dir.path(),
+        &file,
+        &[json!({"commands": [
+            {"type": "bonus", "wallet": "w2", "amount": 7},
+            {"type": "earn", "wallet": "w2", "amount": 1},
+        ]})],
+    )
+    .await;
+    let (ok, report, _) = audit_json(dir.path());
+    assert!(ok, "{report}");
+    let runs = report["rule_sets"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{report}");
+    assert_eq!(runs[1]["first_batch"], 3, "{report}");
+    assert_ne!(runs[1]["domains"][0]["version"], v1.as_str());
+    assert_eq!(law(&report, 0)["to_batch"], 3, "{report}");
+    assert_eq!(law(&report, 1)["from_batch"], 3, "{report}");
+
+    // Version 3 adds a command that mints points without a flow: the writer accepts it (its
+    // effects are what the file says), and the audit proves the law broken.
+    std::fs::write(&file, v2_text.replace("[commands.bonus]", "[commands.mint]\n[commands.bonus]").replace(
+        "[commands.mint]\n",
+        "[commands.mint]\nparams.wallet = { type = \"id\", kind = \"wallet\" }\ntargets = [{ param = \"wallet\", must = \"exist\" }]\neffects.wallet = { points = \"wallet.points + 1000\" }\n\n",
+    ))
+    .unwrap();
+    serve_and_post(
+        dir.path(),
+        &file,
+        &[json!({"commands": [{"type": "mint", "wallet": "w1"}]})],
+    )
+    .await;
+    let (ok, report, text) = audit_json(dir.path());
+    assert!(!ok, "{report}");
+    assert_eq!(report["verdict"], "INTEGRITY_FAILED");
+    let broken: Vec<&Value> = report["divergences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["check"] == "conservation")
+        .collect();
+    assert_eq!(broken.len(), 1, "{report}");
+    let detail = broken[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("points.issued") && detail.contains("from batch 4"),
+        "{detail}"
+    );
+    assert!(
+        broken[0]["expected"].as_str().unwrap().starts_with("38 "),
+        "{report}"
+    );
+    assert!(
+        broken[0]["found"].as_str().unwrap().starts_with("1038 "),
+        "{report}"
+    );
+    assert!(text.contains("INTEGRITY_FAILED"), "{text}");
+
+    // A restart without the domain the log was last written under is refused, and changes
+    // nothing.
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"))
+        .env_remove("KEEL_DOMAINS")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`points`") && stderr.contains("--domain"),
+        "{stderr}"
+    );
+    let (_, after, _) = audit_json(dir.path());
+    assert_eq!(after["tip"], report["tip"], "nothing written");
 }

@@ -520,3 +520,39 @@ fn expected_version_applies_to_the_first_target() {
     assert_eq!(err.code.as_str(), "version_conflict");
     assert!(decide_at(&with(1), |id| w.store.get(id), T0).is_ok());
 }
+
+#[test]
+fn a_map_field_bounds_its_keys_and_string_values_by_max_len() {
+    let text = r#"
+name = "tags"
+
+[kinds.item]
+fields.tags = { type = "map(string, string)", max_len = 4, max_entries = 2 }
+
+[commands.create_item]
+params.item = { type = "id", kind = "item" }
+targets = [{ param = "item", must = "not_exist" }]
+
+[commands.tag]
+params.item = { type = "id", kind = "item" }
+params.key = { type = "string", max_len = 100 }
+params.value = { type = "string", max_len = 100 }
+targets = [{ param = "item", must = "exist" }]
+effects.item = { tags = "item.tags.with(params.key, params.value)" }
+"#;
+    let mut w = World {
+        set: Arc::new(load_one(text).unwrap()),
+        store: Store::new(),
+        now: T0,
+    };
+    w.run("create_item", &[("item", s("i"))]).unwrap();
+    let tag = |key: &str, value: &str| [("item", s("i")), ("key", s(key)), ("value", s(value))];
+    w.run("tag", &tag("abcd", "wxyz")).unwrap();
+    assert_eq!(w.run("tag", &tag("abcde", "x")).unwrap_err(), "field_limit");
+    assert_eq!(w.run("tag", &tag("k", "vwxyz")).unwrap_err(), "field_limit");
+    w.run("tag", &tag("k", "v")).unwrap();
+    assert_eq!(w.run("tag", &tag("j", "v")).unwrap_err(), "field_limit");
+    // max_len above the bound is refused at load, for maps as for strings.
+    let error = load_error(&text.replace("max_len = 4,", "max_len = 70000,"));
+    assert!(error.message.contains("max_len 70000"), "{error}");
+}

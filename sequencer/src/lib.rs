@@ -60,7 +60,22 @@ impl Default for Config {
     }
 }
 
-/// The answer to one submission, sent only after its batch is durable.
+/// How a submission is to be decided.
+#[derive(Clone, Debug, Default)]
+pub struct Submit {
+    /// All or nothing: one rejected command rolls back the submission's others.
+    pub atomic: bool,
+    /// Decide every command against the committed state and answer exactly as a commit would,
+    /// then forget it all: no event, no rejection and no command id is written or remembered,
+    /// and the answer names no batch (its `seq`s are the ones the events would have had). A
+    /// dry run is decided before the other submissions of its group, so it never sees effects
+    /// that are not durable yet.
+    pub dry_run: bool,
+    /// The API key id the batch's record names.
+    pub submitter: Option<Arc<str>>,
+}
+
+/// The answer to one submission, sent only after its batch is durable (a dry run's at once).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
     /// The batch that holds this submission's committed events; `None` when none committed.
@@ -109,6 +124,9 @@ pub enum ReadError {
     Engine(#[from] EngineError),
     #[error("stored record does not decode: {0}")]
     Decode(#[from] codec::DecodeError),
+    /// The store was last written under a domain this server was not started with.
+    #[error("{0}")]
+    DomainNotLoaded(String),
 }
 
 impl ReadError {
@@ -130,6 +148,8 @@ pub struct CommittedEvent {
 pub(crate) struct Submission {
     commands: Vec<Envelope>,
     atomic: bool,
+    /// Decide and answer, then forget: nothing is written (see [`Submit::dry_run`]).
+    dry_run: bool,
     /// Who submitted it (an API key id), recorded in the batch's record.
     submitter: Option<Arc<str>>,
     reply: Responder,
@@ -244,6 +264,7 @@ impl Sequencer {
     pub fn start(mut engine: Engine, config: Config) -> Result<Self, ReadError> {
         assert!(config.batch_items_max > 0 && config.queue_depth_max > 0);
         engine.set_rules(RuleSet::new(config.domains.rules_text()));
+        check_recorded_domains(&engine, &config.domains)?;
         let reader = engine.reader();
         let published = Arc::new(checkpoint::Published::default());
         let started = Instant::now();
@@ -346,6 +367,28 @@ impl Sequencer {
         atomic: bool,
         submitter: Option<Arc<str>>,
     ) -> Result<oneshot::Receiver<Result<Reply, SubmitError>>, SubmitError> {
+        self.submit_with(
+            commands,
+            Submit {
+                atomic,
+                dry_run: false,
+                submitter,
+            },
+        )
+    }
+
+    /// Queues `commands` as `how` says, or refuses at once. The queue's bounds hold for dry
+    /// runs too: they take the writer's time like any submission.
+    pub fn submit_with(
+        &self,
+        commands: Vec<Envelope>,
+        how: Submit,
+    ) -> Result<oneshot::Receiver<Result<Reply, SubmitError>>, SubmitError> {
+        let Submit {
+            atomic,
+            dry_run,
+            submitter,
+        } = how;
         let items = commands.len();
         if items == 0 {
             return Err(SubmitError::Empty);
@@ -367,6 +410,7 @@ impl Sequencer {
         let submission = Submission {
             commands,
             atomic,
+            dry_run,
             submitter,
             reply: Responder(Some(reply)),
             enqueued_at: Instant::now(),
@@ -520,6 +564,46 @@ fn run_writer(writer: writer::Writer, rx: std::sync::mpsc::Receiver<Message>, sh
         metrics::counter!("keel_writer_panics_total").increment(1);
         shared.failure.send_replace(Some(reason));
     }
+}
+
+/// Refuses to decide under rules that drop a declared domain the log was last decided under:
+/// its aggregates would be left with no rules, their commands refused as unknown, and a client
+/// would read a domain the server says does not exist. A changed definition of the same domain
+/// is fine (the log records the new version). Costs one read at start, and only when the rules
+/// changed.
+fn check_recorded_domains(
+    engine: &Engine,
+    domains: &keel_invariants::declared::DomainSet,
+) -> Result<(), ReadError> {
+    if engine
+        .last_rule_set()
+        .is_none_or(|hash| hash == engine.rules().hash)
+    {
+        return Ok(());
+    }
+    let Some((batch, text)) = engine.last_rules_text()? else {
+        return Ok(());
+    };
+    let recorded = keel_invariants::declared::DomainSet::recorded_files(&text).map_err(|e| {
+        EngineError::Corrupt(format!(
+            "the rules text batch {batch} records does not read: {e}"
+        ))
+    })?;
+    let missing: Vec<&str> = recorded
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !domains.domains().iter().any(|d| d.name == *name))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = missing.iter().map(|n| format!("`{n}`")).collect();
+    Err(ReadError::DomainNotLoaded(format!(
+        "this store was last written under the domain(s) {} (their definition is recorded in batch {batch}), \
+         and this server was not started with them: pass `--domain FILE` (or KEEL_DOMAINS) for each. \
+         A changed definition is fine: the log records the new version. The store is left as it is.",
+        names.join(", ")
+    )))
 }
 
 /// Rewrites the format-1 store at `old` (only read) as a new format-2 store at `new` (created),

@@ -338,8 +338,15 @@ impl Writer {
         self.scratch.outcomes.clear();
         self.scratch.dirty.clear();
         self.load_stored_outcomes(group)?;
+        // Dry runs first (a stable sort keeps every other order): decided against the committed
+        // state alone, they never see effects whose fsync has not returned.
+        group.sort_by_key(|s| !s.dry_run);
         let mut decided = Vec::with_capacity(group.len());
         for submission in group.drain(..) {
+            if submission.dry_run {
+                self.dry_run(submission);
+                continue;
+            }
             let before = self.pending.written();
             let (results, committed) =
                 self.decide_submission(&submission.commands, submission.atomic);
@@ -394,12 +401,50 @@ impl Writer {
         Ok(())
     }
 
+    /// Decides a dry run exactly as [`Writer::decide_submission`] would, answers it at once, and
+    /// forgets it: the cache, the pending record and the batch's command ids are as before.
+    /// Runs before any other submission of the group (see `decide_group`), so the aggregates
+    /// it marked changed were changed by it alone.
+    fn dry_run(&mut self, submission: Submission) {
+        let mark = self.pending.event_count();
+        let (results, _) = self.decide_commands(&submission.commands, submission.atomic, true);
+        self.discard(&submission.commands, &results, mark);
+        self.scratch.dirty.clear();
+        metrics::counter!("keel_dry_runs_total").increment(1);
+        submission.reply.send(Ok(Reply {
+            batch: None,
+            committed_at_us: self.pending.committed_at_us(),
+            results,
+        }));
+    }
+
     /// Decides every command of one submission in order; rolls all of it back when it is atomic
     /// and any command was rejected. Returns the results and how many committed.
     fn decide_submission(
         &mut self,
         commands: &[Envelope],
         atomic: bool,
+    ) -> (Vec<ItemResult>, usize) {
+        let (results, committed) = self.decide_commands(commands, atomic, false);
+        for result in &results {
+            if let ItemResult::Rejected {
+                rejection,
+                replayed: false,
+            } = result
+            {
+                self.scratch.rejected_by_code[rejection.code.index()] += 1;
+            }
+        }
+        (results, committed)
+    }
+
+    /// Decides `commands` in order, keeping undo records when the submission is `atomic` or
+    /// `undoable` (a dry run), and rolls an atomic one back when any command was rejected.
+    fn decide_commands(
+        &mut self,
+        commands: &[Envelope],
+        atomic: bool,
+        undoable: bool,
     ) -> (Vec<ItemResult>, usize) {
         let mark = self.pending.event_count();
         let mark_seq = self.pending.next_event_seq();
@@ -408,7 +453,7 @@ impl Writer {
         let mut committed = 0;
         let mut fresh_rejections = 0;
         for envelope in commands {
-            let result = self.decide_one(envelope, atomic);
+            let result = self.decide_one(envelope, atomic || undoable);
             match &result {
                 ItemResult::Committed {
                     replayed: false, ..
@@ -424,19 +469,11 @@ impl Writer {
             self.roll_back(commands, &mut results, mark, mark_seq);
             committed = 0;
         }
-        for result in &results {
-            if let ItemResult::Rejected {
-                rejection,
-                replayed: false,
-            } = result
-            {
-                self.scratch.rejected_by_code[rejection.code.index()] += 1;
-            }
-        }
         (results, committed)
     }
 
-    fn decide_one(&mut self, envelope: &Envelope, atomic: bool) -> ItemResult {
+    /// `undoable`: keep the prior state of every aggregate changed, for a roll-back.
+    fn decide_one(&mut self, envelope: &Envelope, undoable: bool) -> ItemResult {
         if let Some(outcome) = envelope.id.as_deref().and_then(|id| self.known_outcome(id)) {
             return match outcome {
                 CommandOutcome::Committed { seq } => ItemResult::Committed {
@@ -460,7 +497,7 @@ impl Writer {
                 let seq = self
                     .pending
                     .push_event(|out| codec::encode_event(&logged, out));
-                self.apply_to_cache(&logged, atomic);
+                self.apply_to_cache(&logged, undoable);
                 CommandOutcome::Committed { seq }
             }
             Err(rejection) => CommandOutcome::Rejected(rejection),
@@ -489,7 +526,7 @@ impl Writer {
             .cloned()
     }
 
-    fn apply_to_cache(&mut self, logged: &LoggedEvent, atomic: bool) {
+    fn apply_to_cache(&mut self, logged: &LoggedEvent, undoable: bool) {
         for (index, id) in logged.event.targets().iter().enumerate() {
             let previous = match self.cache.get_mut(id) {
                 // Take the aggregate out without cloning it; the placeholder is overwritten
@@ -497,7 +534,7 @@ impl Writer {
                 Some(slot) => Some(std::mem::replace(slot, placeholder())),
                 None => None,
             };
-            if atomic {
+            if undoable {
                 self.scratch.undo.push((id.clone(), previous.clone()));
             }
             let next = apply(&logged.event, index, previous);
@@ -536,33 +573,8 @@ impl Writer {
         mark: usize,
         mark_seq: u64,
     ) {
-        for (id, previous) in self.scratch.undo.drain(..).rev() {
-            match previous {
-                Some(aggregate) => {
-                    self.cache.insert(id, aggregate);
-                }
-                None => {
-                    self.cache.remove(&id);
-                }
-            }
-        }
-        self.pending.truncate_events(mark);
-        for (envelope, result) in commands.iter().zip(results.iter_mut()) {
-            // Forget only what this submission decided: a replayed id's outcome belongs to an
-            // earlier submission and must still be written.
-            let fresh = matches!(
-                result,
-                ItemResult::Committed {
-                    replayed: false,
-                    ..
-                } | ItemResult::Rejected {
-                    replayed: false,
-                    ..
-                }
-            );
-            if let (true, Some(id)) = (fresh, &envelope.id) {
-                self.scratch.outcomes.remove(id);
-            }
+        self.discard(commands, results, mark);
+        for result in results.iter_mut() {
             // A repeat of an id committed earlier in this same submission is rolled back too.
             let undone = matches!(
                 result,
@@ -579,6 +591,40 @@ impl Writer {
                     ),
                     replayed: false,
                 };
+            }
+        }
+    }
+
+    /// Forgets what deciding `commands` did (their `results`): cache entries back to their
+    /// prior values (the undo records), the events after the first `mark` dropped, and the
+    /// outcomes of the command ids they decided forgotten.
+    fn discard(&mut self, commands: &[Envelope], results: &[ItemResult], mark: usize) {
+        for (id, previous) in self.scratch.undo.drain(..).rev() {
+            match previous {
+                Some(aggregate) => {
+                    self.cache.insert(id, aggregate);
+                }
+                None => {
+                    self.cache.remove(&id);
+                }
+            }
+        }
+        self.pending.truncate_events(mark);
+        for (envelope, result) in commands.iter().zip(results) {
+            // Forget only what this submission decided: a replayed id's outcome belongs to an
+            // earlier submission and must still be written.
+            let fresh = matches!(
+                result,
+                ItemResult::Committed {
+                    replayed: false,
+                    ..
+                } | ItemResult::Rejected {
+                    replayed: false,
+                    ..
+                }
+            );
+            if let (true, Some(id)) = (fresh, &envelope.id) {
+                self.scratch.outcomes.remove(id);
             }
         }
     }

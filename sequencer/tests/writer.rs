@@ -4,7 +4,7 @@
 
 use keel_engine::{Engine, MemoryStorage, Storage};
 use keel_invariants::{AggregateId, Command, Envelope, RejectCode, State, ledger};
-use keel_sequencer::{Config, ItemResult, Reply, Sequencer, SubmitError};
+use keel_sequencer::{Config, ItemResult, Reply, Sequencer, Submit, SubmitError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +54,19 @@ fn withdraw(id: Option<&str>, name: &str, amount: u64) -> Envelope {
 
 async fn run(s: &Sequencer, commands: Vec<Envelope>, atomic: bool) -> Reply {
     s.submit(commands, atomic).unwrap().await.unwrap().unwrap()
+}
+
+async fn dry_run(s: &Sequencer, commands: Vec<Envelope>, atomic: bool) -> Reply {
+    let how = Submit {
+        atomic,
+        dry_run: true,
+        submitter: None,
+    };
+    s.submit_with(commands, how)
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 fn balance(s: &Sequencer, name: &str) -> Option<i64> {
@@ -300,4 +313,143 @@ async fn bounds_are_refused_at_once() {
         "only the format version was ever written"
     );
     assert_eq!(storage.get(keel_engine::Cf::Meta, b"tip").unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_dry_run_answers_as_a_commit_would_and_writes_nothing() {
+    let storage = Arc::new(MemoryStorage::default());
+    let s = start(storage.clone(), Config::default());
+    run(&s, vec![open("a"), deposit(Some("d"), "a", 10)], false).await;
+    let syncs = storage.syncs();
+    let (_, last_seq) = s.events(0, 100).unwrap();
+    let reply = dry_run(
+        &s,
+        vec![
+            deposit(Some("d"), "a", 10),
+            withdraw(Some("w1"), "a", 8),
+            withdraw(Some("w2"), "a", 8),
+            open("b"),
+            deposit(Some("w1"), "a", 1),
+        ],
+        false,
+    )
+    .await;
+    assert_eq!(
+        codes(&reply),
+        [
+            "committed",
+            "committed",
+            "insufficient_funds",
+            "committed",
+            "committed"
+        ],
+        "later commands see the earlier ones' effects, as in a commit"
+    );
+    assert!(matches!(
+        reply.results[0],
+        ItemResult::Committed { replayed: true, .. }
+    ));
+    assert_eq!(
+        reply.results[1],
+        ItemResult::Committed {
+            seq: last_seq + 1,
+            replayed: false
+        },
+        "the sequence the event would have had"
+    );
+    assert!(matches!(
+        reply.results[4],
+        ItemResult::Committed { replayed: true, .. }
+    ));
+    assert_eq!(reply.batch, None);
+    assert_eq!(storage.syncs(), syncs, "nothing written");
+    assert_eq!(s.events(0, 100).unwrap().1, last_seq);
+    assert_eq!(balance(&s, "a"), Some(10));
+    assert_eq!(balance(&s, "b"), None);
+    // Nothing of it is remembered: the writer's cache and its command ids are as before.
+    let real = run(
+        &s,
+        vec![
+            withdraw(Some("w1"), "a", 8),
+            withdraw(Some("w2"), "a", 8),
+            deposit(None, "b", 1),
+        ],
+        false,
+    )
+    .await;
+    assert_eq!(
+        codes(&real),
+        ["committed", "insufficient_funds", "account_not_found"]
+    );
+    assert!(
+        real.results
+            .iter()
+            .all(|r| !matches!(r, ItemResult::Committed { replayed: true, .. }))
+    );
+    assert_eq!(balance(&s, "a"), Some(2));
+}
+
+#[tokio::test]
+async fn an_atomic_dry_run_rolls_back_like_an_atomic_commit() {
+    let s = start(Arc::new(MemoryStorage::default()), Config::default());
+    run(&s, vec![open("a")], false).await;
+    let request = || vec![deposit(Some("x"), "a", 5), withdraw(None, "a", 6)];
+    let dry = dry_run(&s, request(), true).await;
+    let real = run(&s, request(), true).await;
+    assert_eq!(codes(&dry), ["atomic_rollback", "insufficient_funds"]);
+    assert_eq!(dry.results, real.results, "the same answer as the commit");
+    assert_eq!(balance(&s, "a"), Some(0));
+}
+
+#[tokio::test]
+async fn a_dry_run_sees_only_committed_state_even_in_a_shared_batch() {
+    let storage = Arc::new(MemoryStorage::default());
+    let s = start(
+        storage.clone(),
+        Config {
+            linger: Duration::from_millis(300),
+            ..Config::default()
+        },
+    );
+    run(&s, vec![open("a")], false).await;
+    // Queued first, so the writer takes it first; the dry run joins its group while it lingers.
+    let real = s.submit(vec![deposit(Some("r"), "a", 5)], false).unwrap();
+    let dry = s
+        .submit_with(
+            vec![withdraw(None, "a", 5), deposit(Some("r"), "a", 5)],
+            Submit {
+                dry_run: true,
+                ..Submit::default()
+            },
+        )
+        .unwrap();
+    let later = s.submit(vec![withdraw(None, "a", 5)], false).unwrap();
+    let (real, dry, later) = (
+        real.await.unwrap().unwrap(),
+        dry.await.unwrap().unwrap(),
+        later.await.unwrap().unwrap(),
+    );
+    assert_eq!(codes(&real), ["committed"]);
+    assert_eq!(
+        codes(&dry),
+        ["insufficient_funds", "committed"],
+        "the deposit whose fsync had not returned is not seen"
+    );
+    assert!(
+        matches!(
+            dry.results[1],
+            ItemResult::Committed {
+                replayed: false,
+                ..
+            }
+        ),
+        "nor is its command id"
+    );
+    assert_eq!(
+        codes(&later),
+        ["committed"],
+        "the dry run undid nothing real"
+    );
+    assert_eq!(real.batch, later.batch, "one group");
+    assert_eq!(balance(&s, "a"), Some(0));
 }

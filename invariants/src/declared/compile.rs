@@ -259,20 +259,20 @@ fn compile_field(
             .map_err(|why| ctx.error(value.span(), format!("field `{field_name}`: {why}")))?,
         None => Value::default_of(&ty),
     };
+    // A map's max_len bounds its keys and string values.
     let max_len = match (&ty, field.max_len) {
-        (Type::String, Some(n)) if n <= STRING_BYTES_MAX => n,
-        (Type::String, None) => STRING_BYTES_DEFAULT,
-        (Type::String, Some(n)) => {
+        (Type::String | Type::Map(_), Some(n)) if n <= STRING_BYTES_MAX => n,
+        (Type::String | Type::Map(_), None) => STRING_BYTES_DEFAULT,
+        (Type::String | Type::Map(_), Some(n)) => {
             return Err(ctx.error(
                 name.span(),
                 format!("field `{field_name}`: max_len {n} is above {STRING_BYTES_MAX}"),
             ));
         }
-        (Type::Map(_), _) => STRING_BYTES_DEFAULT,
         (_, Some(_)) => {
             return Err(ctx.error(
                 name.span(),
-                format!("field `{field_name}`: max_len applies to strings only"),
+                format!("field `{field_name}`: max_len applies to strings and maps only"),
             ));
         }
         (_, None) => 0,

@@ -115,6 +115,16 @@ impl DomainSet {
 
     /// The declared domains a log's rules text records (the audit's view of a rule set).
     pub fn from_rules_text(text: &str) -> Result<Self, LoadError> {
+        let files: Vec<(String, String)> = Self::recorded_files(text)?
+            .into_iter()
+            .map(|(name, file)| (format!("<log: domain {name}>"), file.to_owned()))
+            .collect();
+        Self::load(&files)
+    }
+
+    /// The definition files a rules text records, as (domain name, file text), without
+    /// compiling them.
+    pub fn recorded_files(text: &str) -> Result<Vec<(&str, &str)>, LoadError> {
         let fail = |message: String| LoadError {
             file: "<rules text in the log>".to_string(),
             line: 1,
@@ -139,7 +149,7 @@ impl DomainSet {
             let file = body
                 .get(..len)
                 .ok_or_else(|| fail(format!("domain file `{name}` is cut short")))?;
-            files.push((format!("<log: domain {name}>"), file.to_string()));
+            files.push((name, file));
             rest = body
                 .get(len..)
                 .and_then(|r| r.strip_prefix('\n'))
@@ -150,8 +160,7 @@ impl DomainSet {
         if !rest.is_empty() {
             return Err(fail("text after the last domain file".to_string()));
         }
-        let set = Self::load(&files)?;
-        Ok(set)
+        Ok(files)
     }
 
     /// The rules text every batch committed under this set names (by hash) and the log
