@@ -45,10 +45,17 @@ BENCH_RUN_ID ?=
 FSYNC_MAX_LAT_US ?= 5000
 FIO_RUNTIME ?= 10s
 KEEL_SERVE_ARGS ?=
+# A declared domain file (docs/DOMAINS.md) for the HTTP scenarios: `keel serve --domain FILE`
+# and `keel-bench --domain FILE`. Empty: the built-in ledger and inventory. bench-domain's
+# file side (default examples/domains/ledger.toml).
+BENCH_DOMAIN ?=
+# bench-domain fails when the file-defined domain's committed items/s over the built-in's is
+# below this.
+BENCH_DOMAIN_MIN_RATIO ?= 0.5
 export BENCH_ACCOUNTS BENCH_SKUS BENCH_MIX BENCH_PAYLOAD_BYTES BENCH_RATE BENCH_ATOMIC
 export BENCH_REJECT_RATIO BENCH_SEED BENCH_SAMPLE_INTERVAL BENCH_MAX_REQUESTS BENCH_IN_FLIGHT
 export BENCH_CEILING_BATCHES BENCH_PREFLIGHT BENCH_KEEP_DATA FSYNC_MAX_LAT_US
-export FIO_RUNTIME KEEL_SERVE_ARGS BENCH_RUN_ID
+export FIO_RUNTIME KEEL_SERVE_ARGS BENCH_RUN_ID BENCH_DOMAIN
 # Exported only when set: keel-bench reads BENCH_DATA_ROOT as `--dir`, and an empty value is
 # an invalid path (regression: `make test` exported it empty and a CLI test failed under make
 # while it passed under plain nextest).
@@ -60,7 +67,7 @@ RUN_SCENARIO := $(BENCH_MK_DIR)/run-scenario.sh
 BENCH_STAMP = $(or $(BENCH_RUN_ID),$(shell date -u +%Y%m%dT%H%M%SZ))
 
 .PHONY: bench-build preflight bench bench-broker bench-ceiling bench-dense bench-engine \
-	cloud-bench-broker cloud-bench-dense bench-test bench-recovery bench-subscribe
+	cloud-bench-broker cloud-bench-dense bench-test bench-recovery bench-subscribe bench-domain
 
 ## Build the release binaries the benchmarks use (keel and keel-bench).
 bench-build:
@@ -105,6 +112,34 @@ bench-ceiling: bench-build
 bench-dense: bench-build
 	BENCH_WORKERS=$(or $(BENCH_WORKERS),64) BENCH_BATCH=$(or $(BENCH_BATCH),100) \
 	BENCH_DURATION=$(or $(BENCH_DURATION),1m) $(RUN_SCENARIO) dense
+
+## File-defined vs built-in domain: the built-in ledger, then the same load sent to the file
+## BENCH_DOMAIN (default examples/domains/ledger.toml, the built-in ledger as a file), each on a
+## fresh server and audited, 1 worker x batch 1000 for 15 s each (BENCH_MIX selects the mix);
+## then both committed items/s from their result.json and the ratio file / built-in, which must
+## be at least BENCH_DOMAIN_MIN_RATIO. Results: <run>-domain/{builtin,file}/, compare.txt.
+bench-domain: bench-build
+	@base="$(or $(RESULTS_DIR),$(BENCH_MK_DIR)/results/$(BENCH_STAMP)-domain)"; status=0; \
+	for side in builtin file; do \
+		domain=; [ "$$side" = builtin ] || domain="$(or $(BENCH_DOMAIN),examples/domains/ledger.toml)"; \
+		rc=0; RESULTS_DIR= BENCH_DOMAIN="$$domain" BENCH_WORKERS=$(or $(BENCH_WORKERS),1) \
+			BENCH_BATCH=$(or $(BENCH_BATCH),1000) BENCH_DURATION=$(or $(BENCH_DURATION),15s) \
+			$(RUN_SCENARIO) "domain-$$side" "$$base/$$side" || rc=$$?; \
+		if [ "$$rc" -ge 128 ]; then \
+			echo "bench-domain: interrupted during the $$side run; no comparison" >&2; exit "$$rc"; \
+		fi; \
+		[ "$$rc" -eq 0 ] || status=1; \
+	done; \
+	echo; \
+	for side in builtin file; do \
+		cat "$$base/$$side/VERDICT" 2>/dev/null || echo "FAILED: the $$side run left no verdict"; \
+	done; \
+	if [ "$$status" -ne 0 ]; then \
+		echo "bench-domain: FAILED: a run did not pass, so it has no numbers and there is no ratio" >&2; exit 1; \
+	fi; \
+	"$(KEEL_BENCH_BIN)" compare --min-ratio "$(BENCH_DOMAIN_MIN_RATIO)" \
+		"built-in=$$base/builtin/result.json" "file=$$base/file/result.json" >"$$base/compare.txt" || status=$$?; \
+	echo; cat "$$base/compare.txt"; echo "results in $$base"; exit "$$status"
 
 ## In-process engine ceiling (no HTTP): batch 1000, 4 submissions in flight, 30 s.
 bench-engine: bench-build

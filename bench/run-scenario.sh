@@ -11,13 +11,17 @@
 # With BENCH_KIND=engine the server and HTTP are left out: `keel-bench engine` drives the
 # sequencer and RocksDB in-process on DATA_DIR, and the audit runs on that store.
 #
+# With BENCH_DOMAIN=FILE (HTTP only) the server is started with `--domain FILE` and keel-bench
+# sends the mix's commands to that declared domain (`--domain FILE`: `<domain>.<command>`); the
+# file is copied into RESULTS_DIR as domain.toml. Empty: the built-in ledger and inventory.
+#
 # Usage: bench/run-scenario.sh NAME [RESULTS_DIR]
 # Knobs (environment, all optional; docs/BENCHMARKING.md explains each):
 #   BENCH_WORKERS BENCH_BATCH BENCH_DURATION BENCH_ACCOUNTS BENCH_SKUS BENCH_MIX
 #   BENCH_PAYLOAD_BYTES BENCH_RATE BENCH_ATOMIC BENCH_REJECT_RATIO BENCH_SEED
 #   BENCH_SAMPLE_INTERVAL BENCH_MAX_REQUESTS BENCH_DATA_ROOT BENCH_PREFLIGHT FSYNC_MAX_LAT_US
 #   FIO_RUNTIME BENCH_KEEP_DATA BENCH_STOP_TIMEOUT_S BENCH_KIND BENCH_IN_FLIGHT KEEL_SERVE_ARGS
-#   KEEL_BIN KEEL_BENCH_BIN BENCH_RUN_ID
+#   BENCH_DOMAIN KEEL_BIN KEEL_BENCH_BIN BENCH_RUN_ID
 set -euo pipefail
 
 usage() {
@@ -58,10 +62,25 @@ FIO_RUNTIME=${FIO_RUNTIME:-10s}
 KEEL_SERVE_ARGS=${KEEL_SERVE_ARGS:-}
 BENCH_KIND=${BENCH_KIND:-http}
 BENCH_IN_FLIGHT=${BENCH_IN_FLIGHT:-4}
+BENCH_DOMAIN=${BENCH_DOMAIN:-}
 case $BENCH_KIND in
   http | engine) ;;
   *) echo "BENCH_KIND must be http or engine, not '$BENCH_KIND'" >&2; exit 2 ;;
 esac
+if [[ -n $BENCH_DOMAIN ]]; then
+  if [[ $BENCH_KIND == engine ]]; then
+    echo "BENCH_DOMAIN is for HTTP scenarios; the engine bench runs the built-in ledger only" >&2
+    exit 2
+  fi
+  # A path relative to the repository (examples/domains/ledger.toml) works from anywhere.
+  if [[ ! -e $BENCH_DOMAIN && $BENCH_DOMAIN != /* && -f $REPO_ROOT/$BENCH_DOMAIN ]]; then
+    BENCH_DOMAIN=$REPO_ROOT/$BENCH_DOMAIN
+  fi
+  if [[ ! -f $BENCH_DOMAIN || ! -r $BENCH_DOMAIN ]]; then
+    echo "BENCH_DOMAIN=$BENCH_DOMAIN: no such readable file (a domain definition, docs/DOMAINS.md)" >&2
+    exit 2
+  fi
+fi
 
 log() { printf '[%s] %s\n' "$NAME" "$*" >&2; }
 
@@ -163,10 +182,14 @@ done
   for var in BENCH_WORKERS BENCH_BATCH BENCH_DURATION BENCH_ACCOUNTS BENCH_SKUS BENCH_MIX \
     BENCH_PAYLOAD_BYTES BENCH_RATE BENCH_ATOMIC BENCH_REJECT_RATIO BENCH_SEED BENCH_SAMPLE_INTERVAL \
     BENCH_MAX_REQUESTS BENCH_DATA_ROOT BENCH_PREFLIGHT FSYNC_MAX_LAT_US FIO_RUNTIME KEEL_SERVE_ARGS \
-    BENCH_KIND BENCH_IN_FLIGHT BENCH_RUN_ID; do
+    BENCH_KIND BENCH_IN_FLIGHT BENCH_DOMAIN BENCH_RUN_ID; do
     echo "$var=${!var}"
   done
 } >"$RESULTS_DIR/scenario.env"
+# The definition the server decided under, beside the numbers it produced.
+if [[ -n $BENCH_DOMAIN ]]; then
+  cp -- "$BENCH_DOMAIN" "$RESULTS_DIR/domain.toml"
+fi
 
 # 1. Preflight: refuse a disk whose fsync is too slow to say anything about Keel.
 preflight_args=()
@@ -209,8 +232,12 @@ run_http() {
   if [[ -n $KEEL_SERVE_ARGS ]]; then
     read -r -a serve_extra <<<"$KEEL_SERVE_ARGS"
   fi
-  log "starting keel serve on $URL, data in $DATA_DIR"
-  "$KEEL_BIN" serve --data "$DATA_DIR" --listen "127.0.0.1:$PORT" "${serve_extra[@]}" \
+  domain_args=()
+  if [[ -n $BENCH_DOMAIN ]]; then
+    domain_args=(--domain "$BENCH_DOMAIN")
+  fi
+  log "starting keel serve on $URL, data in $DATA_DIR${BENCH_DOMAIN:+, domain file $BENCH_DOMAIN}"
+  "$KEEL_BIN" serve --data "$DATA_DIR" --listen "127.0.0.1:$PORT" "${domain_args[@]}" "${serve_extra[@]}" \
     >"$RESULTS_DIR/server.log" 2>&1 &
   SERVER_PID=$!
   echo "$SERVER_PID" >"$RESULTS_DIR/server.pid"
@@ -228,7 +255,7 @@ run_http() {
     --max-requests "$BENCH_MAX_REQUESTS" --label "$NAME"
     --json "$RESULTS_DIR/result.json" --sample-metrics "$RESULTS_DIR/metrics.csv"
     --sample-interval "$BENCH_SAMPLE_INTERVAL" --server-pid "$SERVER_PID" --plot-dir "$RESULTS_DIR"
-    --data-dir "$DATA_DIR"
+    --data-dir "$DATA_DIR" "${domain_args[@]}"
   )
   if [[ -n $BENCH_RATE ]]; then
     load_args+=(--rate "$BENCH_RATE")

@@ -300,16 +300,26 @@ impl DeclaredLaws {
     }
 }
 
+/// Per-aggregate flows of the declared law versions: (version, opening quantity plus flows).
+/// A boxed slice keeps the replay's entry small; it grows only when a version first touches
+/// the aggregate.
+pub(super) type Flows = Option<Box<[(usize, i128)]>>;
+
 /// Adds `amount` to version `v`'s per-aggregate flow in `slot`.
-pub(super) fn add(slot: &mut Option<Box<Vec<(usize, i128)>>>, v: usize, amount: i128) {
-    let flows = slot.get_or_insert_with(Box::default);
-    match flows.iter_mut().find(|(version, _)| *version == v) {
-        Some((_, sum)) => *sum = sum.saturating_add(amount),
-        None => flows.push((v, amount)),
+pub(super) fn add(slot: &mut Flows, v: usize, amount: i128) {
+    if let Some((_, sum)) = slot
+        .as_deref_mut()
+        .and_then(|flows| flows.iter_mut().find(|(version, _)| *version == v))
+    {
+        *sum = sum.saturating_add(amount);
+        return;
     }
+    let mut flows = slot.take().map(Vec::from).unwrap_or_default();
+    flows.push((v, amount));
+    *slot = Some(flows.into_boxed_slice());
 }
 
-fn flow_of(slot: &Option<Box<Vec<(usize, i128)>>>, v: usize) -> i128 {
+fn flow_of(slot: &Flows, v: usize) -> i128 {
     slot.as_deref()
         .and_then(|flows| flows.iter().find(|(version, _)| *version == v))
         .map_or(0, |(_, sum)| *sum)

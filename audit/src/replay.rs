@@ -252,7 +252,7 @@ pub(super) struct Replayed {
     /// and the replay's hot map stays in cache.
     pub(super) flows: Option<Box<[i128]>>,
     /// Likewise for the declared laws: (law version, its opening quantity plus the flows).
-    pub(super) declared_flows: Option<Box<Vec<(usize, i128)>>>,
+    pub(super) declared_flows: declared_laws::Flows,
     /// Set when an event after the point first touches it: the aggregate and its last
     /// sequence as of the point (`None` inside: it did not exist yet).
     pub(super) at_point: Option<Box<Option<(Aggregate, u64, u64)>>>,

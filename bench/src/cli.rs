@@ -1,9 +1,10 @@
 //! The `keel-bench` command line, parsed once at the edge into the configs the modules take.
 
+use crate::domain;
 use crate::load::LoadConfig;
 use crate::schedule::{OpenLoop, Schedule};
 use crate::target;
-use crate::workload::{self, Mix, Workload};
+use crate::workload::{self, CommandTypes, Mix, Workload};
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -26,6 +27,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         ));
     }
     Ok(duration)
+}
+
+/// A ratio for `compare --min-ratio`: a finite number, 0 or more.
+pub fn parse_min_ratio(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(ratio) if ratio.is_finite() && ratio >= 0.0 => Ok(ratio),
+        _ => Err(format!("`{text}`: give a number, 0 or more (e.g. 0.5)")),
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -57,6 +66,10 @@ pub enum SubCommand {
     Compare {
         #[arg(required = true, num_args = 1..)]
         files: Vec<String>,
+        /// With exactly two files: print the second's committed items/s over the first's, and
+        /// fail (exit 1) when that ratio is below this.
+        #[arg(long, value_parser = parse_min_ratio)]
+        min_ratio: Option<f64>,
     },
     /// Live subscriptions (`GET /v1/subscribe`) under a write load: delivery latency and rate.
     Subscribe(crate::subscribe::SubscribeArgs),
@@ -111,6 +124,11 @@ pub struct LoadArgs {
     /// What the items are.
     #[arg(long, value_enum, default_value_t = Mix::Ledger)]
     pub mix: Mix,
+    /// Send the mix's commands to the declared domain this file defines (the server must be
+    /// started with the same `--domain FILE`): each `type` becomes `<domain>.<command>`. The
+    /// file must declare every command the mix sends with every parameter the bench writes.
+    #[arg(long, value_name = "FILE")]
+    pub domain: Option<PathBuf>,
     /// Bytes of `memo` on each transfer (0..=4096), to model realistic item sizes.
     #[arg(long, default_value_t = 0)]
     pub payload_bytes: usize,
@@ -237,6 +255,25 @@ impl LoadArgs {
         }
         let workers = self.workers as usize;
         let batch = self.batch as usize;
+        let mut workload = Workload {
+            mix: self.mix,
+            accounts: self.accounts,
+            skus: self.skus,
+            payload_bytes: self.payload_bytes,
+            reject_ratio: self.reject_ratio,
+            seed: self.seed,
+            run_id,
+            types: CommandTypes::builtin(),
+        };
+        let domain = match &self.domain {
+            Some(path) => {
+                let (domain, types) =
+                    domain::load(path, self.mix, &workload.sent_commands(workers))?;
+                workload.types = types;
+                Some(domain)
+            }
+            None => None,
+        };
         let schedule = match self.rate {
             None => Schedule::Closed,
             Some(rate) => Schedule::Open(OpenLoop::new(rate, batch, workers).ok_or_else(|| {
@@ -255,15 +292,8 @@ impl LoadArgs {
             requests_max: self.max_requests,
             atomic: self.atomic,
             schedule,
-            workload: Workload {
-                mix: self.mix,
-                accounts: self.accounts,
-                skus: self.skus,
-                payload_bytes: self.payload_bytes,
-                reject_ratio: self.reject_ratio,
-                seed: self.seed,
-                run_id,
-            },
+            workload,
+            domain,
             request_timeout: self.request_timeout,
             progress: !self.quiet,
         })
@@ -346,6 +376,65 @@ mod tests {
         assert!(parse(&["--duration", "forever"]).is_err());
     }
 
+    fn example(file: &str) -> String {
+        format!("{}/../examples/domains/{file}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn domain_flag_qualifies_every_type_and_names_the_domain() {
+        let ledger = example("ledger.toml");
+        let cli = parse(&["--domain", &ledger, "--payload-bytes", "32"]).unwrap();
+        assert_eq!(
+            cli.load.domain.as_deref(),
+            Some(std::path::Path::new(&ledger))
+        );
+        let config = cli.load.to_config("r".into()).unwrap();
+        let domain = config.domain.unwrap();
+        assert_eq!(
+            (domain.name.as_str(), domain.file),
+            ("cel_ledger", ledger.clone())
+        );
+        assert_eq!(config.workload.types.transfer, "cel_ledger.transfer");
+        assert_eq!(
+            config.workload.types.open_account,
+            "cel_ledger.open_account"
+        );
+        // Without --domain: the built-in names.
+        let config = parse(&[]).unwrap().load.to_config("r".into()).unwrap();
+        assert!(config.domain.is_none());
+        assert_eq!(config.workload.types, CommandTypes::builtin());
+        // The inventory mix against the inventory file, and against the ledger file.
+        let inventory = example("inventory.toml");
+        let config = parse(&["--domain", &inventory, "--mix", "inventory"])
+            .unwrap()
+            .load
+            .to_config("r".into())
+            .unwrap();
+        assert_eq!(config.workload.types.reserve, "cel_inventory.reserve");
+        let error = parse(&["--domain", &ledger, "--mix", "inventory"])
+            .unwrap()
+            .load
+            .to_config("r".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(
+                "domain `cel_ledger` has no command `create_sku` (the inventory mix sends"
+            ),
+            "{error}"
+        );
+        let error = parse(&["--domain", "/nonexistent/x.toml"])
+            .unwrap()
+            .load
+            .to_config("r".into())
+            .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("/nonexistent/x.toml"),
+            "{error:#}"
+        );
+        assert!(parse(&["--domain"]).is_err());
+    }
+
     #[test]
     fn preflight_and_subcommands_parse() {
         let cli = parse(&[
@@ -361,7 +450,19 @@ mod tests {
         let cli = parse(&["engine", "--batch", "2000", "--duration", "3s"]).unwrap();
         assert!(matches!(cli.command, Some(SubCommand::Engine(ref e)) if e.batch == 2000));
         let cli = parse(&["compare", "a=x.json", "y.json"]).unwrap();
-        assert!(matches!(cli.command, Some(SubCommand::Compare { ref files }) if files.len() == 2));
+        assert!(
+            matches!(cli.command, Some(SubCommand::Compare { ref files, min_ratio: None }) if files.len() == 2)
+        );
+        let cli = parse(&["compare", "--min-ratio", "0.5", "a=x.json", "b=y.json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(SubCommand::Compare {
+                min_ratio: Some(0.5),
+                ..
+            })
+        ));
+        assert!(parse(&["compare", "--min-ratio", "-1", "x.json"]).is_err());
+        assert!(parse(&["compare", "--min-ratio", "NaN", "x.json"]).is_err());
         assert!(parse(&["engine", "--url", "http://127.0.0.1:1"]).is_err());
     }
 }

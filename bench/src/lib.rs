@@ -11,6 +11,7 @@
 pub mod answer;
 pub mod cli;
 pub mod disk;
+pub mod domain;
 pub mod engine_bench;
 pub mod load;
 pub mod plot;
@@ -39,7 +40,7 @@ pub const EXIT_DISK_TOO_SLOW: u8 = 3;
 pub fn run_cli(cli: Cli) -> ExitCode {
     let result = match (&cli.command, cli.preflight) {
         (Some(SubCommand::Engine(args)), _) => run_engine_command(args).map(|()| ExitCode::SUCCESS),
-        (Some(SubCommand::Compare { files }), _) => run_compare(files).map(|()| ExitCode::SUCCESS),
+        (Some(SubCommand::Compare { files, min_ratio }), _) => run_compare(files, *min_ratio),
         (Some(SubCommand::Subscribe(args)), _) => {
             with_runtime(run_subscribe_command(args)).map(|()| ExitCode::SUCCESS)
         }
@@ -194,6 +195,7 @@ fn parameters(args: &LoadArgs, config: &load::LoadConfig, run_id: String) -> Par
         },
         rate_items_per_sec: args.rate,
         mix: args.mix,
+        domain: config.domain.clone(),
         accounts: args.accounts,
         skus: args.skus,
         payload_bytes: args.payload_bytes,
@@ -283,7 +285,9 @@ fn run_engine_command(args: &EngineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_compare(files: &[String]) -> anyhow::Result<()> {
+/// Prints the side-by-side table; with `min_ratio`, then the second file's committed items/s
+/// over the first's, and fails when it is below `min_ratio`.
+fn run_compare(files: &[String], min_ratio: Option<f64>) -> anyhow::Result<ExitCode> {
     let mut results = Vec::new();
     for spec in files {
         let (label, path) = match spec.split_once('=') {
@@ -304,7 +308,19 @@ fn run_compare(files: &[String]) -> anyhow::Result<()> {
         results.push((label, value));
     }
     print!("{}", report::compare_table(&results));
-    Ok(())
+    let Some(min_ratio) = min_ratio else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let ratio = report::items_ratio(&results, min_ratio).map_err(|e| anyhow::anyhow!(e))?;
+    println!("{}", ratio.line);
+    if ratio.passed() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "keel-bench: the committed items/s ratio {:.3} is under --min-ratio {min_ratio}",
+        ratio.ratio
+    );
+    Ok(ExitCode::FAILURE)
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.

@@ -5,6 +5,7 @@
 //! a worker is one keep-alive HTTP/1.1 connection, like one domain service instance would be.
 
 use crate::answer::{self, Tally};
+use crate::domain::DomainInfo;
 use crate::report::TimelinePoint;
 use crate::schedule::{OpenLoop, Schedule, latency_from_intended};
 use crate::stats::{LatencyHistogram, us_to_ms};
@@ -39,6 +40,8 @@ pub struct LoadConfig {
     pub atomic: bool,
     pub schedule: Schedule,
     pub workload: Workload,
+    /// The declared domain the commands go to (`--domain FILE`); `None`: the built-in ones.
+    pub domain: Option<DomainInfo>,
     pub request_timeout: Duration,
     /// Print a progress line on stderr every second.
     pub progress: bool,
@@ -188,15 +191,22 @@ pub async fn run_setup(config: &LoadConfig) -> anyhow::Result<SetupOutcome> {
             .with_context(|| format!("setup: reading the answer of {url}"))?;
         if status != StatusCode::OK {
             let code = answer::error_code(&bytes).unwrap_or_default();
+            let hint = match &config.domain {
+                Some(domain) if code == "unknown_command_type" => format!(
+                    " (is the server started with `--domain {}`? The commands are domain `{}`'s)",
+                    domain.file, domain.name
+                ),
+                _ => String::new(),
+            };
             bail!(
-                "setup: POST {url} answered HTTP {status} {code}: {}",
+                "setup: POST {url} answered HTTP {status} {code}: {}{hint}",
                 String::from_utf8_lossy(&bytes)
             );
         }
         let tally =
             answer::tally_batch_answer(&bytes, items).map_err(|e| anyhow::anyhow!("setup: {e}"))?;
         for (code, n) in &tally.rejected_by_code {
-            if !workload::is_benign_setup_rejection(code) {
+            if !config.workload.types.is_benign_setup_rejection(code) {
                 bail!(
                     "setup: {n} items were rejected with `{code}`; the store is not fit for this workload"
                 );

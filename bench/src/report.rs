@@ -167,6 +167,9 @@ pub struct Parameters {
     pub mode: &'static str,
     pub rate_items_per_sec: Option<f64>,
     pub mix: crate::workload::Mix,
+    /// The declared domain the commands went to (`--domain FILE`): its name and the file;
+    /// `null`: the built-in ledger and inventory.
+    pub domain: Option<crate::domain::DomainInfo>,
     pub accounts: u64,
     pub skus: u64,
     pub payload_bytes: usize,
@@ -248,6 +251,7 @@ impl LoadReport {
                     p.workers, p.batch, self.duration_s
                 ),
             ),
+            ("domain", describe_domain(p.domain.as_ref())),
             ("committed items/s", group(self.items_per_sec)),
             ("rejected items/s", group(self.rejected_per_sec)),
             ("requests/s", format!("{:.1}", self.batches_per_sec)),
@@ -296,6 +300,14 @@ impl LoadReport {
         }
         render_rows(&rows)
     }
+}
+
+/// `cel_ledger (examples/domains/ledger.toml)`, or `built-in` without `--domain`.
+pub fn describe_domain(domain: Option<&crate::domain::DomainInfo>) -> String {
+    domain.map_or_else(
+        || "built-in".to_owned(),
+        |d| format!("{} ({})", d.name, d.file),
+    )
 }
 
 fn render_rows(rows: &[(&str, String)]) -> String {
@@ -354,6 +366,9 @@ pub fn compare_table(results: &[(String, Value)]) -> String {
         std::iter::once(String::new())
             .chain(results.iter().map(|(n, _)| n.clone()))
             .collect(),
+        std::iter::once("domain".to_owned())
+            .chain(results.iter().map(|(_, v)| domain_of(v)))
+            .collect(),
     ];
     for (label, path, decimals) in rows {
         let mut line = vec![label.to_owned()];
@@ -394,11 +409,122 @@ pub fn compare_table(results: &[(String, Value)]) -> String {
     out
 }
 
+/// The domain a result file ran against: its name, `built-in` for a load without `--domain`,
+/// `-` for a file that does not say (an engine result, an older load result).
+fn domain_of(result: &Value) -> String {
+    match result.get("parameters").and_then(|p| p.get("domain")) {
+        Some(Value::Null) => "built-in".to_owned(),
+        Some(domain) => domain
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_owned(),
+        None => "-".to_owned(),
+    }
+}
+
+/// The second result's committed items/s over the first's, for `compare --min-ratio`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ratio {
+    pub ratio: f64,
+    pub min_ratio: f64,
+    /// `<second label> / <first label>: <ratio> (<second> / <first> committed items/s; at least
+    /// <min>): OK` or `... UNDER THE MINIMUM`.
+    pub line: String,
+}
+
+impl Ratio {
+    pub fn passed(&self) -> bool {
+        self.ratio >= self.min_ratio
+    }
+}
+
+/// The ratio of two results' `items_per_sec` (second / first), checked against `min_ratio`.
+pub fn items_ratio(results: &[(String, Value)], min_ratio: f64) -> Result<Ratio, String> {
+    let [(base_label, base), (label, other)] = results else {
+        return Err(format!(
+            "--min-ratio compares exactly two result files (the second over the first), not {}",
+            results.len()
+        ));
+    };
+    let items = |label: &str, v: &Value| {
+        v.get("items_per_sec")
+            .and_then(Value::as_f64)
+            .filter(|x| x.is_finite() && *x >= 0.0)
+            .ok_or_else(|| format!("result `{label}` has no items_per_sec"))
+    };
+    let base_items = items(base_label, base)?;
+    let other_items = items(label, other)?;
+    if base_items <= 0.0 {
+        return Err(format!(
+            "result `{base_label}` committed nothing (items_per_sec 0): no ratio"
+        ));
+    }
+    let ratio = other_items / base_items;
+    let verdict = if ratio >= min_ratio {
+        "OK"
+    } else {
+        "UNDER THE MINIMUM"
+    };
+    Ok(Ratio {
+        ratio,
+        min_ratio,
+        line: format!(
+            "committed items/s ratio {label} / {base_label}: {ratio:.3} ({} / {}; at least {min_ratio}): {verdict}",
+            group(other_items),
+            group(base_items),
+        ),
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn ratio_is_second_over_first_and_checked() {
+        let builtin = json!({"items_per_sec": 200000.0, "parameters": {"domain": null}});
+        let file = json!({"items_per_sec": 150000.0,
+                          "parameters": {"domain": {"name": "cel_ledger", "file": "l.toml"}}});
+        let results = [("built-in".to_owned(), builtin), ("file".to_owned(), file)];
+        let r = items_ratio(&results, 0.5).unwrap();
+        assert_eq!(r.ratio, 0.75);
+        assert!(r.passed());
+        assert_eq!(
+            r.line,
+            "committed items/s ratio file / built-in: 0.750 (150,000 / 200,000; at least 0.5): OK"
+        );
+        let r = items_ratio(&results, 0.8).unwrap();
+        assert!(
+            !r.passed() && r.line.ends_with("UNDER THE MINIMUM"),
+            "{}",
+            r.line
+        );
+        let t = compare_table(&results);
+        let domain = t.lines().find(|l| l.starts_with("domain")).unwrap();
+        assert!(
+            domain.contains("built-in") && domain.contains("cel_ledger"),
+            "{domain}"
+        );
+        // Not two files, or nothing to divide by: no ratio.
+        assert!(items_ratio(&results[..1], 0.5).is_err());
+        let zero = [
+            ("a".to_owned(), json!({"items_per_sec": 0.0})),
+            ("b".to_owned(), json!({"items_per_sec": 1.0})),
+        ];
+        assert!(
+            items_ratio(&zero, 0.5)
+                .unwrap_err()
+                .contains("committed nothing")
+        );
+        let missing = [
+            ("a".to_owned(), json!({"items_per_sec": 1.0})),
+            ("b".to_owned(), json!({})),
+        ];
+        assert!(items_ratio(&missing, 0.5).unwrap_err().contains("`b`"));
+    }
 
     #[test]
     fn thousands_are_grouped() {

@@ -313,7 +313,9 @@ fn load_config(args: &SubscribeArgs, base_url: &Url, run_id: String) -> anyhow::
             reject_ratio: 0.0,
             seed: args.seed,
             run_id,
+            types: workload::CommandTypes::builtin(),
         },
+        domain: None,
         request_timeout: Duration::from_secs(30),
         progress: false,
     })

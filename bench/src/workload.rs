@@ -6,6 +6,11 @@
 //! 250k items/s of `serde_json::Value` would cost the server throughput the bench wants to
 //! measure. Every name written is plain ASCII without quotes or escapes, which a test checks by
 //! parsing the output.
+//!
+//! The command `type`s come from [`CommandTypes`], computed once per run: the built-in names, or
+//! `<domain>.<command>` for a declared domain (`--domain FILE`, see [`crate::domain`]). What the
+//! load sends, command by command and parameter by parameter, is [`Workload::sent_commands`],
+//! which a domain file is checked against before anything is sent.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -52,6 +57,108 @@ impl Mix {
     }
 }
 
+impl Mix {
+    /// The name `--mix` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mix::Ledger => "ledger",
+            Mix::Inventory => "inventory",
+            Mix::Mixed => "mixed",
+        }
+    }
+}
+
+/// The `type` of each command the load sends: the built-in names, or the qualified names of a
+/// declared domain's commands (`cel_ledger.transfer`). Computed once per run, so writing a body
+/// only copies them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandTypes {
+    pub open_account: String,
+    pub deposit: String,
+    pub transfer: String,
+    pub create_sku: String,
+    pub reserve: String,
+    pub ship: String,
+    pub release: String,
+    /// Setup rejections that mean "the store already has it" (a rerun on the same store).
+    pub exists_codes: Vec<String>,
+}
+
+/// The commands the load knows, as the built-in domains name them.
+pub const COMMANDS: [&str; 7] = [
+    "open_account",
+    "deposit",
+    "transfer",
+    "create_sku",
+    "reserve",
+    "ship",
+    "release",
+];
+
+impl CommandTypes {
+    /// The built-in ledger's and inventory's commands.
+    pub fn builtin() -> Self {
+        Self::named(
+            |command| command.to_owned(),
+            vec!["account_exists".to_owned(), "sku_exists".to_owned()],
+        )
+    }
+
+    /// `<domain>.<command>` for every command, and the domain's own "already exists" codes.
+    pub fn qualified(domain: &str, exists_codes: Vec<String>) -> Self {
+        Self::named(|command| format!("{domain}.{command}"), exists_codes)
+    }
+
+    fn named(name: impl Fn(&str) -> String, exists_codes: Vec<String>) -> Self {
+        Self {
+            open_account: name("open_account"),
+            deposit: name("deposit"),
+            transfer: name("transfer"),
+            create_sku: name("create_sku"),
+            reserve: name("reserve"),
+            ship: name("ship"),
+            release: name("release"),
+            exists_codes,
+        }
+    }
+
+    /// Setup rejections that are fine: the store already had the aggregate from an earlier run.
+    pub fn is_benign_setup_rejection(&self, code: &str) -> bool {
+        self.exists_codes.iter().any(|c| c == code)
+    }
+}
+
+impl Default for CommandTypes {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}
+
+/// What the load writes into one parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// A string (an aggregate's name, an order, a memo) of 1 to `bytes_max` bytes.
+    Text { bytes_max: usize },
+    /// A JSON integer from `min` to `max`.
+    Integer { min: u64, max: u64 },
+}
+
+/// One command the load sends (setup included), with every parameter it writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentCommand {
+    /// The built-in name (`transfer`); a declared domain must have a command of that name.
+    pub command: &'static str,
+    pub params: Vec<(&'static str, Sent)>,
+}
+
+/// Most orders one worker creates in a run, for the longest order name: more than a week
+/// (`DURATION_MAX`) at a million reservations a second.
+const ORDERS_PER_WORKER_MAX: u64 = 1_000_000_000_000;
+
+fn decimal_digits(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
+}
+
 /// The workload, shared by every worker.
 #[derive(Clone, Debug)]
 pub struct Workload {
@@ -64,6 +171,93 @@ pub struct Workload {
     /// Distinguishes this run's command ids and order ids from any earlier run's on the same
     /// store (command ids are remembered for good; a repeat would only be replayed).
     pub run_id: String,
+    /// The `type` each command is sent as.
+    pub types: CommandTypes,
+}
+
+impl Workload {
+    /// Every command this workload sends with `workers` workers (setup included), and every
+    /// parameter with the values it takes, in the order [`Mix`] and [`Generator`] write them.
+    pub fn sent_commands(&self, workers: usize) -> Vec<SentCommand> {
+        let name = |prefix_bytes: usize, count: u64| Sent::Text {
+            bytes_max: prefix_bytes + decimal_digits(count.saturating_sub(1)),
+        };
+        let reject = self.reject_ratio > 0.0;
+        let mut sent = Vec::new();
+        if self.mix.needs_accounts() {
+            let account = name(1, self.accounts);
+            let mut transfer = vec![
+                ("from", account),
+                ("to", account),
+                (
+                    "amount",
+                    Sent::Integer {
+                        min: 1,
+                        max: if reject { REJECT_AMOUNT } else { 100 },
+                    },
+                ),
+            ];
+            if self.payload_bytes > 0 {
+                transfer.push((
+                    "memo",
+                    Sent::Text {
+                        bytes_max: self.payload_bytes.min(MEMO_BYTES_MAX),
+                    },
+                ));
+            }
+            let balance = Sent::Integer {
+                min: INITIAL_BALANCE,
+                max: INITIAL_BALANCE,
+            };
+            sent.push(SentCommand {
+                command: "open_account",
+                params: vec![("account", account)],
+            });
+            sent.push(SentCommand {
+                command: "deposit",
+                params: vec![("account", account), ("amount", balance)],
+            });
+            sent.push(SentCommand {
+                command: "transfer",
+                params: transfer,
+            });
+        }
+        if self.mix.needs_skus() {
+            let sku = name(1, self.skus);
+            // `o<run>-<worker>-<order>`.
+            let order = Sent::Text {
+                bytes_max: 1
+                    + self.run_id.len()
+                    + 1
+                    + decimal_digits(workers.saturating_sub(1) as u64)
+                    + 1
+                    + decimal_digits(ORDERS_PER_WORKER_MAX - 1),
+            };
+            let qty = Sent::Integer {
+                min: 1,
+                max: if reject { REJECT_AMOUNT } else { 10 },
+            };
+            let on_hand = Sent::Integer {
+                min: SKU_ON_HAND,
+                max: SKU_ON_HAND,
+            };
+            sent.push(SentCommand {
+                command: "create_sku",
+                params: vec![("sku", sku), ("on_hand", on_hand)],
+            });
+            sent.push(SentCommand {
+                command: "reserve",
+                params: vec![("sku", sku), ("qty", qty), ("order", order)],
+            });
+            for command in ["ship", "release"] {
+                sent.push(SentCommand {
+                    command,
+                    params: vec![("sku", sku), ("order", order)],
+                });
+            }
+        }
+        sent
+    }
 }
 
 pub fn account_name(i: u64) -> String {
@@ -143,10 +337,10 @@ pub fn setup_bodies(workload: &Workload) -> Vec<String> {
     if workload.mix.needs_accounts() {
         for i in 0..workload.accounts {
             let name = account_name(i);
-            body.command("open_account", run, "setup-open", i);
+            body.command(&workload.types.open_account, run, "setup-open", i);
             body.field_str("account", &name);
             body.end_command();
-            body.command("deposit", run, "setup-fund", i);
+            body.command(&workload.types.deposit, run, "setup-fund", i);
             body.field_str("account", &name);
             body.field_u64("amount", INITIAL_BALANCE);
             body.end_command();
@@ -155,7 +349,7 @@ pub fn setup_bodies(workload: &Workload) -> Vec<String> {
     }
     if workload.mix.needs_skus() {
         for i in 0..workload.skus {
-            body.command("create_sku", run, "setup-sku", i);
+            body.command(&workload.types.create_sku, run, "setup-sku", i);
             body.field_str("sku", &sku_name(i));
             body.field_u64("on_hand", SKU_ON_HAND);
             body.end_command();
@@ -164,11 +358,6 @@ pub fn setup_bodies(workload: &Workload) -> Vec<String> {
     }
     flush(&mut body, &mut bodies, true);
     bodies
-}
-
-/// Setup rejections that are fine: the store already had the aggregate from an earlier run.
-pub fn is_benign_setup_rejection(code: &str) -> bool {
-    matches!(code, "account_exists" | "sku_exists")
 }
 
 /// One worker's request generator.
@@ -269,8 +458,12 @@ impl Generator {
             self.rng.random_range(1..=100)
         };
         let n = self.next_id();
-        self.body
-            .command("transfer", &self.workload.run_id, &self.tag, n);
+        self.body.command(
+            &self.workload.types.transfer,
+            &self.workload.run_id,
+            &self.tag,
+            n,
+        );
         self.body.field_str("from", &account_name(from));
         self.body.field_str("to", &account_name(to));
         self.body.field_u64("amount", amount);
@@ -287,9 +480,9 @@ impl Generator {
         let n = self.next_id();
         if settle && let Some((sku, order)) = self.open.pop_front() {
             let kind = if self.rng.random_bool(0.5) {
-                "ship"
+                &self.workload.types.ship
             } else {
-                "release"
+                &self.workload.types.release
             };
             let order = self.order_name(order);
             self.body.command(kind, &self.workload.run_id, &self.tag, n);
@@ -307,8 +500,12 @@ impl Generator {
         let order = self.next_order;
         self.next_order += 1;
         let order_name = self.order_name(order);
-        self.body
-            .command("reserve", &self.workload.run_id, &self.tag, n);
+        self.body.command(
+            &self.workload.types.reserve,
+            &self.workload.run_id,
+            &self.tag,
+            n,
+        );
         self.body.field_str("sku", &sku_name(sku));
         self.body.field_u64("qty", qty);
         self.body.field_str("order", &order_name);
@@ -354,6 +551,7 @@ mod tests {
             reject_ratio: 0.0,
             seed: 7,
             run_id: "r1".into(),
+            types: CommandTypes::builtin(),
         }
     }
 
@@ -470,6 +668,110 @@ mod tests {
             }
         }
         assert_eq!((opens, deposits, skus), (1200, 1200, 700));
+    }
+
+    #[test]
+    fn a_declared_domain_gets_every_type_qualified_in_setup_and_load() {
+        let mut w = workload(Mix::Mixed);
+        w.types = CommandTypes::qualified("dom", vec!["dom_exists".into()]);
+        w.accounts = 3;
+        w.skus = 2;
+        let mut types = std::collections::BTreeSet::new();
+        for body in setup_bodies(&w) {
+            for c in parse(&body)["commands"].as_array().unwrap() {
+                types.insert(c["type"].as_str().unwrap().to_owned());
+            }
+        }
+        let mut g = Generator::new(&w, 0);
+        for _ in 0..20 {
+            let v = parse(g.next_body(50, false));
+            for c in v["commands"].as_array().unwrap() {
+                types.insert(c["type"].as_str().unwrap().to_owned());
+            }
+            g.confirm(|_| true);
+        }
+        let expected: std::collections::BTreeSet<String> =
+            COMMANDS.iter().map(|c| format!("dom.{c}")).collect();
+        assert_eq!(types, expected);
+        assert!(w.types.is_benign_setup_rejection("dom_exists"));
+        assert!(!w.types.is_benign_setup_rejection("account_exists"));
+        assert!(CommandTypes::builtin().is_benign_setup_rejection("account_exists"));
+    }
+
+    /// `sent_commands` (what a domain file is checked against) says exactly what the bodies
+    /// hold: every command, every parameter, and values within the ranges it gives.
+    #[test]
+    fn sent_commands_describe_every_body_written() {
+        for (mix, reject_ratio, payload_bytes) in [
+            (Mix::Ledger, 0.0, 0),
+            (Mix::Ledger, 0.2, 100),
+            (Mix::Inventory, 0.2, 0),
+            (Mix::Mixed, 0.1, 16),
+        ] {
+            let mut w = workload(mix);
+            w.reject_ratio = reject_ratio;
+            w.payload_bytes = payload_bytes;
+            w.accounts = 1234;
+            w.skus = 99;
+            w.run_id = "mzzzzzzz".into();
+            let workers = 12;
+            let sent = w.sent_commands(workers);
+            let mut seen = std::collections::BTreeSet::new();
+            let mut bodies = setup_bodies(&w);
+            let mut g = Generator::new(&w, workers - 1);
+            for _ in 0..30 {
+                bodies.push(g.next_body(100, false).to_owned());
+                g.confirm(|_| true);
+            }
+            for body in &bodies {
+                for c in parse(body)["commands"].as_array().unwrap() {
+                    let c = c.as_object().unwrap();
+                    let kind = c["type"].as_str().unwrap();
+                    let spec = sent
+                        .iter()
+                        .find(|s| s.command == kind)
+                        .unwrap_or_else(|| panic!("{mix:?}: `{kind}` is not in sent_commands"));
+                    seen.insert(kind.to_owned());
+                    let keys: Vec<&str> = c
+                        .keys()
+                        .map(String::as_str)
+                        .filter(|k| !matches!(*k, "type" | "id"))
+                        .collect();
+                    let names: Vec<&str> = spec.params.iter().map(|(n, _)| *n).collect();
+                    assert_eq!(
+                        {
+                            let mut k = keys.clone();
+                            k.sort_unstable();
+                            k
+                        },
+                        {
+                            let mut n = names.clone();
+                            n.sort_unstable();
+                            n
+                        },
+                        "{mix:?} {kind}"
+                    );
+                    for (name, value) in &spec.params {
+                        match (value, &c[*name]) {
+                            (Sent::Text { bytes_max }, Value::String(text)) => {
+                                assert!(
+                                    !text.is_empty() && text.len() <= *bytes_max,
+                                    "{kind}.{name}: {text} (max {bytes_max})"
+                                );
+                            }
+                            (Sent::Integer { min, max }, Value::Number(n)) => {
+                                let n = n.as_u64().unwrap();
+                                assert!((*min..=*max).contains(&n), "{kind}.{name}: {n}");
+                            }
+                            (spec, sent) => panic!("{kind}.{name}: {spec:?} vs {sent}"),
+                        }
+                    }
+                }
+            }
+            let all: std::collections::BTreeSet<String> =
+                sent.iter().map(|s| s.command.to_owned()).collect();
+            assert_eq!(seen, all, "{mix:?}: a listed command was never sent");
+        }
     }
 
     #[test]

@@ -163,6 +163,9 @@ fn make_dry(target: &str, vars: &[&str]) -> String {
         .env_remove("BENCH_WORKERS")
         .env_remove("BENCH_BATCH")
         .env_remove("BENCH_DURATION")
+        .env_remove("BENCH_DOMAIN")
+        .env_remove("BENCH_DOMAIN_MIN_RATIO")
+        .env_remove("RESULTS_DIR")
         .output()
         .unwrap();
     assert!(
@@ -212,6 +215,38 @@ fn make_targets_pass_scenario_defaults_and_overrides() {
     assert!(
         cloud.contains("deploy/cloud/bench.sh bench-dense"),
         "{cloud}"
+    );
+    // bench-domain: the built-in side without a domain, then the example ledger file, 1 x 1000
+    // for 15 s each, then the ratio from the two result.json files.
+    let domain = make_dry("bench-domain", &[]);
+    assert!(domain.contains(build), "{domain}");
+    assert!(
+        domain.contains("BENCH_WORKERS=1")
+            && domain.contains("BENCH_BATCH=1000")
+            && domain.contains("BENCH_DURATION=15s"),
+        "{domain}"
+    );
+    assert!(
+        domain.contains("run-scenario.sh \"domain-$side\"")
+            && domain.contains("domain=\"examples/domains/ledger.toml\"")
+            && domain.contains("compare --min-ratio \"0.5\"")
+            && domain.contains("built-in=$base/builtin/result.json")
+            && domain.contains("file=$base/file/result.json"),
+        "{domain}"
+    );
+    let domain = make_dry(
+        "bench-domain",
+        &[
+            "BENCH_DOMAIN=examples/domains/inventory.toml",
+            "BENCH_DOMAIN_MIN_RATIO=0.8",
+            "BENCH_DURATION=3s",
+        ],
+    );
+    assert!(
+        domain.contains("domain=\"examples/domains/inventory.toml\"")
+            && domain.contains("--min-ratio \"0.8\"")
+            && domain.contains("BENCH_DURATION=3s"),
+        "{domain}"
     );
     let workers = make_dry("bench", &["BENCH_WORKERS=3"]);
     assert!(workers.contains("BENCH_WORKERS=3 "), "{workers}");
