@@ -200,7 +200,7 @@ impl DeclaredLaws {
         let before = before.and_then(declared);
         for &v in &self.in_force {
             let version = &mut self.versions[v];
-            if version.domain.name != event.domain {
+            if event.domain != version.domain.name {
                 continue;
             }
             let Some(kind) = version.kind() else {

@@ -213,7 +213,7 @@ impl World {
             .map(|p| {
                 params
                     .iter()
-                    .find(|(n, _)| *n == p.name)
+                    .find(|(n, _)| p.name == *n)
                     .map_or_else(|| p.absent(), |(_, v)| v.clone())
             })
             .collect();

@@ -109,7 +109,7 @@ fn declared(set: &DomainSet, type_name: &str, params: &[(&str, Value)]) -> Comma
         .map(|p| {
             params
                 .iter()
-                .find(|(n, _)| *n == p.name)
+                .find(|(n, _)| p.name == *n)
                 .map_or_else(|| p.absent(), |(_, v)| v.clone())
         })
         .collect();

@@ -133,7 +133,7 @@ fn event_data(event: &Event) -> Document {
             let params: Document = e
                 .params
                 .iter()
-                .map(|(k, v)| (k.clone(), value_bson(v)))
+                .map(|(k, v)| (k.to_string(), value_bson(v)))
                 .collect();
             let effects: Vec<Bson> = e
                 .effects
@@ -169,10 +169,10 @@ pub fn value_bson(value: &Value) -> Bson {
     }
 }
 
-fn fields_document(fields: &BTreeMap<String, Value>) -> Document {
+fn fields_document<K: AsRef<str>>(fields: &BTreeMap<K, Value>) -> Document {
     fields
         .iter()
-        .map(|(k, v)| (k.clone(), value_bson(v)))
+        .map(|(k, v)| (k.as_ref().to_owned(), value_bson(v)))
         .collect()
 }
 
@@ -235,7 +235,7 @@ pub fn aggregate_document(
         State::Declared(s) => {
             for (name, value) in &s.fields {
                 if !AGGREGATE_META.contains(&name.as_str()) {
-                    document.insert(name.clone(), value_bson(value));
+                    document.insert(name.to_string(), value_bson(value));
                 }
             }
             if s.deleted {
@@ -308,7 +308,7 @@ pub fn parse_aggregate_document(
                 }
                 let value = bson_value(value)
                     .ok_or_else(|| fail(format!("field `{name}` has a type Keel never writes")))?;
-                state.fields.insert(name.clone(), value);
+                state.fields.insert(name.as_str().into(), value);
             }
             State::Declared(state)
         }

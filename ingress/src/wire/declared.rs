@@ -19,7 +19,7 @@ pub(super) fn command(
     let mut params = Vec::with_capacity(def.params.len());
     let mut targets = Vec::with_capacity(def.targets.len());
     for param in &def.params {
-        let value = match fields.remove(&param.name) {
+        let value = match fields.remove(param.name.as_str()) {
             None | Some(serde_json::Value::Null) if param.optional => param.absent(),
             None | Some(serde_json::Value::Null) => {
                 return Err(item.error(
@@ -162,7 +162,7 @@ pub fn state_json(state: &DeclaredState) -> serde_json::Value {
     let mut out: Map<String, serde_json::Value> = state
         .fields
         .iter()
-        .map(|(k, v)| (k.clone(), value_json(v)))
+        .map(|(k, v)| (k.to_string(), value_json(v)))
         .collect();
     if state.deleted {
         out.insert("deleted".to_string(), json!(true));
@@ -175,10 +175,10 @@ pub fn event_json(event: &DeclaredEvent) -> serde_json::Value {
     json!({
         "domain": event.domain,
         "command": event.command,
-        "params": event.params.iter().map(|(k, v)| (k.clone(), value_json(v))).collect::<Map<_, _>>(),
+        "params": event.params.iter().map(|(k, v)| (k.to_string(), value_json(v))).collect::<Map<_, _>>(),
         "effects": event.effects.iter().map(|e| match e {
-            keel_invariants::declared::Effect::Create(fields) => json!({"create": fields.iter().map(|(k, v)| (k.clone(), value_json(v))).collect::<Map<_, _>>()}),
-            keel_invariants::declared::Effect::Update(fields) => json!({"update": fields.iter().map(|(k, v)| (k.clone(), value_json(v))).collect::<Map<_, _>>()}),
+            keel_invariants::declared::Effect::Create(fields) => json!({"create": fields.iter().map(|(k, v)| (k.to_string(), value_json(v))).collect::<Map<_, _>>()}),
+            keel_invariants::declared::Effect::Update(fields) => json!({"update": fields.iter().map(|(k, v)| (k.to_string(), value_json(v))).collect::<Map<_, _>>()}),
             keel_invariants::declared::Effect::Delete => json!("delete"),
             keel_invariants::declared::Effect::Read => json!("read"),
         }).collect::<Vec<_>>(),

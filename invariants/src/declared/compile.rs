@@ -295,7 +295,7 @@ fn compile_field(
         (_, None) => 0,
     };
     let def = FieldDef {
-        name: field_name,
+        name: field_name.into(),
         ty,
         default,
         max_len,
@@ -483,7 +483,7 @@ fn compile_param(
         ));
     }
     Ok(ParamDef {
-        name: param_name,
+        name: param_name.into(),
         ty,
         optional: param.optional,
         default,
@@ -726,9 +726,9 @@ fn compile_command(
         }
     }
     Ok(CommandDef {
-        domain: domain.to_string(),
-        name: command_name,
-        event,
+        domain: domain.into(),
+        name: command_name.into(),
+        event: event.into(),
         description: command.description.clone(),
         params,
         targets,
@@ -830,7 +830,7 @@ fn compile_law(
             let what = format!("flow of law `{name}` for `{}`", command.name);
             target_flows.push((index, ctx.expr(source, &flow_scope, &Type::Int, &what)?));
         }
-        flows.insert(command.name.clone(), target_flows);
+        flows.insert(command.name.to_string(), target_flows);
     }
     Ok(LawDef {
         name: format!("{domain}.{name}"),

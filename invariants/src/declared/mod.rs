@@ -93,7 +93,7 @@ impl DomainDef {
 
 #[derive(Debug)]
 pub struct FieldDef {
-    pub name: String,
+    pub name: Name,
     pub ty: Type,
     pub default: Value,
     /// Strings (and map keys): most bytes.
@@ -146,6 +146,92 @@ fn short(text: &str) -> String {
         end -= 1;
     }
     format!("`{}...` ({} bytes)", &text[..end], text.len())
+}
+
+/// A name from a definition (a field, parameter, domain, command or event name), shared
+/// rather than copied: the writer clones states and events on its hot path, and a shared name
+/// costs a reference count where a `String` costs an allocation. Encoded as a plain string, so
+/// the stored bytes are those of a `String`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Name(Arc<str>);
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Name {
+    fn from(name: &str) -> Self {
+        Self(name.into())
+    }
+}
+
+impl From<String> for Name {
+    fn from(name: String) -> Self {
+        Self(name.into())
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for Name {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl Serialize for Name {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Self::from)
+    }
 }
 
 /// An aggregate kind of a declared domain: its ids are `<kind>:<name>`.
@@ -291,7 +377,7 @@ impl ParamType {
 
 #[derive(Debug)]
 pub struct ParamDef {
-    pub name: String,
+    pub name: Name,
     pub ty: ParamType,
     pub optional: bool,
     /// The value of an optional parameter the client left out (the type's zero when none).
@@ -390,9 +476,9 @@ impl TargetDef {
 
 #[derive(Debug)]
 pub struct CommandDef {
-    pub domain: String,
-    pub name: String,
-    pub event: String,
+    pub domain: Name,
+    pub name: Name,
+    pub event: Name,
     pub description: String,
     pub params: Vec<ParamDef>,
     pub targets: Vec<TargetDef>,
@@ -466,7 +552,6 @@ impl CommandDef {
         for check in &self.param_checks {
             check.run(&env)?;
         }
-        let mut current = Vec::with_capacity(self.targets.len());
         for (index, (target, id)) in self.targets.iter().zip(ids).enumerate() {
             if ids[..index].contains(id) {
                 return Err(Rejection::new(
@@ -508,7 +593,6 @@ impl CommandDef {
             }
             debug_assert_eq!(env.len(), target.slot_base);
             target.kind.env(state, &mut env);
-            current.push(state);
             for check in &target.checks {
                 check.run(&env)?;
             }
@@ -517,50 +601,72 @@ impl CommandDef {
             check.run(&env)?;
         }
         let mut effects = Vec::with_capacity(self.targets.len());
+        let mut evaluated = Vec::new();
+        let mut after = Vec::new();
         for (target, id) in self.targets.iter().zip(ids) {
-            let mut changed = BTreeMap::new();
+            let fields = &target.kind.fields;
+            let create = match target.action {
+                Action::Create => true,
+                Action::Update => false,
+                Action::Delete => {
+                    effects.push(Effect::Delete);
+                    continue;
+                }
+                Action::Read => {
+                    effects.push(Effect::Read);
+                    continue;
+                }
+            };
+            evaluated.clear();
             for (field, expr) in &target.effects {
                 let value = expr
                     .eval(&env)
                     .map_err(|e| evaluation_rejection(&e, "effect"))?;
-                changed.insert(target.kind.fields[*field].name.clone(), value);
+                evaluated.push((*field, value));
             }
-            let effect = match target.action {
-                Action::Create => {
-                    for field in &target.kind.fields {
-                        if !changed.contains_key(&field.name) {
-                            changed.insert(field.name.clone(), field.default.clone());
-                        }
-                    }
-                    Effect::Create(changed)
+            // The fields the command leaves, in declaration order, without building the state:
+            // a created aggregate's defaults, or the target's fields before (its slots in the
+            // environment, defaults where absent), with the effects' values in place.
+            after.clear();
+            if create {
+                after.extend(fields.iter().map(|f| f.default.clone()));
+            } else {
+                after.extend_from_slice(&env[target.slot_base..target.slot_base + fields.len()]);
+            }
+            for (field, value) in &evaluated {
+                after[*field] = value.clone();
+            }
+            for (field, value) in fields.iter().zip(&after) {
+                if let Err(why) = field.check(value) {
+                    return Err(Rejection::new(
+                        RejectCode::Rule(FIELD_LIMIT.to_string()),
+                        format!("{id}: {why}"),
+                    ));
                 }
-                Action::Update => Effect::Update(changed),
-                Action::Delete => Effect::Delete,
-                Action::Read => Effect::Read,
+            }
+            for invariant in &target.kind.invariants {
+                invariant.run(&after).map_err(|mut r| {
+                    r.message = format!("{id}: {}", r.message);
+                    r
+                })?;
+            }
+            let changed: BTreeMap<Name, Value> = if create {
+                fields
+                    .iter()
+                    .map(|f| f.name.clone())
+                    .zip(after.drain(..))
+                    .collect()
+            } else {
+                evaluated
+                    .drain(..)
+                    .map(|(field, value)| (fields[field].name.clone(), value))
+                    .collect()
             };
-            if matches!(effect, Effect::Create(_) | Effect::Update(_)) {
-                let before = current[effects.len()];
-                let after = effect.fold(before.cloned());
-                for field in &target.kind.fields {
-                    if let Some(value) = after.fields.get(&field.name)
-                        && let Err(why) = field.check(value)
-                    {
-                        return Err(Rejection::new(
-                            RejectCode::Rule(FIELD_LIMIT.to_string()),
-                            format!("{id}: {why}"),
-                        ));
-                    }
-                }
-                let mut kind_env = Vec::with_capacity(target.kind.fields.len());
-                target.kind.env(Some(&after), &mut kind_env);
-                for invariant in &target.kind.invariants {
-                    invariant.run(&kind_env).map_err(|mut r| {
-                        r.message = format!("{id}: {}", r.message);
-                        r
-                    })?;
-                }
-            }
-            effects.push(effect);
+            effects.push(if create {
+                Effect::Create(changed)
+            } else {
+                Effect::Update(changed)
+            });
         }
         Ok(effects)
     }
@@ -593,7 +699,7 @@ impl LawDef {
         if id.kind() != self.kind {
             return None;
         }
-        let Some(flows) = self.flows.get(&event.command) else {
+        let Some(flows) = self.flows.get(event.command.as_str()) else {
             return Some(Ok(0));
         };
         let Some((_, expr)) = flows.iter().find(|(t, _)| *t == target) else {
@@ -646,11 +752,11 @@ impl Eq for DeclaredCommand {}
 /// What a declared command did, as the log stores it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeclaredEvent {
-    pub domain: String,
-    pub command: String,
-    pub event: String,
+    pub domain: Name,
+    pub command: Name,
+    pub event: Name,
     /// The parameters by name, in the definition's order (so the log reads without it).
-    pub params: Vec<(String, Value)>,
+    pub params: Vec<(Name, Value)>,
     pub targets: Vec<AggregateId>,
     /// One per target, in order.
     pub effects: Vec<Effect>,
@@ -660,9 +766,9 @@ pub struct DeclaredEvent {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Effect {
     /// The aggregate came to be with these fields (every declared field).
-    Create(BTreeMap<String, Value>),
+    Create(BTreeMap<Name, Value>),
     /// These fields took these values; the others kept theirs.
-    Update(BTreeMap<String, Value>),
+    Update(BTreeMap<Name, Value>),
     Delete,
     /// Read, not changed (its version still moves: the command depended on it).
     Read,
@@ -696,6 +802,6 @@ impl Effect {
 /// version (the log moved it) and reads as absent.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeclaredState {
-    pub fields: BTreeMap<String, Value>,
+    pub fields: BTreeMap<Name, Value>,
     pub deleted: bool,
 }
