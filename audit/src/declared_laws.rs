@@ -9,10 +9,10 @@
 
 use super::replay::Replayed;
 use super::{Check, Divergence};
+use keel_invariants::LawScope;
 use keel_invariants::declared::{
     DeclaredEvent, DeclaredState, DomainDef, DomainSet, KindDef, LawDef,
 };
-use keel_invariants::{LawScope, State};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -82,10 +82,7 @@ pub(super) struct DeclaredLaws {
 
 /// A declared aggregate's state, when `replayed` holds one.
 fn declared(replayed: &Replayed) -> Option<&DeclaredState> {
-    match &replayed.aggregate.state {
-        State::Declared(state) => Some(state),
-        _ => None,
-    }
+    replayed.aggregate.state.downcast_ref::<DeclaredState>()
 }
 
 fn kind_of(id: &str) -> &str {

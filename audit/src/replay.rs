@@ -335,7 +335,7 @@ impl Replay {
                 .rules(&rules.domains, batch, aggregates, findings);
         }
         self.pending_flows.clear();
-        if let keel_invariants::Event::Declared(event) = &logged.event {
+        if let Some(event) = logged.event.downcast_ref::<DeclaredEvent>() {
             if let Err(detail) = self.decide_again(event, rules) {
                 let d = Divergence::new(Check::State, detail);
                 found.record(d.at_seq(Some(seq)).at_batch(Some(batch)));
@@ -358,7 +358,7 @@ impl Replay {
         for (target, id) in logged.event.targets().iter().enumerate() {
             self.fold(&logged.event, target, id.as_str(), seq, batch);
         }
-        if let keel_invariants::Event::Declared(event) = &logged.event {
+        if let Some(event) = logged.event.downcast_ref::<DeclaredEvent>() {
             for &(target, v, flow) in &self.pending_flows {
                 let replayed = event
                     .targets
@@ -459,7 +459,7 @@ impl Replay {
             // Move the aggregate out (no clone of an SKU's reservations); put the next one back.
             let placeholder = Aggregate {
                 version: 0,
-                state: State::Account(ledger::Account::default()),
+                state: State::new(ledger::Account::default()),
             };
             let previous = std::mem::replace(&mut replayed.aggregate, placeholder);
             replayed.aggregate = apply(event, target, Some(previous));

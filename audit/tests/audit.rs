@@ -43,14 +43,14 @@ fn with_id(id: &str, command: Command) -> Envelope {
 }
 
 fn open_account(name: &str, overdraft_limit: u64) -> Command {
-    Command::Ledger(ledger::Command::OpenAccount {
+    Command::new(ledger::Command::OpenAccount {
         account: account(name),
         overdraft_limit,
     })
 }
 
 fn deposit(name: &str, amount: u64) -> Command {
-    Command::Ledger(ledger::Command::Deposit {
+    Command::new(ledger::Command::Deposit {
         account: account(name),
         amount,
         memo: Some("pay".into()),
@@ -58,7 +58,7 @@ fn deposit(name: &str, amount: u64) -> Command {
 }
 
 fn withdraw(name: &str, amount: u64) -> Command {
-    Command::Ledger(ledger::Command::Withdraw {
+    Command::new(ledger::Command::Withdraw {
         account: account(name),
         amount,
         memo: None,
@@ -66,7 +66,7 @@ fn withdraw(name: &str, amount: u64) -> Command {
 }
 
 fn transfer(from: &str, to: &str, amount: u64) -> Command {
-    Command::Ledger(ledger::Command::Transfer {
+    Command::new(ledger::Command::Transfer {
         from: account(from),
         to: account(to),
         amount,
@@ -75,7 +75,7 @@ fn transfer(from: &str, to: &str, amount: u64) -> Command {
 }
 
 fn inventory(command: inventory::Command) -> Command {
-    Command::Inventory(command)
+    Command::new(command)
 }
 
 fn submit(sequencer: &Sequencer, commands: Vec<Envelope>, atomic: bool) -> TestResult<Reply> {
@@ -192,7 +192,7 @@ fn load_mixed(dir: &Path) -> TestResult {
     assert_eq!(committed(&submit(&sequencer, stock, false)?), 5);
     let close = vec![
         with_id("open-a9", open_account("a9", 0)),
-        plain(Command::Ledger(ledger::Command::CloseAccount {
+        plain(Command::new(ledger::Command::CloseAccount {
             account: account("a9"),
         })),
     ];
@@ -492,7 +492,7 @@ fn decodable_state_that_breaks_an_invariant_is_located() -> TestResult {
     let version = codec::decode_aggregate(&stored)?.version;
     let broken = Aggregate {
         version,
-        state: State::Account(ledger::Account {
+        state: State::new(ledger::Account {
             balance: -1000,
             overdraft_limit: 0,
             closed: false,
@@ -733,7 +733,10 @@ fn sku_edited_within_its_invariants_differs_from_the_fold_the_laws_hold_for() ->
         .get(Cf::State, id.as_str().as_bytes())?
         .ok_or("s1 is stored")?;
     let mut edited = codec::decode_aggregate(&stored)?;
-    let State::Sku(stock) = &mut edited.state else {
+    let Some(stock) = edited
+        .state
+        .downcast_mut::<keel_invariants::inventory::Sku>()
+    else {
         return Err("s1 is an SKU".into());
     };
     // More stock than the log ever brought in: every invariant still holds.

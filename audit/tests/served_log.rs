@@ -39,11 +39,11 @@ fn write_store(dir: &Path) -> TestResult {
     for i in 0..3 {
         let account = AggregateId::new(ledger::KIND, &format!("a{i}"));
         let commands = vec![
-            Command::Ledger(ledger::Command::OpenAccount {
+            Command::new(ledger::Command::OpenAccount {
                 account: account.clone(),
                 overdraft_limit: 0,
             }),
-            Command::Ledger(ledger::Command::Deposit {
+            Command::new(ledger::Command::Deposit {
                 account,
                 amount: 10,
                 memo: None,

@@ -201,7 +201,7 @@ fn envelope(id: Option<String>, command: ledger::Command) -> Envelope {
     Envelope {
         id,
         expected_version: None,
-        command: Command::Ledger(command),
+        command: Command::new(command),
     }
 }
 

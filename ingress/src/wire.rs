@@ -221,50 +221,50 @@ impl RawCommand {
         let account = |v| item.aggregate(ledger::KIND, "account", v);
         let sku = |v| item.aggregate(inventory::KIND, "sku", v);
         Ok(match item.kind {
-            "open_account" => Command::Ledger(L::OpenAccount {
+            "open_account" => Command::new(L::OpenAccount {
                 account: account(self.account)?,
                 overdraft_limit: match self.overdraft_limit {
                     Some(n) => item.count("overdraft_limit", Some(n))?,
                     None => 0,
                 },
             }),
-            "deposit" => Command::Ledger(L::Deposit {
+            "deposit" => Command::new(L::Deposit {
                 account: account(self.account)?,
                 amount: item.positive("amount", self.amount)?,
                 memo: item.memo(self.memo)?,
             }),
-            "withdraw" => Command::Ledger(L::Withdraw {
+            "withdraw" => Command::new(L::Withdraw {
                 account: account(self.account)?,
                 amount: item.positive("amount", self.amount)?,
                 memo: item.memo(self.memo)?,
             }),
-            "transfer" => Command::Ledger(L::Transfer {
+            "transfer" => Command::new(L::Transfer {
                 from: item.aggregate(ledger::KIND, "from", self.from)?,
                 to: item.aggregate(ledger::KIND, "to", self.to)?,
                 amount: item.positive("amount", self.amount)?,
                 memo: item.memo(self.memo)?,
             }),
-            "close_account" => Command::Ledger(L::CloseAccount {
+            "close_account" => Command::new(L::CloseAccount {
                 account: account(self.account)?,
             }),
-            "create_sku" => Command::Inventory(I::CreateSku {
+            "create_sku" => Command::new(I::CreateSku {
                 sku: sku(self.sku)?,
                 on_hand: item.count("on_hand", self.on_hand)?,
             }),
-            "restock" => Command::Inventory(I::Restock {
+            "restock" => Command::new(I::Restock {
                 sku: sku(self.sku)?,
                 qty: item.positive("qty", self.qty)?,
             }),
-            "reserve" => Command::Inventory(I::Reserve {
+            "reserve" => Command::new(I::Reserve {
                 sku: sku(self.sku)?,
                 qty: item.positive("qty", self.qty)?,
                 order: item.name("order", self.order)?,
             }),
-            "release" => Command::Inventory(I::Release {
+            "release" => Command::new(I::Release {
                 sku: sku(self.sku)?,
                 order: item.name("order", self.order)?,
             }),
-            "ship" => Command::Inventory(I::Ship {
+            "ship" => Command::new(I::Ship {
                 sku: sku(self.sku)?,
                 order: item.name("order", self.order)?,
             }),
@@ -439,19 +439,109 @@ pub fn aggregate_json(id: &AggregateId, aggregate: &Aggregate) -> Value {
 }
 
 pub fn state_json(state: &State) -> Value {
-    match state {
-        State::Account(a) => json!({
+    domain_of_tag(state.tag())
+        .and_then(|d| d.state_json(state))
+        .unwrap_or(Value::Null)
+}
+
+/// One domain's JSON: how its events' `data` and its states render. The generic code routes
+/// by the stored tag ([`DOMAINS`] is in tag order: ledger 0, inventory 1, declared 2).
+trait DomainJson: Sync {
+    /// `None`: an event of another domain.
+    fn event_data(&self, event: &Event) -> Option<Value>;
+    /// `None`: a state of another domain.
+    fn state_json(&self, state: &State) -> Option<Value>;
+}
+
+static DOMAINS: [&dyn DomainJson; 3] = [&LedgerJson, &InventoryJson, &DeclaredJson];
+
+fn domain_of_tag(tag: u32) -> Option<&'static dyn DomainJson> {
+    usize::try_from(tag)
+        .ok()
+        .and_then(|t| DOMAINS.get(t))
+        .copied()
+}
+
+struct LedgerJson;
+
+impl DomainJson for LedgerJson {
+    fn event_data(&self, event: &Event) -> Option<Value> {
+        use ledger::Event as L;
+        Some(match event.downcast_ref::<L>()? {
+            L::AccountOpened {
+                account,
+                overdraft_limit,
+            } => json!({"account": account.name(), "overdraft_limit": overdraft_limit}),
+            L::Deposited {
+                account,
+                amount,
+                memo,
+            }
+            | L::Withdrew {
+                account,
+                amount,
+                memo,
+            } => json!({"account": account.name(), "amount": amount, "memo": memo}),
+            L::Transferred {
+                from,
+                to,
+                amount,
+                memo,
+            } => json!({"from": from.name(), "to": to.name(), "amount": amount, "memo": memo}),
+            L::AccountClosed { account } => json!({"account": account.name()}),
+        })
+    }
+
+    fn state_json(&self, state: &State) -> Option<Value> {
+        let a = state.downcast_ref::<ledger::Account>()?;
+        Some(json!({
             "balance": a.balance,
             "overdraft_limit": a.overdraft_limit,
             "closed": a.closed,
-        }),
-        State::Sku(s) => json!({
+        }))
+    }
+}
+
+struct InventoryJson;
+
+impl DomainJson for InventoryJson {
+    fn event_data(&self, event: &Event) -> Option<Value> {
+        use inventory::Event as I;
+        Some(match event.downcast_ref::<I>()? {
+            I::SkuCreated { sku, on_hand } => json!({"sku": sku.name(), "on_hand": on_hand}),
+            I::Restocked { sku, qty } => json!({"sku": sku.name(), "qty": qty}),
+            I::Reserved { sku, qty, order }
+            | I::Released { sku, qty, order }
+            | I::Shipped { sku, qty, order } => {
+                json!({"sku": sku.name(), "qty": qty, "order": order})
+            }
+        })
+    }
+
+    fn state_json(&self, state: &State) -> Option<Value> {
+        let s = state.downcast_ref::<inventory::Sku>()?;
+        Some(json!({
             "on_hand": s.on_hand,
             "reserved": s.reserved,
             "available": s.on_hand.saturating_sub(s.reserved),
             "reservations": s.reservations,
-        }),
-        State::Declared(s) => declared::state_json(s),
+        }))
+    }
+}
+
+struct DeclaredJson;
+
+impl DomainJson for DeclaredJson {
+    fn event_data(&self, event: &Event) -> Option<Value> {
+        event
+            .downcast_ref::<keel_invariants::declared::DeclaredEvent>()
+            .map(declared::event_json)
+    }
+
+    fn state_json(&self, state: &State) -> Option<Value> {
+        state
+            .downcast_ref::<keel_invariants::declared::DeclaredState>()
+            .map(declared::state_json)
     }
 }
 
@@ -470,51 +560,9 @@ pub fn event_json(event: &CommittedEvent) -> Value {
 }
 
 fn event_data(event: &Event) -> Value {
-    use inventory::Event as I;
-    use ledger::Event as L;
-    match event {
-        Event::Ledger(L::AccountOpened {
-            account,
-            overdraft_limit,
-        }) => {
-            json!({"account": account.name(), "overdraft_limit": overdraft_limit})
-        }
-        Event::Ledger(
-            L::Deposited {
-                account,
-                amount,
-                memo,
-            }
-            | L::Withdrew {
-                account,
-                amount,
-                memo,
-            },
-        ) => {
-            json!({"account": account.name(), "amount": amount, "memo": memo})
-        }
-        Event::Ledger(L::Transferred {
-            from,
-            to,
-            amount,
-            memo,
-        }) => {
-            json!({"from": from.name(), "to": to.name(), "amount": amount, "memo": memo})
-        }
-        Event::Ledger(L::AccountClosed { account }) => json!({"account": account.name()}),
-        Event::Inventory(I::SkuCreated { sku, on_hand }) => {
-            json!({"sku": sku.name(), "on_hand": on_hand})
-        }
-        Event::Inventory(I::Restocked { sku, qty }) => json!({"sku": sku.name(), "qty": qty}),
-        Event::Inventory(
-            I::Reserved { sku, qty, order }
-            | I::Released { sku, qty, order }
-            | I::Shipped { sku, qty, order },
-        ) => {
-            json!({"sku": sku.name(), "qty": qty, "order": order})
-        }
-        Event::Declared(e) => declared::event_json(e),
-    }
+    domain_of_tag(event.tag())
+        .and_then(|d| d.event_data(event))
+        .unwrap_or(Value::Null)
 }
 
 #[cfg(test)]
@@ -662,8 +710,8 @@ mod tests {
         ] {
             let (envelopes, _) =
                 parse_batch(deposit(amount).as_bytes(), 10, &no_domains()).expect("accepted");
-            let Command::Ledger(ledger::Command::Deposit { amount: got, .. }) =
-                &envelopes[0].command
+            let Some(ledger::Command::Deposit { amount: got, .. }) =
+                envelopes[0].command.downcast_ref::<ledger::Command>()
             else {
                 panic!("not a deposit");
             };

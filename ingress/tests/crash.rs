@@ -153,11 +153,13 @@ async fn verify_store(dir: &std::path::Path, acked: &HashMap<String, (u64, usize
             Some(seq),
             "acknowledged {id} is in the log at its acknowledged seq"
         );
-        let Some(Event::Ledger(ledger::Event::Deposited {
+        let Some(ledger::Event::Deposited {
             account: a,
             amount: m,
             ..
-        })) = events.get(seq)
+        }) = events
+            .get(seq)
+            .and_then(|e| e.downcast_ref::<ledger::Event>())
         else {
             panic!("event {seq} of {id} is not the acknowledged deposit");
         };
@@ -180,7 +182,7 @@ async fn verify_store(dir: &std::path::Path, acked: &HashMap<String, (u64, usize
             let envelope = keel_invariants::Envelope {
                 id: Some(id.clone()),
                 expected_version: None,
-                command: keel_invariants::Command::Ledger(command),
+                command: keel_invariants::Command::new(command),
             };
             (*seq, envelope)
         })
@@ -217,9 +219,9 @@ async fn verify_store(dir: &std::path::Path, acked: &HashMap<String, (u64, usize
     // State equals the log: every balance is the sum of the deposits the log holds for it.
     let mut balances: HashMap<String, i64> = HashMap::new();
     for event in events.values() {
-        if let Event::Ledger(ledger::Event::Deposited {
+        if let Some(ledger::Event::Deposited {
             account, amount, ..
-        }) = event
+        }) = event.downcast_ref::<ledger::Event>()
         {
             *balances.entry(account.as_str().to_string()).or_default() += *amount as i64;
         }
@@ -233,7 +235,7 @@ async fn verify_store(dir: &std::path::Path, acked: &HashMap<String, (u64, usize
             ))
             .expect("readable")
             .expect("account exists");
-        let keel_invariants::State::Account(account) = aggregate.state else {
+        let Ok(account) = aggregate.state.downcast::<ledger::Account>() else {
             panic!("{id} is an account")
         };
         assert_eq!(

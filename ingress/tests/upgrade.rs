@@ -39,7 +39,7 @@ fn write_v1_store(dir: &Path) {
     let batches: [Vec<LoggedEvent>; 2] = [
         vec![LoggedEvent {
             command_id: Some("open-1".into()),
-            event: Event::Ledger(ledger::Event::AccountOpened {
+            event: Event::new(ledger::Event::AccountOpened {
                 account: alice(),
                 overdraft_limit: 0,
             }),
@@ -47,7 +47,7 @@ fn write_v1_store(dir: &Path) {
         vec![
             LoggedEvent {
                 command_id: Some("dep-1".into()),
-                event: Event::Ledger(ledger::Event::Deposited {
+                event: Event::new(ledger::Event::Deposited {
                     account: alice(),
                     amount: 50,
                     memo: None,
@@ -55,7 +55,7 @@ fn write_v1_store(dir: &Path) {
             },
             LoggedEvent {
                 command_id: None,
-                event: Event::Ledger(ledger::Event::Deposited {
+                event: Event::new(ledger::Event::Deposited {
                     account: alice(),
                     amount: 25,
                     memo: Some("cash".into()),
@@ -97,7 +97,7 @@ fn write_v1_store(dir: &Path) {
     batch.put_cf(cf("meta"), b"tip", tip.encode());
     let account = Aggregate {
         version: 3,
-        state: State::Account(ledger::Account {
+        state: State::new(ledger::Account {
             balance: 75,
             overdraft_limit: 0,
             closed: false,

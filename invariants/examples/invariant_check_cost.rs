@@ -34,7 +34,7 @@ fn row(name: &str, aggregate: &Aggregate, calls: u32) {
 fn main() {
     let account = Aggregate {
         version: 7,
-        state: State::Account(ledger::Account {
+        state: State::new(ledger::Account {
             balance: 1_000,
             overdraft_limit: 10,
             closed: false,
@@ -51,7 +51,7 @@ fn main() {
         };
         let aggregate = Aggregate {
             version: 7,
-            state: State::Sku(sku),
+            state: State::new(sku),
         };
         let calls = (2_000_000 / (reservations + 1)).max(2_000) as u32;
         row(

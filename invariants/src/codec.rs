@@ -1,7 +1,9 @@
 //! The byte encodings of what the engine stores for the domain: [`LoggedEvent`] (an event-log
-//! value), [`Aggregate`] (a state value) and [`CommandOutcome`] (a command-id index value). Both are postcard (a stable, documented, compact
-//! serde format: varint integers, length-prefixed strings, enum variants by position).
-//! docs/FORMAT.md shows the bytes; a golden test pins them.
+//! value), [`Aggregate`] (a state value), [`CommandOutcome`] (a command-id index value) and
+//! [`LoggedRejection`]. All are postcard (a stable, documented, compact serde format: varint
+//! integers, length-prefixed strings, enum variants by position); an event or a state is its
+//! domain's stored tag followed by the domain's own postcard encoding (see
+//! [`crate::registry`]). docs/FORMAT.md shows the bytes; a golden test pins them.
 
 use crate::registry::{Aggregate, CommandOutcome, LoggedEvent, LoggedRejection};
 
@@ -19,39 +21,35 @@ impl std::error::Error for DecodeError {}
 
 /// Appends the encoding of `event` to `out` (reusing the caller's buffer).
 pub fn encode_event(event: &LoggedEvent, out: &mut Vec<u8>) {
-    encode_into(event, out);
+    event.encode(out);
 }
 
 pub fn decode_event(bytes: &[u8]) -> Result<LoggedEvent, DecodeError> {
-    decode_exact(bytes)
+    exact(LoggedEvent::decode(bytes)?)
 }
 
 /// Appends the encoding of `aggregate` to `out`.
 pub fn encode_aggregate(aggregate: &Aggregate, out: &mut Vec<u8>) {
-    encode_into(aggregate, out);
+    aggregate.encode(out);
 }
 
 pub fn decode_aggregate(bytes: &[u8]) -> Result<Aggregate, DecodeError> {
-    decode_exact(bytes)
+    exact(Aggregate::decode(bytes)?)
 }
 
 fn encode_into<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) {
-    // Serializing these types into a Vec cannot fail: no map with non-string keys, no
-    // unsupported types, and a Vec grows as needed. A failure is a programming error.
-    let result = postcard::to_io(value, &mut *out);
-    assert!(
-        result.is_ok(),
-        "postcard encoding into a Vec failed: {result:?}"
-    );
+    crate::registry::encode_postcard(value, out);
 }
 
-fn decode_exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    let (value, rest) =
-        postcard::take_from_bytes::<T>(bytes).map_err(|e| DecodeError(e.to_string()))?;
+fn exact<T>((value, rest): (T, &[u8])) -> Result<T, DecodeError> {
     if !rest.is_empty() {
         return Err(DecodeError(format!("{} trailing bytes", rest.len())));
     }
     Ok(value)
+}
+
+fn decode_exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    exact(postcard::take_from_bytes::<T>(bytes).map_err(|e| DecodeError(e.to_string()))?)
 }
 
 /// Appends the encoding of `outcome` (a command-id index value) to `out`.

@@ -156,6 +156,15 @@ pub enum RejectCode {
 }
 
 impl RejectCode {
+    /// The codes every domain may answer with (the rest of [`RejectCode::ALL`] belong to the
+    /// built-in domains, each listing its own through [`crate::DomainRules::reject_codes`]).
+    pub const CORE: [RejectCode; 4] = [
+        Self::VersionConflict,
+        Self::AtomicRollback,
+        Self::Overflow,
+        Self::WrongKind,
+    ];
+
     pub const ALL: [RejectCode; 16] = [
         Self::VersionConflict,
         Self::AtomicRollback,

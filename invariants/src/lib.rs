@@ -7,24 +7,26 @@
 //! [`decide`] and [`apply`], the engine stores the bytes [`codec`] produces, and the audit
 //! replays events through [`apply`] to prove the stored state.
 //!
-//! A domain is a module implementing [`Domain`]; [`Command`], [`Event`] and [`State`] are the
-//! registry that routes to it. Two domains are built in: [`ledger`] and [`inventory`]. Any other
-//! domain is a definition file ([`declared`], docs/DOMAINS.md), routed through the registry
-//! enums' `Declared` variants.
+//! [`Command`], [`Event`] and [`State`] are open: each holds one domain's own value behind an
+//! object-safe interface ([`CommandBody`], [`EventBody`], [`StateBody`]), and each domain is one
+//! [`DomainRules`] value in the registry ([`declared::DomainSet`], keyed by aggregate kind).
+//! Two domains are built in, written as typed [`Domain`] modules: [`ledger`] and [`inventory`].
+//! Any other domain is a definition file ([`declared`], docs/DOMAINS.md).
 
 pub mod codec;
 pub mod declared;
 mod domain;
 pub mod inventory;
 pub mod ledger;
-mod registry;
+pub mod registry;
 
 pub use domain::{
     AggregateId, Conservation, Domain, LawScope, RejectCode, Rejection, Targets, Violation,
 };
 pub use registry::{
-    Aggregate, Command, CommandOutcome, Envelope, Event, Law, LoggedEvent, LoggedRejection, State,
-    apply, check_invariants, conservation_laws, decide, decide_at,
+    Aggregate, Body, Builtin, Command, CommandBody, CommandOutcome, DomainRules, Envelope, Event,
+    EventBody, Law, LawRules, LoggedEvent, LoggedRejection, State, StateBody, apply,
+    builtin_domains, check_invariants, conservation_laws, decide, decide_at,
 };
 
 /// The rules the built-in domains decide under, as the committed log records them: every log

@@ -60,7 +60,7 @@ fn assert_aggregate_bytes(aggregate: &Aggregate, expected_hex: &str) {
 fn logged_ledger_deposited_with_command_id_and_no_memo_has_pinned_bytes() {
     let event = LoggedEvent {
         command_id: Some("c-1".to_owned()),
-        event: Event::Ledger(ledger::Event::Deposited {
+        event: Event::new(ledger::Event::Deposited {
             account: AggregateId::new(ledger::KIND, "alice"),
             amount: 300,
             memo: None,
@@ -88,7 +88,7 @@ fn logged_ledger_deposited_with_command_id_and_no_memo_has_pinned_bytes() {
 fn logged_ledger_transferred_without_command_id_has_pinned_bytes() {
     let event = LoggedEvent {
         command_id: None,
-        event: Event::Ledger(ledger::Event::Transferred {
+        event: Event::new(ledger::Event::Transferred {
             from: AggregateId::new(ledger::KIND, "a"),
             to: AggregateId::new(ledger::KIND, "b"),
             amount: 1_000_000,
@@ -119,7 +119,7 @@ fn logged_ledger_transferred_without_command_id_has_pinned_bytes() {
 fn logged_inventory_reserved_has_pinned_bytes() {
     let event = LoggedEvent {
         command_id: Some("r-9".to_owned()),
-        event: Event::Inventory(inventory::Event::Reserved {
+        event: Event::new(inventory::Event::Reserved {
             sku: AggregateId::new(inventory::KIND, "A-17"),
             qty: 5,
             order: "o-1".to_owned(),
@@ -146,7 +146,7 @@ fn logged_inventory_reserved_has_pinned_bytes() {
 fn account_aggregate_has_pinned_bytes() {
     let aggregate = Aggregate {
         version: 3,
-        state: State::Account(Account {
+        state: State::new(Account {
             balance: -150,
             overdraft_limit: 200,
             closed: false,
@@ -165,7 +165,7 @@ fn account_aggregate_has_pinned_bytes() {
 fn closed_account_aggregate_has_pinned_bytes() {
     let aggregate = Aggregate {
         version: 130,
-        state: State::Account(Account {
+        state: State::new(Account {
             balance: 0,
             overdraft_limit: 0,
             closed: true,
@@ -183,7 +183,7 @@ fn closed_account_aggregate_has_pinned_bytes() {
 fn sku_aggregate_with_one_reservation_has_pinned_bytes() {
     let aggregate = Aggregate {
         version: 4,
-        state: State::Sku(Sku {
+        state: State::new(Sku {
             on_hand: 10,
             reserved: 5,
             reservations: BTreeMap::from([("o-1".to_owned(), 5)]),
@@ -246,7 +246,7 @@ fn every_event_variant_has_its_pinned_position() {
     ];
     let ledger = cases
         .into_iter()
-        .map(|(event, prefix)| (Event::Ledger(event), prefix));
+        .map(|(event, prefix)| (Event::new(event), prefix));
     let cases: [(inventory::Event, &str); 5] = [
         (
             inventory::Event::SkuCreated {
@@ -286,7 +286,7 @@ fn every_event_variant_has_its_pinned_position() {
     ];
     let inventory = cases
         .into_iter()
-        .map(|(event, prefix)| (Event::Inventory(event), prefix));
+        .map(|(event, prefix)| (Event::new(event), prefix));
     for (event, prefix) in ledger.chain(inventory) {
         let name = event.type_name().to_owned();
         let mut bytes = Vec::new();

@@ -49,14 +49,14 @@ fn expecting(version: u64, mut envelope: Envelope) -> Envelope {
 }
 
 fn open_account(name: &str, overdraft_limit: u64) -> Envelope {
-    envelope(Command::Ledger(ledger::Command::OpenAccount {
+    envelope(Command::new(ledger::Command::OpenAccount {
         account: acct(name),
         overdraft_limit,
     }))
 }
 
 fn deposit(name: &str, amount: u64, note: Option<&str>) -> Envelope {
-    envelope(Command::Ledger(ledger::Command::Deposit {
+    envelope(Command::new(ledger::Command::Deposit {
         account: acct(name),
         amount,
         memo: memo(note),
@@ -64,7 +64,7 @@ fn deposit(name: &str, amount: u64, note: Option<&str>) -> Envelope {
 }
 
 fn withdraw(name: &str, amount: u64, note: Option<&str>) -> Envelope {
-    envelope(Command::Ledger(ledger::Command::Withdraw {
+    envelope(Command::new(ledger::Command::Withdraw {
         account: acct(name),
         amount,
         memo: memo(note),
@@ -72,7 +72,7 @@ fn withdraw(name: &str, amount: u64, note: Option<&str>) -> Envelope {
 }
 
 fn transfer(from: &str, to: &str, amount: u64, note: Option<&str>) -> Envelope {
-    envelope(Command::Ledger(ledger::Command::Transfer {
+    envelope(Command::new(ledger::Command::Transfer {
         from: acct(from),
         to: acct(to),
         amount,
@@ -81,27 +81,27 @@ fn transfer(from: &str, to: &str, amount: u64, note: Option<&str>) -> Envelope {
 }
 
 fn close_account(name: &str) -> Envelope {
-    envelope(Command::Ledger(ledger::Command::CloseAccount {
+    envelope(Command::new(ledger::Command::CloseAccount {
         account: acct(name),
     }))
 }
 
 fn create_sku(name: &str, on_hand: u64) -> Envelope {
-    envelope(Command::Inventory(inventory::Command::CreateSku {
+    envelope(Command::new(inventory::Command::CreateSku {
         sku: sku(name),
         on_hand,
     }))
 }
 
 fn restock(name: &str, qty: u64) -> Envelope {
-    envelope(Command::Inventory(inventory::Command::Restock {
+    envelope(Command::new(inventory::Command::Restock {
         sku: sku(name),
         qty,
     }))
 }
 
 fn reserve(name: &str, qty: u64, order: &str) -> Envelope {
-    envelope(Command::Inventory(inventory::Command::Reserve {
+    envelope(Command::new(inventory::Command::Reserve {
         sku: sku(name),
         qty,
         order: order.to_owned(),
@@ -109,28 +109,28 @@ fn reserve(name: &str, qty: u64, order: &str) -> Envelope {
 }
 
 fn release(name: &str, order: &str) -> Envelope {
-    envelope(Command::Inventory(inventory::Command::Release {
+    envelope(Command::new(inventory::Command::Release {
         sku: sku(name),
         order: order.to_owned(),
     }))
 }
 
 fn ship(name: &str, order: &str) -> Envelope {
-    envelope(Command::Inventory(inventory::Command::Ship {
+    envelope(Command::new(inventory::Command::Ship {
         sku: sku(name),
         order: order.to_owned(),
     }))
 }
 
 fn opened(name: &str, overdraft_limit: u64) -> Event {
-    Event::Ledger(ledger::Event::AccountOpened {
+    Event::new(ledger::Event::AccountOpened {
         account: acct(name),
         overdraft_limit,
     })
 }
 
 fn deposited(name: &str, amount: u64, note: Option<&str>) -> Event {
-    Event::Ledger(ledger::Event::Deposited {
+    Event::new(ledger::Event::Deposited {
         account: acct(name),
         amount,
         memo: memo(note),
@@ -138,7 +138,7 @@ fn deposited(name: &str, amount: u64, note: Option<&str>) -> Event {
 }
 
 fn withdrew(name: &str, amount: u64, note: Option<&str>) -> Event {
-    Event::Ledger(ledger::Event::Withdrew {
+    Event::new(ledger::Event::Withdrew {
         account: acct(name),
         amount,
         memo: memo(note),
@@ -146,7 +146,7 @@ fn withdrew(name: &str, amount: u64, note: Option<&str>) -> Event {
 }
 
 fn transferred(from: &str, to: &str, amount: u64, note: Option<&str>) -> Event {
-    Event::Ledger(ledger::Event::Transferred {
+    Event::new(ledger::Event::Transferred {
         from: acct(from),
         to: acct(to),
         amount,
@@ -155,27 +155,27 @@ fn transferred(from: &str, to: &str, amount: u64, note: Option<&str>) -> Event {
 }
 
 fn closed(name: &str) -> Event {
-    Event::Ledger(ledger::Event::AccountClosed {
+    Event::new(ledger::Event::AccountClosed {
         account: acct(name),
     })
 }
 
 fn sku_created(name: &str, on_hand: u64) -> Event {
-    Event::Inventory(inventory::Event::SkuCreated {
+    Event::new(inventory::Event::SkuCreated {
         sku: sku(name),
         on_hand,
     })
 }
 
 fn restocked(name: &str, qty: u64) -> Event {
-    Event::Inventory(inventory::Event::Restocked {
+    Event::new(inventory::Event::Restocked {
         sku: sku(name),
         qty,
     })
 }
 
 fn reserved(name: &str, qty: u64, order: &str) -> Event {
-    Event::Inventory(inventory::Event::Reserved {
+    Event::new(inventory::Event::Reserved {
         sku: sku(name),
         qty,
         order: order.to_owned(),
@@ -183,7 +183,7 @@ fn reserved(name: &str, qty: u64, order: &str) -> Event {
 }
 
 fn released(name: &str, qty: u64, order: &str) -> Event {
-    Event::Inventory(inventory::Event::Released {
+    Event::new(inventory::Event::Released {
         sku: sku(name),
         qty,
         order: order.to_owned(),
@@ -191,7 +191,7 @@ fn released(name: &str, qty: u64, order: &str) -> Event {
 }
 
 fn shipped(name: &str, qty: u64, order: &str) -> Event {
-    Event::Inventory(inventory::Event::Shipped {
+    Event::new(inventory::Event::Shipped {
         sku: sku(name),
         qty,
         order: order.to_owned(),
@@ -199,7 +199,7 @@ fn shipped(name: &str, qty: u64, order: &str) -> Event {
 }
 
 fn account_state(balance: i64, overdraft_limit: u64, closed: bool) -> State {
-    State::Account(Account {
+    State::new(Account {
         balance,
         overdraft_limit,
         closed,
@@ -211,7 +211,7 @@ fn sku_state(on_hand: u64, reserved: u64, reservations: &[(&str, u64)]) -> State
         .iter()
         .map(|(order, qty)| ((*order).to_owned(), *qty))
         .collect();
-    State::Sku(Sku {
+    State::new(Sku {
         on_hand,
         reserved,
         reservations,
@@ -1260,17 +1260,17 @@ fn event_type_names_are_unique_snake_case() {
 fn command_with_an_id_of_another_kind_is_wrong_kind() {
     use keel_invariants::{AggregateId, Command, Envelope, RejectCode, decide, inventory, ledger};
     let cases = [
-        Command::Ledger(ledger::Command::OpenAccount {
+        Command::new(ledger::Command::OpenAccount {
             account: AggregateId::new(inventory::KIND, "x"),
             overdraft_limit: 0,
         }),
-        Command::Ledger(ledger::Command::Transfer {
+        Command::new(ledger::Command::Transfer {
             from: AggregateId::new(ledger::KIND, "a"),
             to: AggregateId::new(inventory::KIND, "b"),
             amount: 1,
             memo: None,
         }),
-        Command::Inventory(inventory::Command::CreateSku {
+        Command::new(inventory::Command::CreateSku {
             sku: AggregateId::new(ledger::KIND, "s"),
             on_hand: 1,
         }),

@@ -229,7 +229,7 @@ impl World {
                 _ => unreachable!(),
             })
             .collect();
-        Command::Declared(DeclaredCommand {
+        Command::new(DeclaredCommand {
             def: Arc::clone(def),
             params: values,
             targets,
@@ -256,10 +256,10 @@ impl World {
     }
 
     fn fields(&self, id: &str) -> &DeclaredState {
-        match &self.store[&AggregateId::from_full(id.to_owned())].state {
-            State::Declared(s) => s,
-            other => panic!("{other:?}"),
-        }
+        let state = &self.store[&AggregateId::from_full(id.to_owned())].state;
+        state
+            .downcast_ref::<DeclaredState>()
+            .unwrap_or_else(|| panic!("{state:?}"))
     }
 
     fn uint(&self, id: &str, field: &str) -> u64 {
@@ -352,7 +352,7 @@ fn a_confirmed_hold_becomes_a_booking_and_an_expired_one_cannot() {
         )
     };
     let event = confirm(&mut w, "h1", "b1").unwrap();
-    let Event::Declared(event) = event else {
+    let Ok(event) = event.downcast::<keel_invariants::declared::DeclaredEvent>() else {
         panic!()
     };
     assert_eq!(event.event, "hold_confirmed");
@@ -487,7 +487,7 @@ fn overflow_and_evaluation_errors_reject_and_commit_nothing() {
         AggregateId::new("counter", "x"),
         Aggregate {
             version: 1,
-            state: State::Account(keel_invariants::ledger::Account::default()),
+            state: State::new(keel_invariants::ledger::Account::default()),
         },
     );
     let envelope = Envelope {

@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used, reason = "a panic in a test is a test failure")]
 
-use keel_invariants::declared::{DeclaredCommand, DomainSet, Value};
+use keel_invariants::declared::{DeclaredCommand, DeclaredState, DomainSet, Value};
 use keel_invariants::{
     Aggregate, AggregateId, Command, Envelope, Event, Rejection, State, apply, decide_at,
     inventory, ledger,
@@ -123,7 +123,7 @@ fn declared(set: &DomainSet, type_name: &str, params: &[(&str, Value)]) -> Comma
             AggregateId::new(&t.kind.name, name)
         })
         .collect();
-    Command::Declared(DeclaredCommand {
+    Command::new(DeclaredCommand {
         def: Arc::clone(def),
         params: values,
         targets,
@@ -254,27 +254,29 @@ fn step(store: &mut Store, envelope: &Envelope, now: u64) -> Result<Event, Rejec
 
 /// The declared state a built-in state corresponds to, as field values.
 fn as_fields(state: &State) -> Vec<(&'static str, Value)> {
-    match state {
-        State::Account(a) => vec![
+    if let Some(a) = state.downcast_ref::<ledger::Account>() {
+        return vec![
             ("balance", Value::Int(a.balance)),
             ("closed", Value::Bool(a.closed)),
             ("overdraft_limit", Value::Uint(a.overdraft_limit)),
-        ],
-        State::Sku(sku) => vec![
-            ("on_hand", Value::Uint(sku.on_hand)),
-            (
-                "reservations",
-                Value::Map(
-                    sku.reservations
-                        .iter()
-                        .map(|(k, v)| (k.clone(), Value::Uint(*v)))
-                        .collect(),
-                ),
-            ),
-            ("reserved", Value::Uint(sku.reserved)),
-        ],
-        State::Declared(_) => panic!("a built-in store holds no declared state"),
+        ];
     }
+    let Some(sku) = state.downcast_ref::<inventory::Sku>() else {
+        panic!("a built-in store holds no declared state")
+    };
+    vec![
+        ("on_hand", Value::Uint(sku.on_hand)),
+        (
+            "reservations",
+            Value::Map(
+                sku.reservations
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::Uint(*v)))
+                    .collect(),
+            ),
+        ),
+        ("reserved", Value::Uint(sku.reserved)),
+    ]
 }
 
 fn declared_id(id: &AggregateId) -> AggregateId {
@@ -293,7 +295,7 @@ fn compare_stores(builtin: &Store, declared: &Store) -> Result<(), TestCaseError
         prop_assert!(other.is_some(), "{} is missing from the declared store", id);
         let other = other.unwrap();
         prop_assert_eq!(aggregate.version, other.version, "{} versions differ", id);
-        let State::Declared(fields) = &other.state else {
+        let Some(fields) = other.state.downcast_ref::<DeclaredState>() else {
             return Err(TestCaseError::fail(format!("{id}: not a declared state")));
         };
         let expected = as_fields(&aggregate.state);
@@ -317,8 +319,8 @@ proptest! {
                 id: None,
                 expected_version: *expected_version,
                 command: match cmd {
-                    Cmd::Ledger(c) => Command::Ledger(c.clone()),
-                    Cmd::Inventory(c) => Command::Inventory(c.clone()),
+                    Cmd::Ledger(c) => Command::new(c.clone()),
+                    Cmd::Inventory(c) => Command::new(c.clone()),
                 },
             };
             let d = Envelope {

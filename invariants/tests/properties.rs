@@ -85,8 +85,8 @@ fn inventory_command() -> impl Strategy<Value = inventory::Command> {
 
 fn envelope() -> impl Strategy<Value = Envelope> {
     let command = prop_oneof![
-        ledger_command().prop_map(Command::Ledger),
-        inventory_command().prop_map(Command::Inventory),
+        ledger_command().prop_map(Command::from),
+        inventory_command().prop_map(Command::from),
     ];
     let expected_version = prop_oneof![6 => Just(None), 1 => (0..6u64).prop_map(Some)];
     let id = prop::option::of("c-[0-9]{1,4}");
@@ -176,11 +176,11 @@ fn accept(run: &mut Run, envelope: &Envelope, event: Event) -> Result<(), TestCa
         );
         *run.events_per_aggregate.entry(id).or_default() += 1;
     }
-    match &event {
-        Event::Ledger(ledger::Event::Deposited { amount, .. }) => {
+    match event.downcast_ref::<ledger::Event>() {
+        Some(ledger::Event::Deposited { amount, .. }) => {
             run.deposited_total += i128::from(*amount);
         }
-        Event::Ledger(ledger::Event::Withdrew { amount, .. }) => {
+        Some(ledger::Event::Withdrew { amount, .. }) => {
             run.withdrawn_total += i128::from(*amount);
         }
         _ => {}
@@ -197,9 +197,11 @@ fn accept(run: &mut Run, envelope: &Envelope, event: Event) -> Result<(), TestCa
 fn balance_total(store: &Store) -> i128 {
     store
         .values()
-        .map(|aggregate| match &aggregate.state {
-            State::Account(account) => i128::from(account.balance),
-            _ => 0,
+        .map(|aggregate| {
+            aggregate
+                .state
+                .downcast_ref::<ledger::Account>()
+                .map_or(0, |account| i128::from(account.balance))
         })
         .sum()
 }
@@ -369,8 +371,8 @@ fn any_inventory_event() -> impl Strategy<Value = inventory::Event> {
 
 fn any_logged_event() -> impl Strategy<Value = LoggedEvent> {
     let event = prop_oneof![
-        any_ledger_event().prop_map(Event::Ledger),
-        any_inventory_event().prop_map(Event::Inventory),
+        any_ledger_event().prop_map(Event::from),
+        any_inventory_event().prop_map(Event::from),
     ];
     (prop::option::of(text()), event)
         .prop_map(|(command_id, event)| LoggedEvent { command_id, event })
@@ -380,7 +382,7 @@ fn any_logged_event() -> impl Strategy<Value = LoggedEvent> {
 fn any_aggregate() -> impl Strategy<Value = Aggregate> {
     let account = (any::<i64>(), any::<u64>(), any::<bool>()).prop_map(
         |(balance, overdraft_limit, closed)| {
-            State::Account(Account {
+            State::new(Account {
                 balance,
                 overdraft_limit,
                 closed,
@@ -394,7 +396,7 @@ fn any_aggregate() -> impl Strategy<Value = Aggregate> {
     )
         .prop_map(
             |(on_hand, reserved, reservations): (u64, u64, BTreeMap<String, u64>)| {
-                State::Sku(Sku {
+                State::new(Sku {
                     on_hand,
                     reserved,
                     reservations,

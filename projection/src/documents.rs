@@ -6,7 +6,7 @@
 //! Integers are BSON Int64. A `u64` above `i64::MAX` (possible only for an SKU's `on_hand`) is
 //! stored as Decimal128 so that it stays exact; sequences never get there.
 
-use keel_invariants::declared::{DeclaredState, Effect, Value};
+use keel_invariants::declared::{DeclaredEvent, DeclaredState, Effect, Value};
 use keel_invariants::{Aggregate, Event, LoggedEvent, State, inventory, ledger};
 use mongodb::bson::{Bson, DateTime, Decimal128, Document, doc};
 use std::collections::BTreeMap;
@@ -80,22 +80,51 @@ pub fn event_document(
     }
 }
 
-fn memo(memo: &Option<String>) -> Bson {
-    memo.clone().map_or(Bson::Null, Bson::String)
+/// One domain's documents: how its events and states render, and how a state reads back. The
+/// generic code routes by an event's or state's stored tag ([`DOMAINS`] is in tag order) and
+/// by an aggregate document's kind.
+trait DomainDocuments: Sync {
+    /// The `data` of an event of this domain (`None`: another domain's).
+    fn event_data(&self, event: &Event) -> Option<Document>;
+    /// Adds a state's fields to its aggregate document (`false`: another domain's).
+    fn state_fields(&self, state: &State, document: &mut Document) -> bool;
+    /// Reads back a state of aggregate kind `kind` (`None`: not this domain's kind).
+    fn parse_state(&self, kind: &str, document: &Document) -> Option<Result<State, String>>;
+}
+
+/// Every domain's documents, by stored tag (ledger 0, inventory 1, declared 2). A declared
+/// domain reads back any kind the built-in ones do not own, so it comes last.
+static DOMAINS: [&dyn DomainDocuments; 3] =
+    [&LedgerDocuments, &InventoryDocuments, &DeclaredDocuments];
+
+fn domain_of_tag(tag: u32) -> Option<&'static dyn DomainDocuments> {
+    usize::try_from(tag)
+        .ok()
+        .and_then(|t| DOMAINS.get(t))
+        .copied()
 }
 
 /// The event's fields, as `data` in `GET /v1/events`.
 fn event_data(event: &Event) -> Document {
-    use inventory::Event as I;
-    use ledger::Event as L;
-    match event {
-        Event::Ledger(L::AccountOpened {
-            account,
-            overdraft_limit,
-        }) => {
-            doc! {"account": account.name(), "overdraft_limit": u64_bson(*overdraft_limit)}
-        }
-        Event::Ledger(
+    domain_of_tag(event.tag())
+        .and_then(|d| d.event_data(event))
+        .unwrap_or_default()
+}
+
+fn memo(memo: &Option<String>) -> Bson {
+    memo.clone().map_or(Bson::Null, Bson::String)
+}
+
+struct LedgerDocuments;
+
+impl DomainDocuments for LedgerDocuments {
+    fn event_data(&self, event: &Event) -> Option<Document> {
+        use ledger::Event as L;
+        Some(match event.downcast_ref::<L>()? {
+            L::AccountOpened {
+                account,
+                overdraft_limit,
+            } => doc! {"account": account.name(), "overdraft_limit": u64_bson(*overdraft_limit)},
             L::Deposited {
                 account,
                 amount,
@@ -105,53 +134,165 @@ fn event_data(event: &Event) -> Document {
                 account,
                 amount,
                 memo: m,
-            },
-        ) => {
-            doc! {"account": account.name(), "amount": u64_bson(*amount), "memo": memo(m)}
-        }
-        Event::Ledger(L::Transferred {
-            from,
-            to,
-            amount,
-            memo: m,
-        }) => {
-            doc! {"from": from.name(), "to": to.name(), "amount": u64_bson(*amount), "memo": memo(m)}
-        }
-        Event::Ledger(L::AccountClosed { account }) => doc! {"account": account.name()},
-        Event::Inventory(I::SkuCreated { sku, on_hand }) => {
-            doc! {"sku": sku.name(), "on_hand": u64_bson(*on_hand)}
-        }
-        Event::Inventory(I::Restocked { sku, qty }) => {
-            doc! {"sku": sku.name(), "qty": u64_bson(*qty)}
-        }
-        Event::Inventory(
+            } => doc! {"account": account.name(), "amount": u64_bson(*amount), "memo": memo(m)},
+            L::Transferred {
+                from,
+                to,
+                amount,
+                memo: m,
+            } => {
+                doc! {"from": from.name(), "to": to.name(), "amount": u64_bson(*amount), "memo": memo(m)}
+            }
+            L::AccountClosed { account } => doc! {"account": account.name()},
+        })
+    }
+
+    fn state_fields(&self, state: &State, document: &mut Document) -> bool {
+        let Some(a) = state.downcast_ref::<ledger::Account>() else {
+            return false;
+        };
+        document.insert("balance", Bson::Int64(a.balance));
+        document.insert("overdraft_limit", u64_bson(a.overdraft_limit));
+        document.insert("closed", a.closed);
+        true
+    }
+
+    fn parse_state(&self, kind: &str, document: &Document) -> Option<Result<State, String>> {
+        (kind == ledger::KIND).then(|| {
+            Ok(State::new(ledger::Account {
+                balance: document
+                    .get("balance")
+                    .and_then(bson_i64)
+                    .ok_or("`balance` is not an integer")?,
+                overdraft_limit: number(document, "overdraft_limit")?,
+                closed: document
+                    .get_bool("closed")
+                    .map_err(|e| format!("`closed`: {e}"))?,
+            }))
+        })
+    }
+}
+
+struct InventoryDocuments;
+
+impl DomainDocuments for InventoryDocuments {
+    fn event_data(&self, event: &Event) -> Option<Document> {
+        use inventory::Event as I;
+        Some(match event.downcast_ref::<I>()? {
+            I::SkuCreated { sku, on_hand } => {
+                doc! {"sku": sku.name(), "on_hand": u64_bson(*on_hand)}
+            }
+            I::Restocked { sku, qty } => doc! {"sku": sku.name(), "qty": u64_bson(*qty)},
             I::Reserved { sku, qty, order }
             | I::Released { sku, qty, order }
-            | I::Shipped { sku, qty, order },
-        ) => doc! {"sku": sku.name(), "qty": u64_bson(*qty), "order": order.as_str()},
-        Event::Declared(e) => {
-            let params: Document = e
-                .params
-                .iter()
-                .map(|(k, v)| (k.to_string(), value_bson(v)))
-                .collect();
-            let effects: Vec<Bson> = e
-                .effects
-                .iter()
-                .map(|effect| match effect {
-                    Effect::Create(fields) => {
-                        Bson::Document(doc! {"create": fields_document(fields)})
-                    }
-                    Effect::Update(fields) => {
-                        Bson::Document(doc! {"update": fields_document(fields)})
-                    }
-                    Effect::Delete => Bson::String("delete".into()),
-                    Effect::Read => Bson::String("read".into()),
-                })
-                .collect();
-            doc! {"domain": e.domain.as_str(), "command": e.command.as_str(), "params": params, "effects": effects}
-        }
+            | I::Shipped { sku, qty, order } => {
+                doc! {"sku": sku.name(), "qty": u64_bson(*qty), "order": order.as_str()}
+            }
+        })
     }
+
+    fn state_fields(&self, state: &State, document: &mut Document) -> bool {
+        let Some(s) = state.downcast_ref::<inventory::Sku>() else {
+            return false;
+        };
+        document.insert("on_hand", u64_bson(s.on_hand));
+        document.insert("reserved", u64_bson(s.reserved));
+        document.insert("available", u64_bson(s.on_hand.saturating_sub(s.reserved)));
+        let reservations: Document = s
+            .reservations
+            .iter()
+            .map(|(o, q)| (o.clone(), u64_bson(*q)))
+            .collect();
+        document.insert("reservations", reservations);
+        true
+    }
+
+    fn parse_state(&self, kind: &str, document: &Document) -> Option<Result<State, String>> {
+        (kind == inventory::KIND).then(|| {
+            let mut reservations = BTreeMap::new();
+            let stored = document
+                .get_document("reservations")
+                .map_err(|e| format!("`reservations`: {e}"))?;
+            for (order, qty) in stored {
+                let qty = bson_u64(qty)
+                    .ok_or_else(|| format!("reservation `{order}` is not an integer"))?;
+                reservations.insert(order.clone(), qty);
+            }
+            Ok(State::new(inventory::Sku {
+                on_hand: number(document, "on_hand")?,
+                reserved: number(document, "reserved")?,
+                reservations,
+            }))
+        })
+    }
+}
+
+struct DeclaredDocuments;
+
+impl DomainDocuments for DeclaredDocuments {
+    fn event_data(&self, event: &Event) -> Option<Document> {
+        let e = event.downcast_ref::<DeclaredEvent>()?;
+        let params: Document = e
+            .params
+            .iter()
+            .map(|(k, v)| (k.to_string(), value_bson(v)))
+            .collect();
+        let effects: Vec<Bson> = e
+            .effects
+            .iter()
+            .map(|effect| match effect {
+                Effect::Create(fields) => Bson::Document(doc! {"create": fields_document(fields)}),
+                Effect::Update(fields) => Bson::Document(doc! {"update": fields_document(fields)}),
+                Effect::Delete => Bson::String("delete".into()),
+                Effect::Read => Bson::String("read".into()),
+            })
+            .collect();
+        Some(
+            doc! {"domain": e.domain.as_str(), "command": e.command.as_str(), "params": params, "effects": effects},
+        )
+    }
+
+    fn state_fields(&self, state: &State, document: &mut Document) -> bool {
+        let Some(s) = state.downcast_ref::<DeclaredState>() else {
+            return false;
+        };
+        for (name, value) in &s.fields {
+            if !AGGREGATE_META.contains(&name.as_str()) {
+                document.insert(name.to_string(), value_bson(value));
+            }
+        }
+        if s.deleted {
+            document.insert("deleted", true);
+        }
+        true
+    }
+
+    /// Any kind a built-in domain does not own (the kinds of the loaded definitions).
+    fn parse_state(&self, _kind: &str, document: &Document) -> Option<Result<State, String>> {
+        let mut state = DeclaredState::default();
+        for (name, value) in document {
+            if AGGREGATE_META.contains(&name.as_str()) {
+                continue;
+            }
+            if name == "deleted" {
+                state.deleted = value.as_bool().unwrap_or(false);
+                continue;
+            }
+            let Some(value) = bson_value(value) else {
+                return Some(Err(format!("field `{name}` has a type Keel never writes")));
+            };
+            state.fields.insert(name.as_str().into(), value);
+        }
+        Some(Ok(State::new(state)))
+    }
+}
+
+/// A field that must hold a non-negative integer.
+fn number(document: &Document, field: &str) -> Result<u64, String> {
+    document
+        .get(field)
+        .and_then(bson_u64)
+        .ok_or_else(|| format!("`{field}` is not a non-negative integer"))
 }
 
 /// A declared domain's value as BSON: int and uint as Int64 (a uint above `i64::MAX` as
@@ -215,33 +356,8 @@ pub fn aggregate_document(
         "last_seq": u64_bson(last_seq),
         "updated_at": datetime_us(updated_at_us),
     };
-    match &aggregate.state {
-        State::Account(a) => {
-            document.insert("balance", Bson::Int64(a.balance));
-            document.insert("overdraft_limit", u64_bson(a.overdraft_limit));
-            document.insert("closed", a.closed);
-        }
-        State::Sku(s) => {
-            document.insert("on_hand", u64_bson(s.on_hand));
-            document.insert("reserved", u64_bson(s.reserved));
-            document.insert("available", u64_bson(s.on_hand.saturating_sub(s.reserved)));
-            let reservations: Document = s
-                .reservations
-                .iter()
-                .map(|(o, q)| (o.clone(), u64_bson(*q)))
-                .collect();
-            document.insert("reservations", reservations);
-        }
-        State::Declared(s) => {
-            for (name, value) in &s.fields {
-                if !AGGREGATE_META.contains(&name.as_str()) {
-                    document.insert(name.to_string(), value_bson(value));
-                }
-            }
-            if s.deleted {
-                document.insert("deleted", true);
-            }
-        }
+    if let Some(domain) = domain_of_tag(aggregate.state.tag()) {
+        domain.state_fields(&aggregate.state, &mut document);
     }
     document
 }
@@ -269,50 +385,12 @@ pub fn parse_aggregate_document(
     };
     let version = number("version")?;
     let last_seq = number("last_seq")?;
-    let state = match document.get_str("kind").map_err(|e| fail(e.to_string()))? {
-        ledger::KIND => State::Account(ledger::Account {
-            balance: document
-                .get("balance")
-                .and_then(bson_i64)
-                .ok_or_else(|| fail("`balance` is not an integer".into()))?,
-            overdraft_limit: number("overdraft_limit")?,
-            closed: document
-                .get_bool("closed")
-                .map_err(|e| fail(format!("`closed`: {e}")))?,
-        }),
-        inventory::KIND => {
-            let mut reservations = BTreeMap::new();
-            let stored = document
-                .get_document("reservations")
-                .map_err(|e| fail(format!("`reservations`: {e}")))?;
-            for (order, qty) in stored {
-                let qty = bson_u64(qty)
-                    .ok_or_else(|| fail(format!("reservation `{order}` is not an integer")))?;
-                reservations.insert(order.clone(), qty);
-            }
-            State::Sku(inventory::Sku {
-                on_hand: number("on_hand")?,
-                reserved: number("reserved")?,
-                reservations,
-            })
-        }
-        _ => {
-            let mut state = DeclaredState::default();
-            for (name, value) in document {
-                if AGGREGATE_META.contains(&name.as_str()) {
-                    continue;
-                }
-                if name == "deleted" {
-                    state.deleted = value.as_bool().unwrap_or(false);
-                    continue;
-                }
-                let value = bson_value(value)
-                    .ok_or_else(|| fail(format!("field `{name}` has a type Keel never writes")))?;
-                state.fields.insert(name.as_str().into(), value);
-            }
-            State::Declared(state)
-        }
-    };
+    let kind = document.get_str("kind").map_err(|e| fail(e.to_string()))?;
+    let state = DOMAINS
+        .iter()
+        .find_map(|d| d.parse_state(kind, document))
+        .unwrap_or_else(|| Err(format!("no domain reads kind `{kind}`")))
+        .map_err(fail)?;
     Ok((id, Aggregate { version, state }, last_seq))
 }
 
@@ -388,7 +466,7 @@ mod tests {
     fn aggregates_read_back_exactly() {
         let account = Aggregate {
             version: 7,
-            state: State::Account(ledger::Account {
+            state: State::new(ledger::Account {
                 balance: -40,
                 overdraft_limit: 100,
                 closed: false,
@@ -399,7 +477,7 @@ mod tests {
         reservations.insert("o.2".to_owned(), u64::MAX - 5);
         let sku = Aggregate {
             version: 4,
-            state: State::Sku(inventory::Sku {
+            state: State::new(inventory::Sku {
                 on_hand: u64::MAX,
                 reserved: u64::MAX - 2,
                 reservations,
@@ -431,7 +509,7 @@ mod tests {
     fn event_documents_mirror_the_http_api() {
         let logged = LoggedEvent {
             command_id: Some("c-1".into()),
-            event: Event::Ledger(ledger::Event::Transferred {
+            event: Event::new(ledger::Event::Transferred {
                 from: AggregateId::new("account", "alice"),
                 to: AggregateId::new("account", "bob"),
                 amount: 5,

@@ -133,18 +133,18 @@ impl Generator {
         let mut commands = Vec::new();
         for a in 0..ACCOUNTS {
             let account = account(a);
-            commands.push(plain(Command::Ledger(ledger::Command::OpenAccount {
+            commands.push(plain(Command::new(ledger::Command::OpenAccount {
                 account: account.clone(),
                 overdraft_limit: 100,
             })));
-            commands.push(plain(Command::Ledger(ledger::Command::Deposit {
+            commands.push(plain(Command::new(ledger::Command::Deposit {
                 account,
                 amount: 1_000_000,
                 memo: None,
             })));
         }
         for s in 0..SKUS {
-            commands.push(plain(Command::Inventory(inventory::Command::CreateSku {
+            commands.push(plain(Command::new(inventory::Command::CreateSku {
                 sku: sku(s),
                 on_hand: 1_000_000_000,
             })));
@@ -159,7 +159,7 @@ impl Generator {
                 let from = self.random(ACCOUNTS);
                 let to = (from + 1 + self.random(ACCOUNTS - 1)) % ACCOUNTS;
                 let amount = 1 + self.random(100);
-                Command::Ledger(ledger::Command::Transfer {
+                Command::new(ledger::Command::Transfer {
                     from: account(from),
                     to: account(to),
                     amount,
@@ -168,13 +168,13 @@ impl Generator {
             }
             60..75 => {
                 let memo = Some(format!("invoice {}", self.n));
-                Command::Ledger(ledger::Command::Deposit {
+                Command::new(ledger::Command::Deposit {
                     account: account(self.random(ACCOUNTS)),
                     amount: 1 + self.random(1000),
                     memo,
                 })
             }
-            75..85 => Command::Ledger(ledger::Command::Withdraw {
+            75..85 => Command::new(ledger::Command::Withdraw {
                 account: account(self.random(ACCOUNTS)),
                 amount: 1 + self.random(50),
                 memo: None,
@@ -192,10 +192,10 @@ impl Generator {
     fn inventory(&mut self) -> Command {
         let ship = self.reserved.len() > 1000 || self.random(3) == 0;
         if let Some((s, order)) = ship.then(|| self.reserved.pop_front()).flatten() {
-            return Command::Inventory(inventory::Command::Ship { sku: sku(s), order });
+            return Command::new(inventory::Command::Ship { sku: sku(s), order });
         }
         if self.random(10) == 0 {
-            return Command::Inventory(inventory::Command::Restock {
+            return Command::new(inventory::Command::Restock {
                 sku: sku(self.random(SKUS)),
                 qty: 1 + self.random(100),
             });
@@ -203,7 +203,7 @@ impl Generator {
         let s = self.random(SKUS);
         let order = format!("order-{}", self.n);
         self.reserved.push_back((s, order.clone()));
-        Command::Inventory(inventory::Command::Reserve {
+        Command::new(inventory::Command::Reserve {
             sku: sku(s),
             qty: 1 + self.random(5),
             order,

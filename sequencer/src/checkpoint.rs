@@ -259,6 +259,6 @@ pub(crate) fn recover(reader: &Reader, published: &Published) -> Result<Recovere
 pub(crate) fn placeholder() -> Aggregate {
     Aggregate {
         version: 0,
-        state: State::Account(Default::default()),
+        state: State::vacant(),
     }
 }

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)] // a test may unwrap: the panic is its failure report
 
 use keel_engine::{Engine, MemoryStorage, Storage};
-use keel_invariants::{AggregateId, Command, Envelope, RejectCode, State, ledger};
+use keel_invariants::{AggregateId, Command, Envelope, RejectCode, ledger};
 use keel_sequencer::{Config, ItemResult, Reply, Sequencer, Submit, SubmitError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,7 @@ fn cmd(id: Option<&str>, command: ledger::Command) -> Envelope {
     Envelope {
         id: id.map(String::from),
         expected_version: None,
-        command: Command::Ledger(command),
+        command: Command::new(command),
     }
 }
 
@@ -70,9 +70,11 @@ async fn dry_run(s: &Sequencer, commands: Vec<Envelope>, atomic: bool) -> Reply 
 }
 
 fn balance(s: &Sequencer, name: &str) -> Option<i64> {
-    s.aggregate(&account(name)).unwrap().map(|a| match a.state {
-        State::Account(a) => a.balance,
-        _ => panic!("not an account"),
+    s.aggregate(&account(name)).unwrap().map(|a| {
+        a.state
+            .downcast_ref::<keel_invariants::ledger::Account>()
+            .expect("an account")
+            .balance
     })
 }
 

@@ -57,7 +57,7 @@ pub(super) fn command(
         };
         targets.push(AggregateId::new(&target.kind.name, name));
     }
-    Ok(Command::Declared(DeclaredCommand {
+    Ok(Command::new(DeclaredCommand {
         def,
         params,
         targets,

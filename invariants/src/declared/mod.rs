@@ -31,7 +31,7 @@ pub use expr::{Type, Value};
 pub use set::{DomainSet, RULES_FILE_MARK, Resolved};
 
 use crate::domain::{AggregateId, LawScope, RejectCode, Rejection, Violation};
-use crate::registry::{Aggregate, State};
+use crate::registry::Aggregate;
 use expr::{EvalError, Expr};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -494,6 +494,29 @@ impl CommandDef {
         format!("{}.{}", self.domain, self.name)
     }
 
+    /// Every rejection code of the definition this command can answer with (sorted, once).
+    pub fn reject_codes(&self) -> Vec<&str> {
+        let mut codes: Vec<&str> = self
+            .targets
+            .iter()
+            .map(|t| t.code.as_str())
+            .chain(
+                self.targets
+                    .iter()
+                    .flat_map(|t| t.checks().iter().map(|k| k.code.as_str())),
+            )
+            .chain(self.preconditions().map(|p| p.code.as_str()))
+            .chain(
+                self.targets
+                    .iter()
+                    .flat_map(|t| t.kind.invariants.iter().map(|i| i.code.as_str())),
+            )
+            .collect();
+        codes.sort_unstable();
+        codes.dedup();
+        codes
+    }
+
     /// Every precondition, parameter-only ones first (the order they run in).
     pub fn preconditions(&self) -> impl Iterator<Item = &Check> {
         self.param_checks.iter().chain(&self.state_checks)
@@ -565,11 +588,11 @@ impl CommandDef {
                     format!("{id} is not a `{}` aggregate id", target.kind.name),
                 ));
             }
-            let state = match states[index].map(|a| &a.state) {
+            let state = match states[index].map(|a| a.state.downcast_ref::<DeclaredState>()) {
                 None => None,
-                Some(State::Declared(s)) if s.deleted => None,
-                Some(State::Declared(s)) => Some(s),
-                Some(_) => {
+                Some(Some(s)) if s.deleted => None,
+                Some(Some(s)) => Some(s),
+                Some(None) => {
                     return Err(Rejection::new(
                         RejectCode::WrongKind,
                         format!("{id} holds an aggregate of another kind"),

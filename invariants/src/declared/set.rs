@@ -1,38 +1,71 @@
 //! The loaded declared domains: names resolved across files, clashes refused, and the rules
 //! text the log records (the built-in rules followed by every definition file, framed).
 
-use super::{CommandDef, DomainDef, KindDef, LawDef, LoadError};
+use super::{CommandDef, DeclaredState, DomainDef, KindDef, LawDef, LoadError};
 use crate::BUILTIN_RULES;
 use crate::domain::{AggregateId, Violation};
-use crate::registry::{Aggregate, State};
+use crate::registry::{Aggregate, DomainRules, State};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The line that opens each definition file inside a rules text:
 /// `#### keel domain file <name> <bytes>`, then the file's bytes, then a newline.
 pub const RULES_FILE_MARK: &str = "#### keel domain file ";
 
-/// Command types the built-in domains answer to: a declared command with one of these names
-/// is reached only by its qualified name `<domain>.<command>`.
-const BUILTIN_COMMANDS: &[&str] = &[
-    "open_account",
-    "deposit",
-    "withdraw",
-    "transfer",
-    "close_account",
-    "create_sku",
-    "restock",
-    "reserve",
-    "release",
-    "ship",
-];
-const BUILTIN_DOMAINS: &[&str] = &["ledger", "inventory"];
-const BUILTIN_KINDS: &[&str] = &[crate::ledger::KIND, crate::inventory::KIND];
-
-/// Every declared domain a server, an audit or a projector works with (empty: built-ins only).
-#[derive(Debug, Default)]
+/// Every domain a server, an audit or a projector works with: the registry, keyed by aggregate
+/// kind. It always holds the built-in domains, then every loaded definition file.
+#[derive(Debug)]
 pub struct DomainSet {
     domains: Vec<Arc<DomainDef>>,
+    /// Every domain, built-in first, as the registry routes to them.
+    registry: Vec<Arc<dyn DomainRules>>,
+    /// Aggregate kind -> position in `registry`.
+    by_kind: HashMap<String, usize>,
     rules_text: String,
+}
+
+impl Default for DomainSet {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}
+
+/// The built-in domains as registry entries.
+fn builtin_registry() -> Vec<Arc<dyn DomainRules>> {
+    crate::builtin_domains()
+        .into_iter()
+        .map(|d| Arc::new(Shared(d)) as Arc<dyn DomainRules>)
+        .collect()
+}
+
+/// A `'static` domain (a built-in one) held by the registry like a loaded one.
+#[derive(Debug)]
+struct Shared(&'static dyn DomainRules);
+
+impl DomainRules for Shared {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn kinds(&self) -> Vec<&str> {
+        self.0.kinds()
+    }
+
+    fn command_types(&self) -> Vec<&str> {
+        self.0.command_types()
+    }
+
+    fn reject_codes(&self) -> Vec<String> {
+        self.0.reject_codes()
+    }
+
+    fn check(&self, id: &AggregateId, state: &State) -> Result<(), Violation> {
+        self.0.check(id, state)
+    }
+
+    fn laws(&self) -> Vec<crate::Law> {
+        self.0.laws()
+    }
 }
 
 /// How a command type resolved.
@@ -47,10 +80,38 @@ pub enum Resolved<'a> {
 impl DomainSet {
     /// The built-in domains alone.
     pub fn builtin() -> Self {
-        Self {
-            domains: Vec::new(),
-            rules_text: BUILTIN_RULES.to_string(),
+        Self::assemble(Vec::new(), BUILTIN_RULES.to_string())
+    }
+
+    fn assemble(domains: Vec<Arc<DomainDef>>, rules_text: String) -> Self {
+        let mut registry = builtin_registry();
+        registry.extend(
+            domains
+                .iter()
+                .map(|d| Arc::clone(d) as Arc<dyn DomainRules>),
+        );
+        let mut by_kind = HashMap::new();
+        for (at, domain) in registry.iter().enumerate() {
+            for kind in domain.kinds() {
+                by_kind.insert(kind.to_string(), at);
+            }
         }
+        Self {
+            domains,
+            registry,
+            by_kind,
+            rules_text,
+        }
+    }
+
+    /// Every domain, built-in ones first.
+    pub fn registry(&self) -> &[Arc<dyn DomainRules>] {
+        &self.registry
+    }
+
+    /// The domain that owns aggregate kind `kind`.
+    pub fn domain_of_kind(&self, kind: &str) -> Option<&Arc<dyn DomainRules>> {
+        self.by_kind.get(kind).and_then(|at| self.registry.get(*at))
     }
 
     /// Compiles every `(file, text)` and checks them together: a domain, kind or (qualified)
@@ -65,7 +126,8 @@ impl DomainSet {
                 column: 1,
                 message,
             };
-            if BUILTIN_DOMAINS.contains(&domain.name.as_str()) {
+            let builtin = crate::builtin_domains();
+            if builtin.iter().any(|b| b.name() == domain.name) {
                 return Err(clash(format!(
                     "domain `{}` is a built-in domain's name",
                     domain.name
@@ -78,7 +140,10 @@ impl DomainSet {
                 )));
             }
             for kind in &domain.kinds {
-                if BUILTIN_KINDS.contains(&kind.name.as_str()) {
+                if builtin
+                    .iter()
+                    .any(|b| b.kinds().contains(&kind.name.as_str()))
+                {
                     return Err(clash(format!(
                         "kind `{}` belongs to a built-in domain",
                         kind.name
@@ -107,10 +172,7 @@ impl DomainSet {
             rules_text.push_str(&domain.text);
             rules_text.push('\n');
         }
-        Ok(Self {
-            domains,
-            rules_text,
-        })
+        Ok(Self::assemble(domains, rules_text))
     }
 
     /// The declared domains a log's rules text records (the audit's view of a rule set).
@@ -188,7 +250,10 @@ impl DomainSet {
                 .and_then(|d| d.commands.iter().find(|c| c.name == command))
                 .map_or(Resolved::None, Resolved::Command);
         }
-        if BUILTIN_COMMANDS.contains(&type_name) {
+        if crate::builtin_domains()
+            .iter()
+            .any(|b| b.command_types().contains(&type_name))
+        {
             return Resolved::None;
         }
         let mut found = self
@@ -229,25 +294,64 @@ impl DomainSet {
         self.domains.iter().flat_map(|d| d.laws.iter())
     }
 
-    /// Every invariant of `aggregate` (stored under `id`): the built-in domain's, or the
-    /// declared kind's. A declared state whose kind no loaded domain defines is a violation.
+    /// Every invariant of `aggregate` (stored under `id`), checked by the domain that owns the
+    /// id's kind. A kind no domain owns is a violation.
     pub fn check_invariants(
         &self,
         id: &AggregateId,
         aggregate: &Aggregate,
     ) -> Result<(), Violation> {
-        match &aggregate.state {
-            State::Declared(state) => match self.kind(id.kind()) {
-                Some(kind) => kind.check(state),
-                None => Err(Violation {
-                    invariant: "declared kind".into(),
-                    detail: format!(
-                        "{id} is of kind `{}`, which no domain in the rules defines",
-                        id.kind()
-                    ),
-                }),
-            },
-            _ => crate::check_invariants(aggregate),
+        match self.domain_of_kind(id.kind()) {
+            Some(domain) => domain.check(id, &aggregate.state),
+            None => Err(Violation {
+                invariant: "declared kind".into(),
+                detail: format!(
+                    "{id} is of kind `{}`, which no domain in the rules defines",
+                    id.kind()
+                ),
+            }),
+        }
+    }
+}
+
+impl DomainRules for DomainDef {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kinds(&self) -> Vec<&str> {
+        self.kinds.iter().map(|k| k.name.as_str()).collect()
+    }
+
+    fn command_types(&self) -> Vec<&str> {
+        self.commands.iter().map(|c| c.name.as_str()).collect()
+    }
+
+    fn reject_codes(&self) -> Vec<String> {
+        let mut codes: Vec<String> = self
+            .commands
+            .iter()
+            .flat_map(|c| c.reject_codes())
+            .map(str::to_string)
+            .collect();
+        codes.sort_unstable();
+        codes.dedup();
+        codes
+    }
+
+    fn check(&self, id: &AggregateId, state: &State) -> Result<(), Violation> {
+        let Some(kind) = self.kinds.iter().find(|k| k.name == id.kind()) else {
+            return Err(Violation {
+                invariant: "declared kind".into(),
+                detail: format!("{id} is not of a kind of domain `{}`", self.name),
+            });
+        };
+        match state.downcast_ref::<DeclaredState>() {
+            Some(state) => kind.check(state),
+            None => Err(Violation {
+                invariant: "state of its kind".into(),
+                detail: format!("{id} holds a state of another domain: {state:?}"),
+            }),
         }
     }
 }
