@@ -3,7 +3,7 @@
 
 use de::{BatchSeed, ParseContext, Quantity, RawCommand};
 use keel_invariants::declared::DomainSet;
-use keel_invariants::{Aggregate, AggregateId, Command, Envelope, Event, State, inventory, ledger};
+use keel_invariants::{Aggregate, AggregateId, Envelope, Event, State, inventory, ledger};
 use keel_sequencer::{CommittedEvent, ItemResult, Reply};
 use serde::Serialize;
 use serde::de::DeserializeSeed;
@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use std::fmt;
 use std::sync::Arc;
 
+mod builtin;
 mod de;
 pub mod declared;
 
@@ -35,23 +36,6 @@ impl WireError {
     }
 }
 
-/// The fields a command type takes besides `type`, `id` and `expected_version`.
-fn fields_of(kind: &str) -> Option<&'static [&'static str]> {
-    Some(match kind {
-        "open_account" => &["account", "overdraft_limit"],
-        "deposit" | "withdraw" => &["account", "amount", "memo"],
-        "transfer" => &["from", "to", "amount", "memo"],
-        "close_account" => &["account"],
-        "create_sku" => &["sku", "on_hand"],
-        "restock" => &["sku", "qty"],
-        "reserve" => &["sku", "qty", "order"],
-        "release" | "ship" => &["sku", "order"],
-        _ => return None,
-    })
-}
-
-pub const COMMAND_TYPES: &str = "open_account, deposit, withdraw, transfer, close_account, create_sku, restock, reserve, release, ship";
-
 /// Checks one parsed command against its type and builds the domain envelope.
 struct Item<'a> {
     index: usize,
@@ -63,6 +47,13 @@ impl Item<'_> {
         WireError::new(
             code,
             format!("commands[{}] ({}): {detail}", self.index, self.kind),
+        )
+    }
+
+    fn unknown_type(&self, name: &str) -> WireError {
+        self.error(
+            "unknown_command_type",
+            format!("unknown command type {}", quote(name)),
         )
     }
 
@@ -145,23 +136,6 @@ fn check_name(value: &str) -> Result<(), String> {
 }
 
 impl RawCommand {
-    fn present(&self) -> impl Iterator<Item = &'static str> {
-        [
-            ("account", self.account.is_some()),
-            ("overdraft_limit", self.overdraft_limit.is_some()),
-            ("amount", self.amount.is_some()),
-            ("memo", self.memo.is_some()),
-            ("from", self.from.is_some()),
-            ("to", self.to.is_some()),
-            ("sku", self.sku.is_some()),
-            ("on_hand", self.on_hand.is_some()),
-            ("qty", self.qty.is_some()),
-            ("order", self.order.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(name, present)| present.then_some(name))
-    }
-
     /// Validates the command at `index` and builds its envelope.
     fn into_envelope(mut self, index: usize) -> Result<Envelope, WireError> {
         let kind = self.kind.take().ok_or_else(|| {
@@ -178,16 +152,17 @@ impl RawCommand {
                 command: declared::command(&item, def, fields)?,
             });
         }
-        let allowed = fields_of(&kind).ok_or_else(|| {
+        let (domain, allowed) = builtin::command(&kind).ok_or_else(|| {
             WireError::new(
                 "unknown_command_type",
                 format!(
-                    "commands[{index}]: unknown command type {}; expected one of {COMMAND_TYPES}",
-                    quote(&kind)
+                    "commands[{index}]: unknown command type {}; expected one of {}",
+                    quote(&kind),
+                    builtin::command_types()
                 ),
             )
         })?;
-        if let Some(extra) = self.present().find(|f| !allowed.contains(f)) {
+        if let Some(extra) = self.fields.present().find(|f| !allowed.contains(f)) {
             return Err(item.error(
                 "unexpected_field",
                 format!("field `{extra}` does not belong to this command type"),
@@ -195,7 +170,7 @@ impl RawCommand {
         }
         let id = self.checked_id(&item)?;
         let expected_version = self.expected_version;
-        let command = self.command(&item)?;
+        let command = domain.build(&item, &mut self.fields)?;
         Ok(Envelope {
             id,
             expected_version,
@@ -213,68 +188,6 @@ impl RawCommand {
             }
             None => Ok(None),
         }
-    }
-
-    fn command(self, item: &Item<'_>) -> Result<Command, WireError> {
-        use inventory::Command as I;
-        use ledger::Command as L;
-        let account = |v| item.aggregate(ledger::KIND, "account", v);
-        let sku = |v| item.aggregate(inventory::KIND, "sku", v);
-        Ok(match item.kind {
-            "open_account" => Command::new(L::OpenAccount {
-                account: account(self.account)?,
-                overdraft_limit: match self.overdraft_limit {
-                    Some(n) => item.count("overdraft_limit", Some(n))?,
-                    None => 0,
-                },
-            }),
-            "deposit" => Command::new(L::Deposit {
-                account: account(self.account)?,
-                amount: item.positive("amount", self.amount)?,
-                memo: item.memo(self.memo)?,
-            }),
-            "withdraw" => Command::new(L::Withdraw {
-                account: account(self.account)?,
-                amount: item.positive("amount", self.amount)?,
-                memo: item.memo(self.memo)?,
-            }),
-            "transfer" => Command::new(L::Transfer {
-                from: item.aggregate(ledger::KIND, "from", self.from)?,
-                to: item.aggregate(ledger::KIND, "to", self.to)?,
-                amount: item.positive("amount", self.amount)?,
-                memo: item.memo(self.memo)?,
-            }),
-            "close_account" => Command::new(L::CloseAccount {
-                account: account(self.account)?,
-            }),
-            "create_sku" => Command::new(I::CreateSku {
-                sku: sku(self.sku)?,
-                on_hand: item.count("on_hand", self.on_hand)?,
-            }),
-            "restock" => Command::new(I::Restock {
-                sku: sku(self.sku)?,
-                qty: item.positive("qty", self.qty)?,
-            }),
-            "reserve" => Command::new(I::Reserve {
-                sku: sku(self.sku)?,
-                qty: item.positive("qty", self.qty)?,
-                order: item.name("order", self.order)?,
-            }),
-            "release" => Command::new(I::Release {
-                sku: sku(self.sku)?,
-                order: item.name("order", self.order)?,
-            }),
-            "ship" => Command::new(I::Ship {
-                sku: sku(self.sku)?,
-                order: item.name("order", self.order)?,
-            }),
-            other => {
-                return Err(item.error(
-                    "unknown_command_type",
-                    format!("unknown command type {}", quote(other)),
-                ));
-            }
-        })
     }
 }
 

@@ -75,6 +75,22 @@ async fn seat_booking_over_http_then_audited() {
     for code in ["flight_not_found", "hold_exists", "sold_out", "overbooked"] {
         assert!(codes.contains(&code), "{code} missing from {codes:?}");
     }
+    // The built-in domains are listed from the same registry, each with its own codes.
+    let builtin = domains["builtin_domains"].as_array().unwrap();
+    assert_eq!(builtin.len(), 2, "{builtin:?}");
+    assert_eq!(builtin[0]["name"], "ledger");
+    assert_eq!(builtin[0]["kinds"], json!(["account"]));
+    assert_eq!(builtin[1]["name"], "inventory");
+    assert_eq!(builtin[1]["laws"].as_array().unwrap().len(), 2);
+    let ledger_codes = builtin[0]["rejection_codes"].as_array().unwrap();
+    assert!(ledger_codes.contains(&json!("insufficient_funds")));
+    assert!(!ledger_codes.contains(&json!("sku_not_found")));
+    assert!(
+        builtin[0]["commands"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("transfer"))
+    );
 
     let (status, body) = post(
         &c,

@@ -11,13 +11,14 @@
 //! Each field is parsed straight into its slot: no intermediate `serde_json::Value`, no extra
 //! allocation per field (this is the request hot path).
 
+use super::builtin::{self, FieldType, Fields, Slot};
 use super::{WireError, quote};
 use keel_invariants::declared::{CommandDef, DomainSet, Resolved};
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::cell::Cell;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 /// What a visitor knows about a failure that serde's error type cannot carry: the command being
 /// parsed, and an error the visitors classified themselves.
@@ -207,23 +208,15 @@ impl<'de> Visitor<'de> for CommandsSeed<'_> {
     }
 }
 
-/// One command as sent: every field of every command type, checked against the type after
-/// parsing. Flat (not an internally tagged enum) so it is parsed in one pass.
+/// One command as sent: `type`, `id`, `expected_version` and the domain fields in slots (see
+/// [`super::builtin`]), checked against the type after parsing. Flat (not an internally tagged
+/// enum) so it is parsed in one pass whatever the order of its fields.
 #[derive(Default)]
 pub(super) struct RawCommand {
     pub kind: Option<String>,
     pub id: Option<String>,
     pub expected_version: Option<u64>,
-    pub account: Option<String>,
-    pub overdraft_limit: Option<Quantity>,
-    pub amount: Option<Quantity>,
-    pub memo: Option<String>,
-    pub from: Option<String>,
-    pub to: Option<String>,
-    pub sku: Option<String>,
-    pub on_hand: Option<Quantity>,
-    pub qty: Option<Quantity>,
-    pub order: Option<String>,
+    pub fields: Fields,
     /// A command of a declared domain: its definition and its fields as sent (`type`, `id` and
     /// `expected_version` already taken out into the fields above).
     pub declared: Option<(Arc<CommandDef>, serde_json::Map<String, serde_json::Value>)>,
@@ -288,13 +281,13 @@ fn declared_or_builtin<E: de::Error>(
                 ));
             }
             // Neither declared nor built-in: say so, rather than refusing its fields one by one.
-            Resolved::None if super::fields_of(name).is_none() => {
+            Resolved::None if builtin::command(name).is_none() => {
                 return Err(context.fail(
                     "unknown_command_type",
                     format!(
                         "unknown command type {}; expected one of {}, {}",
                         quote(name),
-                        super::COMMAND_TYPES,
+                        builtin::command_types(),
                         domains.command_names().join(", ")
                     ),
                 ));
@@ -341,33 +334,47 @@ enum CommandField {
     Type,
     Id,
     ExpectedVersion,
-    Account,
-    OverdraftLimit,
-    Amount,
-    Memo,
-    From,
-    To,
-    Sku,
-    OnHand,
-    Qty,
-    Order,
+    /// Position in [`builtin::field_table`].
+    Domain(usize),
 }
 
-const COMMAND_FIELDS: &[(&str, CommandField)] = &[
-    ("type", CommandField::Type),
-    ("id", CommandField::Id),
-    ("expected_version", CommandField::ExpectedVersion),
-    ("account", CommandField::Account),
-    ("overdraft_limit", CommandField::OverdraftLimit),
-    ("amount", CommandField::Amount),
-    ("memo", CommandField::Memo),
-    ("from", CommandField::From),
-    ("to", CommandField::To),
-    ("sku", CommandField::Sku),
-    ("on_hand", CommandField::OnHand),
-    ("qty", CommandField::Qty),
-    ("order", CommandField::Order),
-];
+impl CommandField {
+    /// Its bit in the duplicate check (3 common fields, then at most `FIELDS_MAX`).
+    fn bit(self) -> u32 {
+        let at = match self {
+            Self::Type => 0,
+            Self::Id => 1,
+            Self::ExpectedVersion => 2,
+            Self::Domain(at) => 3 + at,
+        };
+        1 << at
+    }
+}
+
+const _: () = assert!(
+    3 + builtin::FIELDS_MAX <= 32,
+    "the duplicate check is a u32"
+);
+
+/// Every field name a built-in command may carry, with its slot.
+fn command_fields() -> &'static [(&'static str, CommandField)] {
+    static FIELDS: LazyLock<Vec<(&'static str, CommandField)>> = LazyLock::new(|| {
+        [
+            ("type", CommandField::Type),
+            ("id", CommandField::Id),
+            ("expected_version", CommandField::ExpectedVersion),
+        ]
+        .into_iter()
+        .chain(
+            builtin::field_table()
+                .iter()
+                .enumerate()
+                .map(|(at, (name, _))| (*name, CommandField::Domain(at))),
+        )
+        .collect()
+    });
+    &FIELDS
+}
 
 struct CommandSeed<'a> {
     context: &'a ParseContext,
@@ -392,13 +399,13 @@ impl<'de> Visitor<'de> for CommandSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawCommand, A::Error> {
         let context = self.context;
         let mut raw = RawCommand::default();
-        let mut seen = 0u16;
+        let mut seen = 0u32;
         while let Some((field, name)) = map.next_key_seed(KeySeed {
             context,
-            fields: COMMAND_FIELDS,
+            fields: command_fields(),
             owner: "a command",
         })? {
-            let bit = 1u16 << (field as u16);
+            let bit = field.bit();
             if seen & bit != 0 {
                 return Err(duplicate_field(context, name));
             }
@@ -416,23 +423,21 @@ impl RawCommand {
         field: CommandField,
         map: &mut A,
     ) -> Result<(), A::Error> {
-        use CommandField as F;
         match field {
-            F::Type => self.kind = map.next_value()?,
-            F::Id => self.id = map.next_value()?,
-            F::ExpectedVersion => {
+            CommandField::Type => self.kind = map.next_value()?,
+            CommandField::Id => self.id = map.next_value()?,
+            CommandField::ExpectedVersion => {
                 self.expected_version = map.next_value::<Option<Version>>()?.map(|v| v.0);
             }
-            F::Account => self.account = map.next_value()?,
-            F::OverdraftLimit => self.overdraft_limit = map.next_value()?,
-            F::Amount => self.amount = map.next_value()?,
-            F::Memo => self.memo = map.next_value()?,
-            F::From => self.from = map.next_value()?,
-            F::To => self.to = map.next_value()?,
-            F::Sku => self.sku = map.next_value()?,
-            F::OnHand => self.on_hand = map.next_value()?,
-            F::Qty => self.qty = map.next_value()?,
-            F::Order => self.order = map.next_value()?,
+            CommandField::Domain(at) => {
+                let value = match builtin::field_table().get(at).map(|(_, ty)| *ty) {
+                    Some(FieldType::Quantity) => {
+                        map.next_value::<Option<Quantity>>()?.map(Slot::Quantity)
+                    }
+                    _ => map.next_value::<Option<String>>()?.map(Slot::Text),
+                };
+                self.fields.set(at, value);
+            }
         }
         Ok(())
     }

@@ -214,16 +214,7 @@ pub fn domains_json(set: &DomainSet) -> serde_json::Value {
                 .commands
                 .iter()
                 .map(|c| {
-                    let mut codes: Vec<&str> = c
-                        .targets
-                        .iter()
-                        .map(|t| t.code.as_str())
-                        .chain(c.targets.iter().flat_map(|t| t.checks().iter().map(|k| k.code.as_str())))
-                        .chain(c.preconditions().map(|p| p.code.as_str()))
-                        .chain(c.targets.iter().flat_map(|t| t.kind.invariants.iter().map(|i| i.code.as_str())))
-                        .collect();
-                    codes.sort_unstable();
-                    codes.dedup();
+                    let codes = c.reject_codes();
                     json!({
                         "name": c.name,
                         "type": c.qualified(),
@@ -263,8 +254,21 @@ pub fn domains_json(set: &DomainSet) -> serde_json::Value {
             })
         })
         .collect();
+    let builtin: Vec<serde_json::Value> = keel_invariants::builtin_domains()
+        .iter()
+        .map(|d| {
+            json!({
+                "name": d.name(),
+                "kinds": d.kinds(),
+                "commands": d.command_types(),
+                "rejection_codes": d.reject_codes(),
+                "laws": d.laws().iter().map(|l| json!({"name": l.name(), "statement": l.statement(), "scope": l.scope().as_str()})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
     json!({
         "rule_set": rules_hash,
+        "builtin_domains": builtin,
         "core_rejection_codes": ["version_conflict", "atomic_rollback", "overflow", "wrong_kind",
             keel_invariants::declared::EVALUATION_ERROR, keel_invariants::declared::DUPLICATE_TARGET,
             keel_invariants::declared::FIELD_LIMIT],
