@@ -98,6 +98,9 @@ pub trait StateBody: Body {
     /// Appends the domain's own encoding (after the tag).
     fn encode(&self, out: &mut Vec<u8>);
     fn clone_body(&self) -> Box<dyn StateBody>;
+    /// Copies itself into `target` in place when `target` is of its own type (no allocation:
+    /// the overlay and checkpoints copy thousands of states per batch); false otherwise.
+    fn clone_into_body(&self, target: &mut dyn StateBody) -> bool;
 }
 
 /// One domain as the registry knows it. Object-safe: the registry holds `Arc<dyn DomainRules>`
@@ -170,12 +173,6 @@ macro_rules! open_value {
             }
         }
 
-        impl Clone for $outer {
-            fn clone(&self) -> Self {
-                Self(self.0.clone_body())
-            }
-        }
-
         impl PartialEq for $outer {
             fn eq(&self, other: &Self) -> bool {
                 self.0.same_as((*other.0).as_any())
@@ -195,6 +192,41 @@ macro_rules! open_value {
 open_value!(Command, CommandBody);
 open_value!(Event, EventBody);
 open_value!(State, StateBody);
+
+impl Clone for Command {
+    fn clone(&self) -> Self {
+        Self(self.0.clone_body())
+    }
+}
+
+impl Clone for Event {
+    fn clone(&self) -> Self {
+        Self(self.0.clone_body())
+    }
+}
+
+impl Clone for State {
+    fn clone(&self) -> Self {
+        Self(self.0.clone_body())
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        if !source.0.clone_into_body(&mut *self.0) {
+            *self = source.clone();
+        }
+    }
+}
+
+/// Copies `source` into `target` in place when `target` holds a `T`.
+fn clone_into_same<T: Clone + Any>(source: &T, target: &mut dyn StateBody) -> bool {
+    match target.as_any_mut().downcast_mut::<T>() {
+        Some(target) => {
+            target.clone_from(source);
+            true
+        }
+        None => false,
+    }
+}
 
 impl Command {
     pub fn targets(&self) -> Targets<'_> {
@@ -253,14 +285,32 @@ impl StateBody for Vacant {
     fn clone_body(&self) -> Box<dyn StateBody> {
         Box::new(Vacant)
     }
+
+    fn clone_into_body(&self, target: &mut dyn StateBody) -> bool {
+        target.as_any().is::<Vacant>()
+    }
 }
 
 /// An aggregate's state and version. Version 0 means "does not exist"; every event that touches
 /// an aggregate adds one.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Aggregate {
     pub version: u64,
     pub state: State,
+}
+
+impl Clone for Aggregate {
+    fn clone(&self) -> Self {
+        Self {
+            version: self.version,
+            state: self.state.clone(),
+        }
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        self.version = source.version;
+        self.state.clone_from(&source.state);
+    }
 }
 
 /// A command as submitted: the command, its optional client command id (idempotency key) and
@@ -664,6 +714,10 @@ macro_rules! builtin_bodies {
             fn clone_body(&self) -> Box<dyn StateBody> {
                 Box::new(self.clone())
             }
+
+            fn clone_into_body(&self, target: &mut dyn StateBody) -> bool {
+                clone_into_same(self, target)
+            }
         }
 
         impl From<$state> for State {
@@ -804,6 +858,10 @@ impl StateBody for DeclaredState {
 
     fn clone_body(&self) -> Box<dyn StateBody> {
         Box::new(self.clone())
+    }
+
+    fn clone_into_body(&self, target: &mut dyn StateBody) -> bool {
+        clone_into_same(self, target)
     }
 }
 

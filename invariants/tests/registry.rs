@@ -164,3 +164,23 @@ fn an_unknown_stored_tag_is_an_undecodable_record() {
     state[1] = 9;
     assert!(codec::decode_aggregate(&state).is_err());
 }
+
+#[test]
+fn a_state_copies_in_place_into_one_of_its_own_type_and_replaces_another() {
+    let source = account(7, 3);
+    let mut target = account(1, 0);
+    target.clone_from(&source);
+    assert_eq!(target, source);
+    let mut other = Aggregate {
+        version: 4,
+        state: State::from(inventory::Sku::default()),
+    };
+    other.clone_from(&source);
+    assert_eq!(other, source);
+    let mut vacant = Aggregate {
+        version: 0,
+        state: State::vacant(),
+    };
+    vacant.clone_from(&source);
+    assert_eq!(vacant, source);
+}

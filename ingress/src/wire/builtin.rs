@@ -30,7 +30,7 @@ pub(super) enum Slot {
 }
 
 /// Most distinct domain fields the parser has slots for (the table is checked against it).
-pub(super) const FIELDS_MAX: usize = 24;
+pub(super) const FIELDS_MAX: usize = 12;
 
 /// The domain fields of one command as read, by position in [`field_table`].
 #[derive(Debug, Default)]
