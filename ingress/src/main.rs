@@ -5,6 +5,11 @@ use keel_ingress::config::{Cli, Command, LogFormat};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+/// jemalloc for every allocation of the process, RocksDB's included (see Cargo.toml and
+/// docs/BENCHMARKS.md, "The process allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Log lines go to stderr, filtered by RUST_LOG (default `info`). Text has ANSI colours only
 /// when stderr is a terminal: in a file, journald or `docker logs` escape codes are noise.
 fn init_logs(format: LogFormat) {

@@ -5,7 +5,7 @@
 //! domain's stored tag followed by the domain's own postcard encoding (see
 //! [`crate::registry`]). docs/FORMAT.md shows the bytes; a golden test pins them.
 
-use crate::registry::{Aggregate, CommandOutcome, LoggedEvent, LoggedRejection};
+use crate::registry::{Aggregate, CommandOutcome, Event, LoggedEvent, LoggedRejection};
 
 /// A stored value that does not decode: the store is corrupt or of another format.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +22,13 @@ impl std::error::Error for DecodeError {}
 /// Appends the encoding of `event` to `out` (reusing the caller's buffer).
 pub fn encode_event(event: &LoggedEvent, out: &mut Vec<u8>) {
     event.encode(out);
+}
+
+/// Appends the encoding of a [`LoggedEvent`] made of `command_id` and `event` to `out`: the
+/// same bytes as [`encode_event`], without the caller building one (the writer encodes each
+/// event it decides straight from the command's id).
+pub fn encode_event_parts(command_id: Option<&str>, event: &Event, out: &mut Vec<u8>) {
+    LoggedEvent::encode_parts(command_id, event, out);
 }
 
 pub fn decode_event(bytes: &[u8]) -> Result<LoggedEvent, DecodeError> {

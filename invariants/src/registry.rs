@@ -504,8 +504,13 @@ impl State {
 
 impl LoggedEvent {
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
-        encode_postcard(&self.command_id, out);
-        self.event.encode(out);
+        Self::encode_parts(self.command_id.as_deref(), &self.event, out);
+    }
+
+    /// postcard writes `Option<&str>` exactly as `Option<String>`.
+    pub(crate) fn encode_parts(command_id: Option<&str>, event: &Event, out: &mut Vec<u8>) {
+        encode_postcard(&command_id, out);
+        event.encode(out);
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<(Self, &[u8]), DecodeError> {

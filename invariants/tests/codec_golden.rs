@@ -12,7 +12,8 @@
 #![allow(clippy::unwrap_used, reason = "a panic in a test is a test failure")]
 
 use keel_invariants::codec::{
-    decode_aggregate, decode_event, decode_outcome, encode_aggregate, encode_event, encode_outcome,
+    decode_aggregate, decode_event, decode_outcome, encode_aggregate, encode_event,
+    encode_event_parts, encode_outcome,
 };
 use keel_invariants::inventory::{self, Sku};
 use keel_invariants::ledger::{self, Account};
@@ -37,6 +38,10 @@ fn assert_event_bytes(event: &LoggedEvent, expected_hex: &str) {
     let mut bytes = Vec::new();
     encode_event(event, &mut bytes);
     assert_eq!(bytes, expected, "encoding of {event:?} changed");
+    // The writer's path: the command's id and the event, never built into a LoggedEvent.
+    let mut parts = Vec::new();
+    encode_event_parts(event.command_id.as_deref(), &event.event, &mut parts);
+    assert_eq!(parts, expected, "encode_event_parts of {event:?}");
     assert_eq!(
         &decode_event(&expected).unwrap(),
         event,

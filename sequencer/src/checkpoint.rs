@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 pub(crate) type Map<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 pub(crate) type Set<K> = HashSet<K, foldhash::quality::RandomState>;
 use std::sync::mpsc::{Receiver, SyncSender};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Command ids decided since some checkpoint, with their outcomes.
 pub(crate) type Ids = Map<String, CommandOutcome>;
@@ -36,7 +36,13 @@ pub(crate) type Ids = Map<String, CommandOutcome>;
 #[derive(Default)]
 pub(crate) struct Published {
     map: RwLock<Map<AggregateId, (Aggregate, u64)>>,
+    /// States evicted by a checkpoint, kept (at most [`SPARE_STATES_MAX`]) so that publishing an
+    /// aggregate the overlay no longer holds copies into one in place instead of allocating.
+    spare: Mutex<Vec<Aggregate>>,
 }
+
+/// How many evicted overlay states [`Published`] keeps for reuse.
+const SPARE_STATES_MAX: usize = 65_536;
 
 impl Published {
     pub(crate) fn get(&self, id: &AggregateId) -> Option<Aggregate> {
@@ -51,6 +57,7 @@ impl Published {
         cache: &Map<AggregateId, Aggregate>,
         changed: impl Iterator<Item = &'a AggregateId>,
     ) {
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         for id in changed {
             if let Some(aggregate) = cache.get(id) {
@@ -60,7 +67,14 @@ impl Published {
                         slot.1 = batch;
                     }
                     None => {
-                        map.insert(id.clone(), (aggregate.clone(), batch));
+                        let copy = match spare.pop() {
+                            Some(mut copy) => {
+                                copy.clone_from(aggregate);
+                                copy
+                            }
+                            None => aggregate.clone(),
+                        };
+                        map.insert(id.clone(), (copy, batch));
                     }
                 }
             }
@@ -70,10 +84,23 @@ impl Published {
 
     /// Forgets every aggregate last changed at or before `batch` (a checkpoint at `batch`
     /// holds it now).
+    /// The evicted states are kept for reuse (see `spare`); their ids are freed here, on the
+    /// checkpoint thread, after the lock is released.
     fn evict_through(&self, batch: u64) {
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, (_, changed)| *changed > batch);
-        metrics::gauge!("keel_overlay_aggregates").set(map.len() as f64);
+        let mut evicted = Vec::new();
+        {
+            let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+            evicted.extend(map.extract_if(|_, (_, changed)| *changed <= batch));
+            metrics::gauge!("keel_overlay_aggregates").set(map.len() as f64);
+        }
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        let room = SPARE_STATES_MAX.saturating_sub(spare.len());
+        spare.extend(
+            evicted
+                .iter_mut()
+                .take(room)
+                .map(|(_, (aggregate, _))| std::mem::replace(aggregate, placeholder())),
+        );
     }
 }
 
@@ -82,13 +109,27 @@ pub(crate) struct Job {
     pub(crate) states: Vec<(AggregateId, Aggregate)>,
     pub(crate) ids: Arc<Ids>,
     pub(crate) mark: CheckpointMark,
+    /// The ids of the checkpoint before this one, which the writer no longer looks up: emptied
+    /// on this thread (freeing a checkpoint's worth of ids is not the writer's work) and handed
+    /// back in [`Done`] for reuse.
+    pub(crate) retired: Option<Arc<Ids>>,
+}
+
+/// A written checkpoint, and its allocations handed back to the writer for the next one.
+pub(crate) struct Done {
+    pub(crate) batch: u64,
+    /// The job's states, their ids emptied: the writer copies the next checkpoint's states into
+    /// them in place.
+    pub(crate) states: Vec<(AggregateId, Aggregate)>,
+    /// The retired ids, emptied, with their table: the writer's next `recent`.
+    pub(crate) ids: Option<Ids>,
 }
 
 /// The checkpoint thread: writes each job, then tells the writer which batch is checkpointed.
 /// A failed write poisons the write path (the engine poisoned itself already) and ends it.
 pub(crate) fn run_checkpointer(
     jobs: Receiver<Job>,
-    done: SyncSender<u64>,
+    done: SyncSender<Done>,
     checkpointer: Checkpointer,
     published: Arc<Published>,
     shared: Arc<Shared>,
@@ -127,7 +168,28 @@ pub(crate) fn run_checkpointer(
             bytes,
             "checkpoint written"
         );
-        if done.send(job.mark.batch).is_err() {
+        let Job {
+            mut states,
+            ids,
+            mark,
+            retired,
+        } = job;
+        drop(ids);
+        for (id, _) in &mut states {
+            *id = AggregateId::from_full(String::new());
+        }
+        let ids = retired
+            .and_then(|retired| Arc::try_unwrap(retired).ok())
+            .map(|mut ids| {
+                ids.clear();
+                ids
+            });
+        let done_note = Done {
+            batch: mark.batch,
+            states,
+            ids,
+        };
+        if done.send(done_note).is_err() {
             return;
         }
     }

@@ -1,13 +1,13 @@
 //! The writer thread: group commit over the bounded queue.
 
-use crate::checkpoint::{Ids, Job, Map, Published, Recovered, Set, placeholder};
+use crate::checkpoint::{Done, Ids, Job, Map, Published, Recovered, Set, placeholder};
 use crate::{
     ItemResult, Message, PoisonOnPanic, ReadError, Reply, Responder, Shared, Submission,
     SubmitError,
 };
 use keel_engine::{CheckpointMark, Engine, PendingBatch};
 use keel_invariants::{
-    Aggregate, AggregateId, CommandOutcome, Envelope, LoggedEvent, LoggedRejection, RejectCode,
+    Aggregate, AggregateId, CommandOutcome, Envelope, Event, LoggedRejection, RejectCode,
     Rejection, apply, codec, decide_at,
 };
 use std::sync::Arc;
@@ -41,7 +41,13 @@ pub(crate) struct Checkpoints {
     /// checkpoint is in the store).
     pub(crate) inflight: Option<(u64, Arc<Ids>)>,
     pub(crate) jobs: Option<SyncSender<Job>>,
-    pub(crate) done: Receiver<u64>,
+    pub(crate) done: Receiver<Done>,
+    /// The ids of the last finished checkpoint: handed with the next job to the checkpoint
+    /// thread, which empties them there and hands the map back (`spare_ids`).
+    retired: Option<Arc<Ids>>,
+    /// What the last finished checkpoint handed back, reused by the next.
+    spare_states: Vec<(AggregateId, Aggregate)>,
+    spare_ids: Option<Ids>,
     pub(crate) published: Arc<Published>,
     pub(crate) batches_since: u64,
     pub(crate) since: Instant,
@@ -51,7 +57,7 @@ impl Checkpoints {
     pub(crate) fn new(
         recovered: &mut Recovered,
         jobs: SyncSender<Job>,
-        done: Receiver<u64>,
+        done: Receiver<Done>,
         published: Arc<Published>,
     ) -> Self {
         Self {
@@ -60,6 +66,9 @@ impl Checkpoints {
             inflight: None,
             jobs: Some(jobs),
             done,
+            retired: None,
+            spare_states: Vec::new(),
+            spare_ids: None,
             published,
             batches_since: 0,
             since: Instant::now(),
@@ -74,11 +83,9 @@ impl Checkpoints {
 
     /// Takes note of finished checkpoints; with `wait`, first waits for the one in flight.
     fn collect(&mut self, wait: bool) {
-        if wait && let Some((batch, _)) = &self.inflight {
-            let batch = *batch;
+        if wait && self.inflight.is_some() {
             while let Ok(done) = self.done.recv() {
-                if done >= batch {
-                    self.inflight = None;
+                if self.finished(done) {
                     return;
                 }
             }
@@ -86,14 +93,25 @@ impl Checkpoints {
             return;
         }
         while let Ok(done) = self.done.try_recv() {
-            if self
-                .inflight
-                .as_ref()
-                .is_some_and(|(batch, _)| done >= *batch)
-            {
-                self.inflight = None;
-            }
+            self.finished(done);
         }
+    }
+
+    /// Takes note of one finished checkpoint: keeps what it handed back, and retires the ids of
+    /// the one in flight when this is it. Returns whether nothing is in flight any more.
+    fn finished(&mut self, done: Done) -> bool {
+        self.spare_states = done.states;
+        if done.ids.is_some() {
+            self.spare_ids = done.ids;
+        }
+        if self
+            .inflight
+            .as_ref()
+            .is_some_and(|(batch, _)| done.batch >= *batch)
+        {
+            self.retired = self.inflight.take().map(|(_, ids)| ids);
+        }
+        self.inflight.is_none()
     }
 }
 
@@ -373,7 +391,8 @@ impl Writer {
         // Each id is looked up once per batch: in the ids decided since the last checkpoint
         // (in memory; a hit, a retry, is copied into `stored`), and the rest in the
         // checkpointed index with one multi-get. Deciding then looks only at `stored`.
-        let mut missing: Vec<&[u8]> = Vec::new();
+        let mut missing: Vec<&[u8]> =
+            Vec::with_capacity(group.iter().map(|s| s.commands.len()).sum());
         for id in group
             .iter()
             .flat_map(|s| s.commands.iter())
@@ -490,14 +509,11 @@ impl Writer {
         let now = self.pending.committed_at_us();
         let outcome = match decide_at(envelope, |id| cache.get(id), now) {
             Ok(event) => {
-                let logged = LoggedEvent {
-                    command_id: envelope.id.clone(),
-                    event,
-                };
+                let command_id = envelope.id.as_deref();
                 let seq = self
                     .pending
-                    .push_event(|out| codec::encode_event(&logged, out));
-                self.apply_to_cache(&logged, undoable);
+                    .push_event(|out| codec::encode_event_parts(command_id, &event, out));
+                self.apply_to_cache(&event, undoable);
                 CommandOutcome::Committed { seq }
             }
             Err(rejection) => CommandOutcome::Rejected(rejection),
@@ -526,8 +542,8 @@ impl Writer {
             .cloned()
     }
 
-    fn apply_to_cache(&mut self, logged: &LoggedEvent, undoable: bool) {
-        for (index, id) in logged.event.targets().iter().enumerate() {
+    fn apply_to_cache(&mut self, event: &Event, undoable: bool) {
+        for (index, id) in event.targets().iter().enumerate() {
             let previous = match self.cache.get_mut(id) {
                 // Take the aggregate out without cloning it; the placeholder is overwritten
                 // below before anything can read it.
@@ -537,7 +553,7 @@ impl Writer {
             if undoable {
                 self.scratch.undo.push((id.clone(), previous.clone()));
             }
-            let next = apply(&logged.event, index, previous);
+            let next = apply(event, index, previous);
             // A real check in release builds (the only profile): `decide` accepted this command,
             // so a violation here means decide and apply disagree, a bug in the domain. The
             // batch is not committed and nothing of it is acknowledged: the panic poisons the
@@ -547,7 +563,7 @@ impl Writer {
                     "invariant `{}` violated after applying a {} event to {id}: {}; \
                      the batch is not committed",
                     violation.invariant,
-                    logged.event.type_name(),
+                    event.type_name(),
                     violation.detail
                 );
             }
@@ -700,26 +716,39 @@ impl Writer {
         let Some(jobs) = &self.checkpoints.jobs else {
             return;
         };
-        let states: Vec<(AggregateId, Aggregate)> = self
-            .checkpoints
-            .dirty
-            .drain()
-            .filter_map(|id| {
-                let aggregate = self.cache.get(&id)?.clone();
-                Some((id, aggregate))
-            })
-            .collect();
-        // The next checkpoint's ids start with room for as many: no rehashing while they grow.
-        let capacity = self.checkpoints.recent.len();
-        let ids = Arc::new(std::mem::replace(
-            &mut self.checkpoints.recent,
-            Ids::with_capacity_and_hasher(capacity, Default::default()),
-        ));
+        // Copied into the states the last checkpoint handed back, in place where it can (no
+        // allocation for an aggregate of the same type).
+        let mut states = std::mem::take(&mut self.checkpoints.spare_states);
+        let mut filled = 0;
+        for id in self.checkpoints.dirty.drain() {
+            let Some(aggregate) = self.cache.get(&id) else {
+                continue;
+            };
+            match states.get_mut(filled) {
+                Some((slot_id, slot)) => {
+                    *slot_id = id;
+                    slot.clone_from(aggregate);
+                }
+                None => states.push((id, aggregate.clone())),
+            }
+            filled += 1;
+        }
+        states.truncate(filled);
+        // The next checkpoint's ids: the emptied map handed back, or one with room for as many
+        // as this one (no rehashing while they grow).
+        let next = match self.checkpoints.spare_ids.take() {
+            Some(spare) => spare,
+            None => {
+                Ids::with_capacity_and_hasher(self.checkpoints.recent.len(), Default::default())
+            }
+        };
+        let ids = Arc::new(std::mem::replace(&mut self.checkpoints.recent, next));
         let mark = CheckpointMark::at(&self.engine.tip());
         let job = Job {
             states,
             ids: Arc::clone(&ids),
             mark,
+            retired: self.checkpoints.retired.take(),
         };
         match jobs.try_send(job) {
             Ok(()) => self.checkpoints.inflight = Some((mark.batch, ids)),
