@@ -544,32 +544,25 @@ impl Writer {
 
     fn apply_to_cache(&mut self, event: &Event, undoable: bool) {
         for (index, id) in event.targets().iter().enumerate() {
-            let previous = match self.cache.get_mut(id) {
-                // Take the aggregate out without cloning it; the placeholder is overwritten
-                // below before anything can read it.
-                Some(slot) => Some(std::mem::replace(slot, placeholder())),
-                None => None,
-            };
-            if undoable {
-                self.scratch.undo.push((id.clone(), previous.clone()));
-            }
-            let next = apply(event, index, previous);
-            // A real check in release builds (the only profile): `decide` accepted this command,
-            // so a violation here means decide and apply disagree, a bug in the domain. The
-            // batch is not committed and nothing of it is acknowledged: the panic poisons the
-            // write path (see `run_writer`) and `keel serve` exits so that recovery runs.
-            if let Err(violation) = keel_invariants::check_invariants(&next) {
-                panic!(
-                    "invariant `{}` violated after applying a {} event to {id}: {}; \
-                     the batch is not committed",
-                    violation.invariant,
-                    event.type_name(),
-                    violation.detail
-                );
-            }
+            // One lookup per target: an aggregate in the cache is folded in its own slot.
             match self.cache.get_mut(id) {
-                Some(slot) => *slot = next,
+                Some(slot) => {
+                    // Take the aggregate out without cloning it; the placeholder is overwritten
+                    // below before anything can read it.
+                    let previous = std::mem::replace(slot, placeholder());
+                    if undoable {
+                        self.scratch.undo.push((id.clone(), Some(previous.clone())));
+                    }
+                    let next = apply(event, index, Some(previous));
+                    assert_invariants(&next, event, id);
+                    *slot = next;
+                }
                 None => {
+                    if undoable {
+                        self.scratch.undo.push((id.clone(), None));
+                    }
+                    let next = apply(event, index, None);
+                    assert_invariants(&next, event, id);
                     self.cache.insert(id.clone(), next);
                 }
             }
@@ -766,5 +759,21 @@ impl Writer {
         }
         self.checkpoints.batches_since = 0;
         self.checkpoints.since = Instant::now();
+    }
+}
+
+/// The check after every apply. A real check in release builds (the only profile): `decide`
+/// accepted the command, so a violation here means decide and apply disagree, a bug in the
+/// domain. The batch is not committed and nothing of it is acknowledged: the panic poisons the
+/// write path (see `run_writer`) and `keel serve` exits so that recovery runs.
+fn assert_invariants(next: &Aggregate, event: &Event, id: &AggregateId) {
+    if let Err(violation) = keel_invariants::check_invariants(next) {
+        panic!(
+            "invariant `{}` violated after applying a {} event to {id}: {}; \
+             the batch is not committed",
+            violation.invariant,
+            event.type_name(),
+            violation.detail
+        );
     }
 }
