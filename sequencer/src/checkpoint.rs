@@ -104,38 +104,58 @@ impl Published {
     }
 }
 
+/// What the checkpoint thread is given.
+pub(crate) enum Work {
+    Write(Job),
+    /// The ids of a finished checkpoint, which the writer no longer looks up: emptied here
+    /// (freeing a checkpoint's worth of ids is not the writer's work) and their table handed
+    /// back ([`Done::Emptied`]) for the writer's next `recent`.
+    Free(Arc<Ids>),
+}
+
 /// One checkpoint for the thread to write: copies, so that the writer goes on at once.
 pub(crate) struct Job {
     pub(crate) states: Vec<(AggregateId, Aggregate)>,
     pub(crate) ids: Arc<Ids>,
     pub(crate) mark: CheckpointMark,
-    /// The ids of the checkpoint before this one, which the writer no longer looks up: emptied
-    /// on this thread (freeing a checkpoint's worth of ids is not the writer's work) and handed
-    /// back in [`Done`] for reuse.
-    pub(crate) retired: Option<Arc<Ids>>,
 }
 
-/// A written checkpoint, and its allocations handed back to the writer for the next one.
-pub(crate) struct Done {
-    pub(crate) batch: u64,
-    /// The job's states, their ids emptied: the writer copies the next checkpoint's states into
-    /// them in place.
-    pub(crate) states: Vec<(AggregateId, Aggregate)>,
-    /// The retired ids, emptied, with their table: the writer's next `recent`.
-    pub(crate) ids: Option<Ids>,
+/// What the checkpoint thread hands back to the writer.
+pub(crate) enum Done {
+    /// The checkpoint at `batch` is written. `states` are its copies, their ids emptied: the
+    /// writer copies the next checkpoint's states into them in place.
+    Written {
+        batch: u64,
+        states: Vec<(AggregateId, Aggregate)>,
+    },
+    /// An emptied id map, with its table.
+    Emptied(Ids),
 }
 
 /// The checkpoint thread: writes each job, then tells the writer which batch is checkpointed.
 /// A failed write poisons the write path (the engine poisoned itself already) and ends it.
 pub(crate) fn run_checkpointer(
-    jobs: Receiver<Job>,
+    jobs: Receiver<Work>,
     done: SyncSender<Done>,
     checkpointer: Checkpointer,
     published: Arc<Published>,
     shared: Arc<Shared>,
 ) {
     let mut set = WriteSet::default();
-    for job in jobs {
+    for work in jobs {
+        let job = match work {
+            Work::Write(job) => job,
+            Work::Free(ids) => {
+                // The writer held the last reference; anything else just drops it.
+                if let Ok(mut ids) = Arc::try_unwrap(ids) {
+                    ids.clear();
+                    if done.send(Done::Emptied(ids)).is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+        };
         let started = std::time::Instant::now();
         set.clear();
         for (id, aggregate) in &job.states {
@@ -172,22 +192,15 @@ pub(crate) fn run_checkpointer(
             mut states,
             ids,
             mark,
-            retired,
         } = job;
+        // The writer's reference to the ids is then the last: it hands them back to be freed.
         drop(ids);
         for (id, _) in &mut states {
             *id = AggregateId::from_full(String::new());
         }
-        let ids = retired
-            .and_then(|retired| Arc::try_unwrap(retired).ok())
-            .map(|mut ids| {
-                ids.clear();
-                ids
-            });
-        let done_note = Done {
+        let done_note = Done::Written {
             batch: mark.batch,
             states,
-            ids,
         };
         if done.send(done_note).is_err() {
             return;

@@ -287,7 +287,8 @@ impl Sequencer {
         });
         let spawn_error =
             |e: std::io::Error| EngineError::Storage(keel_engine::StorageError::Io(e.to_string()));
-        let (jobs_tx, jobs_rx) = sync_channel(1);
+        // Room for a checkpoint and the ids of the one before it to free.
+        let (jobs_tx, jobs_rx) = sync_channel(2);
         let (done_tx, done_rx) = sync_channel(4);
         let checkpoint_thread = {
             let checkpointer = engine.checkpointer();

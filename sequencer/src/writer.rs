@@ -1,6 +1,6 @@
 //! The writer thread: group commit over the bounded queue.
 
-use crate::checkpoint::{Done, Ids, Job, Map, Published, Recovered, Set, placeholder};
+use crate::checkpoint::{Done, Ids, Job, Map, Published, Recovered, Set, Work, placeholder};
 use crate::{
     ItemResult, Message, PoisonOnPanic, ReadError, Reply, Responder, Shared, Submission,
     SubmitError,
@@ -40,11 +40,8 @@ pub(crate) struct Checkpoints {
     /// The checkpoint being written: its batch and its ids (still looked up here until the
     /// checkpoint is in the store).
     pub(crate) inflight: Option<(u64, Arc<Ids>)>,
-    pub(crate) jobs: Option<SyncSender<Job>>,
+    pub(crate) jobs: Option<SyncSender<Work>>,
     pub(crate) done: Receiver<Done>,
-    /// The ids of the last finished checkpoint: handed with the next job to the checkpoint
-    /// thread, which empties them there and hands the map back (`spare_ids`).
-    retired: Option<Arc<Ids>>,
     /// What the last finished checkpoint handed back, reused by the next.
     spare_states: Vec<(AggregateId, Aggregate)>,
     spare_ids: Option<Ids>,
@@ -56,7 +53,7 @@ pub(crate) struct Checkpoints {
 impl Checkpoints {
     pub(crate) fn new(
         recovered: &mut Recovered,
-        jobs: SyncSender<Job>,
+        jobs: SyncSender<Work>,
         done: Receiver<Done>,
         published: Arc<Published>,
     ) -> Self {
@@ -66,7 +63,6 @@ impl Checkpoints {
             inflight: None,
             jobs: Some(jobs),
             done,
-            retired: None,
             spare_states: Vec::new(),
             spare_ids: None,
             published,
@@ -97,19 +93,26 @@ impl Checkpoints {
         }
     }
 
-    /// Takes note of one finished checkpoint: keeps what it handed back, and retires the ids of
-    /// the one in flight when this is it. Returns whether nothing is in flight any more.
+    /// Takes note of what the checkpoint thread handed back; when the checkpoint in flight is
+    /// written, hands its ids to the thread to be freed there. Returns whether nothing is in
+    /// flight any more.
     fn finished(&mut self, done: Done) -> bool {
-        self.spare_states = done.states;
-        if done.ids.is_some() {
-            self.spare_ids = done.ids;
-        }
-        if self
-            .inflight
-            .as_ref()
-            .is_some_and(|(batch, _)| done.batch >= *batch)
-        {
-            self.retired = self.inflight.take().map(|(_, ids)| ids);
+        match done {
+            Done::Emptied(ids) => self.spare_ids = Some(ids),
+            Done::Written { batch, states } => {
+                self.spare_states = states;
+                if self
+                    .inflight
+                    .as_ref()
+                    .is_some_and(|(inflight, _)| batch >= *inflight)
+                    && let Some((_, ids)) = self.inflight.take()
+                    && let Some(jobs) = &self.jobs
+                {
+                    // Room: the thread is idle and the channel holds two. Otherwise (the
+                    // thread failed and poisoned the write path) the ids are freed here.
+                    let _ = jobs.try_send(Work::Free(ids));
+                }
+            }
         }
         self.inflight.is_none()
     }
@@ -741,13 +744,15 @@ impl Writer {
             states,
             ids: Arc::clone(&ids),
             mark,
-            retired: self.checkpoints.retired.take(),
         };
-        match jobs.try_send(job) {
+        match jobs.try_send(Work::Write(job)) {
             Ok(()) => self.checkpoints.inflight = Some((mark.batch, ids)),
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
-                // Unreachable with nothing in flight (capacity 1), or the thread failed and
-                // poisoned the write path; keep the changes for the next attempt.
+            Err(
+                TrySendError::Full(Work::Write(job)) | TrySendError::Disconnected(Work::Write(job)),
+            ) => {
+                // Unreachable with nothing in flight (room for this job and one `Free`), or
+                // the thread failed and poisoned the write path; keep the changes for the next
+                // attempt.
                 drop(ids);
                 for (id, _) in job.states {
                     self.checkpoints.dirty.insert(id);
@@ -756,6 +761,8 @@ impl Writer {
                     self.checkpoints.recent = ids;
                 }
             }
+            // What was sent is a `Write`: nothing else comes back.
+            Err(TrySendError::Full(Work::Free(_)) | TrySendError::Disconnected(Work::Free(_))) => {}
         }
         self.checkpoints.batches_since = 0;
         self.checkpoints.since = Instant::now();
