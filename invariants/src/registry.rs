@@ -789,6 +789,12 @@ pub fn builtin_domains() -> [&'static dyn DomainRules; 2] {
     [Ledger::RULES, Inventory::RULES]
 }
 
+/// Whether a built-in domain has a command type `name` (without building any list: asked for
+/// every declared command a request names).
+pub fn is_builtin_command(name: &str) -> bool {
+    Ledger::COMMANDS.contains(&name) || Inventory::COMMANDS.contains(&name)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Declared domains behind the registry.
 

@@ -184,3 +184,26 @@ fn a_state_copies_in_place_into_one_of_its_own_type_and_replaces_another() {
     vacant.clone_from(&source);
     assert_eq!(vacant, source);
 }
+
+/// The allocation-free check the request parser asks for every declared command agrees with the
+/// built-in domains' lists of command types.
+#[test]
+fn is_builtin_command_agrees_with_the_builtin_domains() {
+    let listed: Vec<&str> = keel_invariants::builtin_domains()
+        .iter()
+        .flat_map(|d| d.command_types())
+        .collect();
+    assert_eq!(listed.len(), 10, "{listed:?}");
+    for name in &listed {
+        assert!(
+            keel_invariants::registry::is_builtin_command(name),
+            "{name}"
+        );
+    }
+    for name in ["", "Transfer", "transfer ", "hold_seats", "ledger.transfer"] {
+        assert!(
+            !keel_invariants::registry::is_builtin_command(name),
+            "{name:?}"
+        );
+    }
+}

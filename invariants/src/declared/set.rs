@@ -250,10 +250,7 @@ impl DomainSet {
                 .and_then(|d| d.commands.iter().find(|c| c.name == command))
                 .map_or(Resolved::None, Resolved::Command);
         }
-        if crate::builtin_domains()
-            .iter()
-            .any(|b| b.command_types().contains(&type_name))
-        {
+        if crate::registry::is_builtin_command(type_name) {
             return Resolved::None;
         }
         let mut found = self
