@@ -548,24 +548,20 @@ impl Writer {
     fn apply_to_cache(&mut self, event: &Event, undoable: bool) {
         for (index, id) in event.targets().iter().enumerate() {
             // One lookup per target: an aggregate in the cache is folded in its own slot.
-            match self.cache.get_mut(id) {
-                Some(slot) => {
-                    // Take the aggregate out without cloning it; the placeholder is overwritten
-                    // below before anything can read it.
-                    let previous = std::mem::replace(slot, placeholder());
-                    if undoable {
-                        self.scratch.undo.push((id.clone(), Some(previous.clone())));
-                    }
-                    let next = apply(event, index, Some(previous));
-                    assert_invariants(&next, event, id);
-                    *slot = next;
-                }
+            let mut slot = self.cache.get_mut(id);
+            // Take the aggregate out without cloning it; the placeholder is overwritten below
+            // before anything can read it.
+            let previous = slot
+                .as_mut()
+                .map(|slot| std::mem::replace(&mut **slot, placeholder()));
+            if undoable {
+                self.scratch.undo.push((id.clone(), previous.clone()));
+            }
+            let next = apply(event, index, previous);
+            assert_invariants(&next, event, id);
+            match slot {
+                Some(slot) => *slot = next,
                 None => {
-                    if undoable {
-                        self.scratch.undo.push((id.clone(), None));
-                    }
-                    let next = apply(event, index, None);
-                    assert_invariants(&next, event, id);
                     self.cache.insert(id.clone(), next);
                 }
             }

@@ -12,11 +12,11 @@ fn account(name: &str) -> AggregateId {
     AggregateId::new(ledger::KIND, name)
 }
 
-fn cmd(id: Option<&str>, command: ledger::Command) -> Envelope {
+fn cmd(id: Option<&str>, command: impl Into<Command>) -> Envelope {
     Envelope {
         id: id.map(String::from),
         expected_version: None,
-        command: Command::new(command),
+        command: command.into(),
     }
 }
 
@@ -456,14 +456,6 @@ async fn a_dry_run_sees_only_committed_state_even_in_a_shared_batch() {
     assert_eq!(balance(&s, "a"), Some(0));
 }
 
-fn sku_command(id: Option<&str>, command: inventory::Command) -> Envelope {
-    Envelope {
-        id: id.map(String::from),
-        expected_version: None,
-        command: Command::new(command),
-    }
-}
-
 fn sku(name: &str) -> AggregateId {
     AggregateId::new(inventory::KIND, name)
 }
@@ -512,7 +504,7 @@ async fn checkpoints_that_reuse_their_copies_keep_every_state_and_id_exact() {
         let s = start(storage.clone(), config.clone());
         let mut setup: Vec<Envelope> = (0..ACCOUNTS).map(|i| open(&format!("a{i}"))).collect();
         setup.extend((0..SKUS).map(|i| {
-            sku_command(
+            cmd(
                 None,
                 inventory::Command::CreateSku {
                     sku: sku(&format!("s{i}")),
@@ -535,7 +527,7 @@ async fn checkpoints_that_reuse_their_copies_keep_every_state_and_id_exact() {
             }
             let i = (round as usize) % SKUS;
             let order = format!("o{round}");
-            batch.push(sku_command(
+            batch.push(cmd(
                 Some(&format!("r{round}-s{i}")),
                 inventory::Command::Reserve {
                     sku: sku(&format!("s{i}")),
@@ -570,7 +562,7 @@ async fn checkpoints_that_reuse_their_copies_keep_every_state_and_id_exact() {
             ));
         }
         let i = (round as usize) % SKUS;
-        retry.push(sku_command(
+        retry.push(cmd(
             Some(&format!("r{round}-s{i}")),
             inventory::Command::Release {
                 sku: sku(&format!("s{i}")),
