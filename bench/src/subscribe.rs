@@ -321,6 +321,12 @@ fn load_config(args: &SubscribeArgs, base_url: &Url, run_id: String) -> anyhow::
     })
 }
 
+/// The run id of the `--baseline` run: never the measured run's (nor any other run's, which
+/// has no `-`).
+fn baseline_run_id(run_id: &str) -> String {
+    format!("{run_id}-baseline")
+}
+
 fn with_query(base: &Url, path: &str, query: &str) -> Url {
     let mut url = target::endpoint(base, path);
     url.set_query(Some(query));
@@ -418,7 +424,11 @@ pub async fn run(args: &SubscribeArgs) -> anyhow::Result<SubscribeReport> {
         args.accounts, setup.duration_s
     );
     let baseline = if args.baseline {
-        let outcome = load::run_load(Arc::clone(&config), setup.clone()).await?;
+        // Its own command ids: with the same ones, every command of the measured run would be
+        // a retry of the baseline's, answered from the stored outcomes with no new event.
+        let mut alone = (*config).clone();
+        alone.workload.run_id = baseline_run_id(&config.workload.run_id);
+        let outcome = load::run_load(Arc::new(alone), setup.clone()).await?;
         let rate = outcome.counters.items_committed as f64 / outcome.elapsed.as_secs_f64();
         eprintln!("baseline (no subscribers): {rate:.0} items/s");
         Some(rate)
@@ -482,6 +492,40 @@ pub async fn run(args: &SubscribeArgs) -> anyhow::Result<SubscribeReport> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn command_ids(workload: &Workload) -> std::collections::HashSet<String> {
+        let mut generator = workload::Generator::new(workload, 0);
+        let body: serde_json::Value =
+            serde_json::from_str(generator.next_body(1000, false)).expect("a JSON body");
+        body["commands"]
+            .as_array()
+            .expect("commands")
+            .iter()
+            .map(|c| c["id"].as_str().expect("an id").to_owned())
+            .collect()
+    }
+
+    /// The measured run once repeated the baseline's command ids, so that every command it
+    /// sent was a retry answered from the stored outcomes (no event, nothing to deliver).
+    #[test]
+    fn the_baseline_run_sends_none_of_the_measured_runs_command_ids() {
+        let measured = Workload {
+            mix: Mix::Ledger,
+            accounts: 1000,
+            skus: 1,
+            payload_bytes: 0,
+            reject_ratio: 0.0,
+            seed: 42,
+            run_id: workload::run_id_from_millis(1_796_000_000_000),
+            types: workload::CommandTypes::builtin(),
+        };
+        let mut alone = measured.clone();
+        alone.run_id = baseline_run_id(&measured.run_id);
+        let (measured_ids, alone_ids) = (command_ids(&measured), command_ids(&alone));
+        assert_eq!(measured_ids.len(), 1000);
+        assert_eq!(alone_ids.len(), 1000);
+        assert!(measured_ids.is_disjoint(&alone_ids));
+    }
 
     #[test]
     fn the_parser_times_events_by_their_batch_comment_across_chunks() {

@@ -138,6 +138,17 @@ pub struct ServeConfig {
     /// behind is ended with a `resume` event (`too_slow`) and resumes from where it was.
     #[arg(long, env = "KEEL_SUBSCRIBER_BUFFER_BATCHES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub subscriber_buffer_batches: u32,
+    /// Most subscriber wake-ups per second, over all subscribers. After handing out batches to
+    /// `n` subscribers, the fan-out waits `n / this` seconds before the next hand-out, and the
+    /// batches committed meanwhile go out together: a wide fan-out coalesces batches instead of
+    /// taking the write path's CPU. Raise it on a machine with more cores.
+    #[arg(long, env = "KEEL_SUBSCRIBER_WAKEUPS_PER_SEC", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    pub subscriber_wakeups_per_sec: u32,
+    /// CPU niceness of the threads that serve live subscriptions (the subscription lane), from
+    /// 0 (the same priority as writes) to 19 (the lowest). Above 0, a CPU-bound write load runs
+    /// first and subscribers fall behind instead (never losing an event); 0 shares the CPU.
+    #[arg(long, env = "KEEL_SUBSCRIBER_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub subscriber_nice: i32,
     /// NATS server URL; when set, every committed batch is published to JetStream.
     #[arg(long, env = "KEEL_NATS_URL")]
     pub nats_url: Option<String>,
@@ -259,6 +270,7 @@ impl ServeConfig {
             retry_after_secs: 1,
             subscribers_max: self.subscribers_max as usize,
             subscriber_buffer_batches: self.subscriber_buffer_batches as usize,
+            subscriber_wakeups_per_sec: self.subscriber_wakeups_per_sec,
         }
     }
 

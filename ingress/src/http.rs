@@ -41,6 +41,8 @@ pub struct HttpLimits {
     pub subscribers_max: usize,
     /// Committed batches waiting to be sent to one subscriber before it is ended as too slow.
     pub subscriber_buffer_batches: usize,
+    /// Most subscriber wake-ups per second, over all subscribers (the hub's pacing).
+    pub subscriber_wakeups_per_sec: u32,
 }
 
 impl Default for HttpLimits {
@@ -55,6 +57,7 @@ impl Default for HttpLimits {
             retry_after_secs: 1,
             subscribers_max: 4096,
             subscriber_buffer_batches: 64,
+            subscriber_wakeups_per_sec: 20_000,
         }
     }
 }
@@ -85,6 +88,7 @@ impl AppState {
             crate::subscribe::SubscribeLimits {
                 subscribers_max: limits.subscribers_max,
                 buffer_batches: limits.subscriber_buffer_batches,
+                wakeups_per_sec: limits.subscriber_wakeups_per_sec,
                 catch_up_reads_max: limits.read_concurrency_max,
                 retry_after_secs: limits.retry_after_secs,
             },

@@ -11,6 +11,7 @@ pub mod batches_route;
 pub mod config;
 pub mod http;
 pub mod keys_cmd;
+pub mod lane;
 pub mod openapi;
 pub mod server;
 pub mod subscribe;
@@ -93,6 +94,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         tls = config.tls_cert.is_some(),
         subscribers_max = config.subscribers_max,
         subscriber_buffer_batches = config.subscriber_buffer_batches,
+        subscriber_wakeups_per_sec = config.subscriber_wakeups_per_sec,
+        subscriber_nice = config.subscriber_nice,
         "keel serve starting"
     );
     config.check_exposure()?;
@@ -141,7 +144,12 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_auth(auth.clone());
     spawn_reload_on_hangup(auth, tls.clone())?;
     let subscriptions = Arc::clone(&state.subscriptions);
-    subscriptions.start();
+    // Live subscriptions run on their own lower-priority threads (ARCHITECTURE.md, "Live
+    // subscriptions"), as many as the machine has cores.
+    let lane_threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let lane = lane::Lane::start(lane_threads, config.subscriber_nice)
+        .context("starting the subscription lane")?;
+    subscriptions.start_on(lane.handle());
     let local = listener.local_addr()?;
     // Installed before the line below, so that a SIGTERM right after it drains.
     let stop_signal = shutdown_signal();
@@ -169,10 +177,12 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         listener,
         http::router(state),
         tls,
+        lane.handle().cloned(),
         &config.connection_limits(),
         stop,
     )
     .await;
+    drop(lane);
     tracing::info!("HTTP stopped; draining the write queue");
     let sequencer_for_drain = Arc::clone(&sequencer);
     tokio::task::spawn_blocking(move || sequencer_for_drain.shutdown()).await?;

@@ -32,7 +32,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io::Write as _;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -42,8 +42,11 @@ use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 /// proxies and clients can tell an idle stream from a dead one.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 
-/// Most events one store read of a catch-up (or of the hub) takes.
+/// Most events one store read of a catch-up takes.
 const PAGE_EVENTS: usize = 1000;
+
+/// Most events one round of the hub reads, encodes and hands out (more wait for the next round).
+const ROUND_EVENTS_MAX: usize = 16_384;
 
 /// Most notes of durable batches the hub takes in one round.
 const NOTES_PER_ROUND_MAX: usize = 256;
@@ -58,6 +61,10 @@ pub struct SubscribeLimits {
     pub subscribers_max: usize,
     /// Batches waiting to be sent to one subscriber; one more ends it (`too_slow`).
     pub buffer_batches: usize,
+    /// Most subscriber wake-ups per second, over all subscribers: after a round that woke `n`
+    /// subscribers, the hub starts its next round `n / wakeups_per_sec` seconds later at the
+    /// earliest, and the batches committed meanwhile go out together in that round.
+    pub wakeups_per_sec: u32,
     /// Store reads of catch-ups running at once (more wait their turn).
     pub catch_up_reads_max: usize,
     pub retry_after_secs: u32,
@@ -68,6 +75,7 @@ impl Default for SubscribeLimits {
         Self {
             subscribers_max: 4096,
             buffer_batches: 64,
+            wakeups_per_sec: 20_000,
             catch_up_reads_max: 8,
             retry_after_secs: 1,
         }
@@ -150,14 +158,24 @@ impl EncodedBatch {
     }
 }
 
-/// What the hub hands one subscriber: a batch, all of it or the events at `only` (indices).
-struct Delivery {
+/// One batch (or the part of it one store read held) in a delivery: all of it, or the events
+/// at `only` (indices).
+struct Part {
     batch: Arc<EncodedBatch>,
     only: Option<Vec<u32>>,
 }
 
+/// What the hub hands one subscriber in one round: consecutive batches, in sequence order. A
+/// round holds one batch when the hub keeps up, several when its wake-up budget made it wait.
+struct Delivery {
+    parts: Vec<Part>,
+}
+
 struct Entry {
-    tx: mpsc::Sender<Delivery>,
+    tx: mpsc::UnboundedSender<Delivery>,
+    /// Batches handed to the subscription and not yet taken by it (the bound is
+    /// `buffer_batches`): the hub adds, the subscription subtracts.
+    queued: Arc<AtomicUsize>,
     filter: Arc<Filter>,
     end: Arc<End>,
     live: bool,
@@ -234,10 +252,12 @@ pub struct Hub {
 impl Hub {
     pub fn new(sequencer: Arc<Sequencer>, limits: SubscribeLimits) -> Self {
         assert!(limits.subscribers_max > 0 && limits.buffer_batches > 0);
+        assert!(limits.wakeups_per_sec > 0);
         assert!(limits.catch_up_reads_max > 0);
         metrics::gauge!("keel_subscribers").set(0.0);
         metrics::counter!("keel_subscriber_overflows_total").increment(0);
         metrics::counter!("keel_subscribe_deliveries_total").increment(0);
+        metrics::gauge!("keel_subscribe_hub_lag_events").set(0.0);
         Self {
             sequencer,
             catch_up_permits: Arc::new(Semaphore::new(limits.catch_up_reads_max)),
@@ -255,10 +275,15 @@ impl Hub {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Starts the hub task (once; later calls do nothing). Must run inside the tokio runtime.
-    /// `keel serve` starts it before serving; a router built in a test starts it with its first
-    /// subscription.
+    /// Starts the hub task in the current tokio runtime (once; later calls do nothing). A
+    /// router built in a test starts it with its first subscription.
     pub fn start(self: &Arc<Self>) {
+        self.start_on(None);
+    }
+
+    /// Starts the hub task on `runtime` (the subscription lane; the current runtime when
+    /// `None`), once. `keel serve` starts it on the lane before serving.
+    pub fn start_on(self: &Arc<Self>, runtime: Option<&tokio::runtime::Handle>) {
         self.started.call_once(|| {
             // Notes first, then the tip: a batch committed in between is both in the store and
             // noted, and the hub skips what it already counts as delivered.
@@ -273,7 +298,11 @@ impl Hub {
             };
             self.durable_last_event.store(tip, Ordering::Release);
             self.registry().fanned_out = tip;
-            tokio::spawn(run_hub(Arc::clone(self), notes, self.stop.subscribe()));
+            let hub = run_hub(Arc::clone(self), notes, self.stop.subscribe());
+            match runtime {
+                Some(runtime) => drop(runtime.spawn(hub)),
+                None => drop(tokio::spawn(hub)),
+            }
         });
     }
 
@@ -304,7 +333,8 @@ impl Hub {
     }
 
     fn subscribe(self: &Arc<Self>, after: u64, filter: Filter) -> Result<Session, ApiError> {
-        let (tx, rx) = mpsc::channel(self.limits.buffer_batches);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let end = Arc::new(End::default());
         let filter = Arc::new(filter);
         let id = {
@@ -340,6 +370,7 @@ impl Hub {
                 id,
                 Entry {
                     tx,
+                    queued: Arc::clone(&queued),
                     filter: Arc::clone(&filter),
                     end: Arc::clone(&end),
                     live: false,
@@ -354,6 +385,7 @@ impl Hub {
                 id,
             },
             rx,
+            queued,
             end,
             filter,
             cursor: after,
@@ -378,39 +410,66 @@ impl Hub {
         registry.fanned_out
     }
 
-    /// Hands `batch` to every live subscriber that wants some of it, never waiting: a
-    /// subscriber whose channel is full is ended (`too_slow`).
-    fn fan_out(&self, batch: &Arc<EncodedBatch>, targets: &[Vec<AggregateId>]) {
-        let mut registry = self.registry();
-        let mut too_slow = Vec::new();
-        let mut send = |registry: &Registry, id: u64, only: Option<Vec<u32>>| {
-            let Some(entry) = registry.subscribers.get(&id) else {
-                return;
-            };
-            let delivery = Delivery {
-                batch: Arc::clone(batch),
-                only,
-            };
-            if let Err(mpsc::error::TrySendError::Full(_)) = entry.tx.try_send(delivery) {
-                too_slow.push(id);
-            }
-            // Closed: the subscription is going away; its guard unregisters it.
+    /// Hands the round's `pieces` (consecutive batches, with the aggregates of each event) to
+    /// every live subscriber that wants some of them, one delivery each, never waiting: a
+    /// subscriber that would hold more than `buffer_batches` batches is ended (`too_slow`).
+    /// Returns how many subscribers it woke.
+    fn fan_out(&self, pieces: &[(Arc<EncodedBatch>, Vec<Vec<AggregateId>>)]) -> usize {
+        let Some((last, _)) = pieces.last() else {
+            return 0;
         };
-        for &id in &registry.everything {
-            send(&registry, id, None);
-        }
+        let mut registry = self.registry();
+        let mut deliveries: Vec<(u64, Vec<Part>)> = registry
+            .everything
+            .iter()
+            .map(|&id| {
+                let parts = pieces
+                    .iter()
+                    .map(|(batch, _)| Part {
+                        batch: Arc::clone(batch),
+                        only: None,
+                    })
+                    .collect();
+                (id, parts)
+            })
+            .collect();
         if !(registry.by_aggregate.is_empty() && registry.by_kind.is_empty()) {
-            for (id, only) in filtered_picks(&registry, targets) {
-                send(&registry, id, Some(only));
+            let mut filtered: HashMap<u64, Vec<Part>> = HashMap::new();
+            for (batch, targets) in pieces {
+                for (id, only) in filtered_picks(&registry, targets) {
+                    filtered.entry(id).or_default().push(Part {
+                        batch: Arc::clone(batch),
+                        only: Some(only),
+                    });
+                }
+            }
+            deliveries.extend(filtered);
+        }
+        let mut woken = 0;
+        let mut too_slow = Vec::new();
+        for (id, parts) in deliveries {
+            let Some(entry) = registry.subscribers.get(&id) else {
+                continue;
+            };
+            let batches = parts.len();
+            if entry.queued.load(Ordering::Acquire) + batches > self.limits.buffer_batches {
+                too_slow.push(id);
+                continue;
+            }
+            entry.queued.fetch_add(batches, Ordering::AcqRel);
+            // An error means the subscription is going away; its guard unregisters it.
+            if entry.tx.send(Delivery { parts }).is_ok() {
+                woken += 1;
             }
         }
-        registry.fanned_out = batch.last_seq();
+        registry.fanned_out = last.last_seq();
         for id in too_slow {
             if let Some(entry) = registry.remove(id) {
                 entry.end.set(EndReason::TooSlow);
                 metrics::counter!("keel_subscriber_overflows_total").increment(1);
             }
         }
+        woken
     }
 }
 
@@ -441,17 +500,32 @@ fn filtered_picks(registry: &Registry, targets: &[Vec<AggregateId>]) -> HashMap<
 }
 
 /// The hub task: takes the writer's notes, reads and encodes each batch once, fans it out.
+///
+/// Rounds are paced by the wake-up budget (`wakeups_per_sec`): after a round that woke `n`
+/// subscribers, the next one starts `n / wakeups_per_sec` seconds after it at the earliest, so
+/// that a wide fan-out cannot take the write path's CPU; the batches committed meanwhile go out
+/// together, one wake-up per subscriber. A narrow fan-out (or none) is never delayed.
 async fn run_hub(
     hub: Arc<Hub>,
     mut notes: broadcast::Receiver<DurableBatch>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let per_wakeup = Duration::from_secs(1) / hub.limits.wakeups_per_sec;
+    let mut not_before = tokio::time::Instant::now();
     loop {
         let first = tokio::select! {
             biased;
             _ = stop.wait_for(|stopped| *stopped) => return,
             note = notes.recv() => note,
         };
+        if tokio::time::Instant::now() < not_before {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|stopped| *stopped) => return,
+                () = tokio::time::sleep_until(not_before) => {}
+            }
+        }
+        let round_start = tokio::time::Instant::now();
         let mut round = Vec::new();
         if !take_note(&mut round, first) {
             return;
@@ -470,12 +544,20 @@ async fn run_hub(
             continue;
         };
         hub.durable_last_event.fetch_max(to, Ordering::AcqRel);
-        if let Err(error) = deliver_until(&hub, to, &round).await {
-            // The store refuses reads when the write path is poisoned (nothing more will be
-            // committed) or damaged: live delivery ends here, and every stream with it.
-            tracing::error!(%error, "subscriptions: reading committed batches failed; live delivery stops");
-            hub.fail();
-            return;
+        let behind = to.saturating_sub(hub.registry().fanned_out);
+        metrics::gauge!("keel_subscribe_hub_lag_events").set(behind as f64);
+        match deliver_until(&hub, to, &round).await {
+            Ok(woken) => {
+                let woken = u32::try_from(woken).unwrap_or(u32::MAX);
+                not_before = round_start + per_wakeup.saturating_mul(woken);
+            }
+            Err(error) => {
+                // The store refuses reads when the write path is poisoned (nothing more will be
+                // committed) or damaged: live delivery ends here, and every stream with it.
+                tracing::error!(%error, "subscriptions: reading committed batches failed; live delivery stops");
+                hub.fail();
+                return;
+            }
         }
     }
 }
@@ -502,18 +584,22 @@ fn take_note(
     }
 }
 
-/// Reads, encodes and fans out every event after the last one fanned out, up to `to`.
-async fn deliver_until(hub: &Arc<Hub>, to: u64, notes: &[DurableBatch]) -> anyhow::Result<()> {
+/// Reads, encodes and fans out every event after the last one fanned out, up to `to`, in
+/// rounds of at most [`ROUND_EVENTS_MAX`] events and half a subscriber's buffer of batches.
+/// Returns how many subscriber wake-ups it made.
+async fn deliver_until(hub: &Arc<Hub>, to: u64, notes: &[DurableBatch]) -> anyhow::Result<usize> {
     let durable_at: HashMap<u64, u64> = notes
         .iter()
         .map(|note| (note.batch, note.durable_at_us))
         .collect();
     let durable_at = Arc::new(durable_at);
+    let round_batches = (hub.limits.buffer_batches / 2).max(1);
+    let mut woken = 0;
     loop {
         let after = {
             let mut registry = hub.registry();
             if registry.fanned_out >= to {
-                return Ok(());
+                return Ok(woken);
             }
             if registry.everything.is_empty()
                 && registry.by_kind.is_empty()
@@ -522,7 +608,7 @@ async fn deliver_until(hub: &Arc<Hub>, to: u64, notes: &[DurableBatch]) -> anyho
                 // Nobody is live: nothing to read or encode (the writer's CPU is shared). A
                 // subscription that joins later fills up to this mark from the store.
                 registry.fanned_out = to;
-                return Ok(());
+                return Ok(woken);
             }
             registry.fanned_out
         };
@@ -533,7 +619,7 @@ async fn deliver_until(hub: &Arc<Hub>, to: u64, notes: &[DurableBatch]) -> anyho
                 anyhow::bail!("the write path is poisoned");
             }
             let events =
-                keel_sequencer::committed_events(sequencer.reader(), after, PAGE_EVENTS, to)?;
+                keel_sequencer::committed_events(sequencer.reader(), after, ROUND_EVENTS_MAX, to)?;
             anyhow::ensure!(
                 events.first().is_some_and(|e| e.seq == after + 1),
                 "event {} is not in the store though batch notes say it is durable",
@@ -542,8 +628,8 @@ async fn deliver_until(hub: &Arc<Hub>, to: u64, notes: &[DurableBatch]) -> anyho
             Ok(encode_batches(&events, &durable_at))
         })
         .await??;
-        for (batch, targets) in &pieces {
-            hub.fan_out(batch, targets);
+        for round in pieces.chunks(round_batches) {
+            woken += hub.fan_out(round);
         }
     }
 }
@@ -623,7 +709,9 @@ enum Phase {
 /// One subscription's state: what it examined and delivered, and where it reads from.
 struct Session {
     registration: Registration,
-    rx: mpsc::Receiver<Delivery>,
+    rx: mpsc::UnboundedReceiver<Delivery>,
+    /// Shared with the hub's entry (see [`Entry::queued`]).
+    queued: Arc<AtomicUsize>,
     end: Arc<End>,
     filter: Arc<Filter>,
     /// The last event examined (sent, or skipped by the filter).
@@ -696,7 +784,13 @@ impl Session {
             // subscription would get 503 `engine_poisoned`).
             Err(_) if self.hub().sequencer.is_poisoned() => self.finished = true,
             Err(_) => self.ready.push_back(Bytes::from_static(b": keepalive\n\n")),
-            Ok(Some(delivery)) => self.deliver(&delivery),
+            Ok(Some(delivery)) => {
+                self.queued
+                    .fetch_sub(delivery.parts.len(), Ordering::AcqRel);
+                for part in &delivery.parts {
+                    self.deliver(part);
+                }
+            }
             // The hub let go of this subscription: it set the reason before (checked next).
             Ok(None) => {
                 if self.end.get().is_none() {
@@ -706,8 +800,8 @@ impl Session {
         }
     }
 
-    /// Queues the parts of a live delivery after the cursor: one shared buffer, or slices of it.
-    fn deliver(&mut self, delivery: &Delivery) {
+    /// Queues one batch of a live delivery, after the cursor: its shared buffer, or slices of it.
+    fn deliver(&mut self, delivery: &Part) {
         let batch = &delivery.batch;
         if batch.last_seq() <= self.cursor {
             return;
