@@ -139,6 +139,7 @@ impl Connection {
                 return;
             }
         };
+        metrics::counter!("keel_subscribe_lane_connections_total").increment(1);
         let mut task = AbortOnDrop(lane.spawn(async move {
             // Registers the socket with the lane's reactor.
             match TcpStream::from_std(stream) {

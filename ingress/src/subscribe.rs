@@ -258,6 +258,7 @@ impl Hub {
         metrics::counter!("keel_subscriber_overflows_total").increment(0);
         metrics::counter!("keel_subscribe_deliveries_total").increment(0);
         metrics::gauge!("keel_subscribe_hub_lag_events").set(0.0);
+        metrics::counter!("keel_subscribe_lane_connections_total").increment(0);
         Self {
             sequencer,
             catch_up_permits: Arc::new(Semaphore::new(limits.catch_up_reads_max)),

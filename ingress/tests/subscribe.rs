@@ -609,3 +609,99 @@ async fn in_process_router_streams_and_a_poisoned_engine_refuses() {
     let error: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(error["error"]["code"], "engine_poisoned");
 }
+
+/// The niceness of each thread of process `pid` whose name is `name` (`/proc/PID/task/*/stat`,
+/// field 19).
+fn thread_nices(pid: u32, name: &str) -> Vec<i64> {
+    let mut nices = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
+            continue;
+        };
+        if comm.trim() != name {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // After the `(comm)` field: state is field 3, nice is field 19.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        nices.push(fields[19 - 3].parse().unwrap());
+    }
+    nices
+}
+
+/// Subscription connections and the hub run on the subscription lane, at the niceness
+/// `--subscriber-nice` gives; requests that are not subscriptions stay on the main runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_served_on_the_lower_priority_lane() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = KeelProcess::start(dir.path(), &["--subscriber-nice", "7"]);
+    let c = client();
+    post(
+        &c,
+        &keel.url,
+        json!([{"type": "open_account", "account": "a"}]),
+    )
+    .await;
+    assert_eq!(
+        metric(&c, &keel.url, "keel_subscribe_lane_connections_total").await,
+        0.0,
+        "writes and metrics are not on the lane"
+    );
+    let mut stream = Stream::open(&keel.url, "", None).await;
+    assert_eq!(stream.next_event().await.unwrap().id, Some(1));
+    assert_eq!(
+        metric(&c, &keel.url, "keel_subscribe_lane_connections_total").await,
+        1.0
+    );
+    let lane = thread_nices(keel.child.id(), "keel-subscribe");
+    assert!(!lane.is_empty(), "the lane's threads are named keel-subscribe");
+    assert!(lane.iter().all(|&nice| nice == 7), "{lane:?}");
+    let main = thread_nices(keel.child.id(), "tokio-rt-worker");
+    assert!(!main.is_empty());
+    assert!(main.iter().all(|&nice| nice == 0), "{main:?}");
+    // Live delivery works from the lane.
+    let answer = post(&c, &keel.url, deposits(&["a"], 1, 0)).await;
+    assert_eq!(
+        stream.next_event().await.unwrap().id,
+        Some(last_seq(&answer))
+    );
+}
+
+/// With a wake-up budget of 1 per second, a round that woke the one subscriber is followed by
+/// the next at least a second later, and the batches committed meanwhile arrive together,
+/// every event once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fan_out_is_paced_by_its_wakeup_budget_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let keel = KeelProcess::start(dir.path(), &["--subscriber-wakeups-per-sec", "1"]);
+    let c = client();
+    let first = post(
+        &c,
+        &keel.url,
+        json!([{"type": "open_account", "account": "a"}]),
+    )
+    .await;
+    let mut stream = Stream::open(&keel.url, &format!("?after={}", last_seq(&first)), None).await;
+    // Round 1: one batch, delivered at once (nothing was delivered before).
+    let answer = post(&c, &keel.url, deposits(&["a"], 1, 0)).await;
+    assert_eq!(
+        stream.next_event().await.unwrap().id,
+        Some(last_seq(&answer))
+    );
+    let round_one = Instant::now();
+    // Three more batches, each committed (fsynced) before the next is sent.
+    let mut last = 0;
+    for _ in 0..3 {
+        last = last_seq(&post(&c, &keel.url, deposits(&["a", "a"], 1, 0)).await);
+    }
+    let rest = stream.events_until(last, 6).await;
+    assert!(
+        round_one.elapsed() >= Duration::from_millis(500),
+        "the next round waited for the budget: {:?}",
+        round_one.elapsed()
+    );
+    let ids: Vec<u64> = rest.iter().map(|b| b.id.unwrap()).collect();
+    assert_eq!(ids, (last - 5..=last).collect::<Vec<_>>());
+}
