@@ -17,6 +17,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
+
+use crate::lane::{Movable, Prefixed, Relocate, read_head};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -37,9 +39,9 @@ pub struct ConnectionLimits {
 /// `shutdown_drain`, and drops the rest. Returns once no connection task is left (a connection
 /// moved to the `lane` is aborted with its task here, and the lane lets go of it at once).
 ///
-/// With a `lane` (the subscription lane, `crate::lane`), a plain-HTTP connection whose first
-/// request is `GET /v1/subscribe` is served on the lane's runtime; every other connection (and
-/// every TLS connection, whose first bytes are encrypted) is served here.
+/// With a `lane` (the subscription lane, `crate::lane`), a connection whose first request is
+/// `GET /v1/subscribe` (over TLS: after the handshake) is served on the lane's runtime; every
+/// other connection is served here.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -92,6 +94,7 @@ pub async fn serve(
                         Some(tls) => connections.spawn(connection.serve_tls(
                             stream,
                             tls.acceptor(),
+                            lane.clone(),
                             limits.header_read_timeout,
                         )),
                     };
@@ -113,43 +116,13 @@ struct Connection {
 }
 
 impl Connection {
-    /// Plain HTTP; on the `lane` when the first request opens a subscription.
+    /// Plain HTTP.
     async fn serve(self, stream: TcpStream, lane: Option<Handle>, head_timeout: Duration) {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
-        let Some(lane) = lane else {
-            return self.serve_io(stream).await;
-        };
-        match opens_subscription(&stream, head_timeout).await {
-            Some(true) => self.serve_on(&lane, stream).await,
-            Some(false) => self.serve_io(stream).await,
-            // Closed, or silent for the header read timeout: hyper would drop it too.
-            None => {}
-        }
-    }
-
-    /// Serves the connection on the lane's runtime; this task waits for it (and aborts it when
-    /// aborted itself, as the drain does).
-    async fn serve_on(self, lane: &Handle, stream: TcpStream) {
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(error) => {
-                tracing::debug!(%error, "cannot move a connection to the subscription lane");
-                return;
-            }
-        };
-        metrics::counter!("keel_subscribe_lane_connections_total").increment(1);
-        let mut task = AbortOnDrop(lane.spawn(async move {
-            // Registers the socket with the lane's reactor.
-            match TcpStream::from_std(stream) {
-                Ok(stream) => self.serve_io(stream).await,
-                Err(error) => tracing::debug!(%error, "cannot serve a connection on the lane"),
-            }
-        }));
-        if let Err(error) = task.await_done().await {
-            tracing::error!(%error, "a subscription connection task failed");
-        }
+        self.serve_routed(Movable::new(stream), lane, head_timeout)
+            .await;
     }
 
     /// HTTPS: the handshake must finish within the header read timeout (a client that opens a
@@ -158,13 +131,15 @@ impl Connection {
         self,
         stream: TcpStream,
         acceptor: tokio_rustls::TlsAcceptor,
-        handshake_timeout: Duration,
+        lane: Option<Handle>,
+        head_timeout: Duration,
     ) {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
-        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => self.serve_io(tls).await,
+        let handshake = acceptor.accept(Movable::new(stream));
+        match tokio::time::timeout(head_timeout, handshake).await {
+            Ok(Ok(tls)) => self.serve_routed(tls, lane, head_timeout).await,
             Ok(Err(error)) => {
                 metrics::counter!("keel_tls_handshake_failures_total").increment(1);
                 tracing::debug!(%error, "TLS handshake failed");
@@ -173,6 +148,55 @@ impl Connection {
                 metrics::counter!("keel_tls_handshake_failures_total").increment(1);
                 tracing::debug!("TLS handshake timed out");
             }
+        }
+    }
+
+    /// With a `lane`: reads the first bytes of the first request (within the header read
+    /// timeout) and serves the connection on the lane when they open a subscription, here
+    /// otherwise; hyper reads those bytes again from [`Prefixed`].
+    async fn serve_routed<I>(self, mut io: I, lane: Option<Handle>, head_timeout: Duration)
+    where
+        I: Relocate + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Some(lane) = lane else {
+            return self.serve_io(io).await;
+        };
+        // `None`: closed, or silent for the header read timeout; hyper would drop it too.
+        let Some(head) = read_head(&mut io, head_timeout).await else {
+            return;
+        };
+        let subscription = head.opens_subscription;
+        let io = Prefixed::new(head.bytes, io);
+        if subscription {
+            self.serve_on(&lane, io).await;
+        } else {
+            self.serve_io(io).await;
+        }
+    }
+
+    /// Serves the connection on the lane's runtime; this task waits for it (and aborts it when
+    /// aborted itself, as the drain does).
+    async fn serve_on<I>(self, lane: &Handle, mut io: Prefixed<I>)
+    where
+        I: Relocate + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let socket = match io.inner_mut().movable().detach() {
+            Ok(socket) => socket,
+            Err(error) => {
+                tracing::debug!(%error, "cannot move a connection to the subscription lane");
+                return;
+            }
+        };
+        metrics::counter!("keel_subscribe_lane_connections_total").increment(1);
+        let mut task = AbortOnDrop(lane.spawn(async move {
+            // Registers the socket with the lane's reactor.
+            match io.inner_mut().movable().attach(socket) {
+                Ok(()) => self.serve_io(io).await,
+                Err(error) => tracing::debug!(%error, "cannot serve a connection on the lane"),
+            }
+        }));
+        if let Err(error) = task.await_done().await {
+            tracing::error!(%error, "a subscription connection task failed");
         }
     }
 
@@ -191,37 +215,6 @@ impl Connection {
         }
         metrics::gauge!("keel_http_connections").decrement(1.0);
         drop(self.permit);
-    }
-}
-
-/// The start of a request that opens a subscription.
-const SUBSCRIBE_HEAD: &[u8] = b"GET /v1/subscribe";
-
-/// Whether the connection's first bytes are [`SUBSCRIBE_HEAD`], looked at without taking them
-/// (`MSG_PEEK`); `None` when the peer closed or sent too little within `within`.
-async fn opens_subscription(stream: &TcpStream, within: Duration) -> Option<bool> {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut head = [0u8; SUBSCRIBE_HEAD.len()];
-    loop {
-        let seen = tokio::time::timeout_at(deadline, stream.peek(&mut head))
-            .await
-            .ok()?
-            .ok()?;
-        if seen == 0 {
-            return None;
-        }
-        if !SUBSCRIBE_HEAD.starts_with(&head[..seen]) {
-            return Some(false);
-        }
-        if seen == SUBSCRIBE_HEAD.len() {
-            return Some(true);
-        }
-        // Part of it so far: peek would return the same bytes at once, so wait a moment.
-        let soon = tokio::time::Instant::now() + Duration::from_millis(1);
-        if soon >= deadline {
-            return None;
-        }
-        tokio::time::sleep_until(soon).await;
     }
 }
 
@@ -274,69 +267,4 @@ async fn accept_failed(error: std::io::Error) {
     }
     tracing::error!(%error, "accept failed");
     tokio::time::sleep(Duration::from_millis(100)).await;
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::opens_subscription;
-    use std::time::Duration;
-    use tokio::io::AsyncWriteExt;
-    use tokio::net::{TcpListener, TcpStream};
-
-    /// A connected pair on loopback: (what the client writes to, what the server peeks at).
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        (client, server)
-    }
-
-    #[tokio::test]
-    async fn a_subscription_is_told_from_other_requests_by_its_first_bytes_left_unread() {
-        let within = Duration::from_millis(300);
-        for (sent, expected) in [
-            (&b"GET /v1/subscribe?after=3 HTTP/1.1\r\n"[..], Some(true)),
-            (&b"POST /v1/batches HTTP/1.1\r\n"[..], Some(false)),
-            (&b"GET /v1/events HTTP/1.1\r\n"[..], Some(false)),
-            // Could start a subscription, then nothing more comes within the bound.
-            (&b"G"[..], None),
-        ] {
-            let (mut client, server) = pair().await;
-            client.write_all(sent).await.unwrap();
-            let seen = opens_subscription(&server, within).await;
-            assert_eq!(seen, expected, "{}", String::from_utf8_lossy(sent));
-            if expected.is_some() {
-                // Peeking took nothing: the request is still there for hyper.
-                let mut buf = vec![0u8; sent.len()];
-                server.try_read(&mut buf).unwrap();
-                assert_eq!(buf, sent);
-            }
-        }
-    }
-
-    #[tokio::test]
-    async fn a_request_head_sent_in_pieces_is_recognised_once_enough_has_come() {
-        let (mut client, server) = pair().await;
-        client.write_all(b"GET /v1/su").await.unwrap();
-        let writer = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            client.write_all(b"bscribe HTTP/1.1\r\n").await.unwrap();
-            client
-        });
-        let seen = opens_subscription(&server, Duration::from_secs(5)).await;
-        assert_eq!(seen, Some(true));
-        drop(writer.await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn a_silent_connection_is_given_up_after_the_head_timeout() {
-        let (_client, server) = pair().await;
-        let started = std::time::Instant::now();
-        let seen = opens_subscription(&server, Duration::from_millis(200)).await;
-        assert_eq!(seen, None);
-        assert!(started.elapsed() >= Duration::from_millis(200));
-    }
 }

@@ -569,6 +569,32 @@ async fn tls_serves_batches_refuses_plain_and_untrusted_clients_and_reloads_the_
     .await;
     assert_eq!(status, 200, "a batch over TLS: {body}");
     assert_eq!(body["results"][1]["status"], "committed");
+    // A subscription over TLS is served on the subscription lane, and streams.
+    let mut stream = trusting(&cert)
+        .get(format!("{}/v1/subscribe?after=0", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !text.contains("id: 2\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, stream.chunk())
+            .await
+            .expect("the stream's first events within 20 s")
+            .unwrap()
+            .expect("the stream goes on");
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(text.contains("id: 1\nevent: event\n"), "{text}");
+    let lane_connections = metrics(&trusting(&cert), &server)
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix("keel_subscribe_lane_connections_total "))
+        .map(|v| v.trim().to_owned());
+    assert_eq!(lane_connections.as_deref(), Some("1"));
+    drop(stream);
     // Plain HTTP to the TLS port gets no answer; a client that does not trust the
     // certificate fails the handshake.
     let plain = client_with(&ClientOptions::default());

@@ -614,7 +614,10 @@ async fn in_process_router_streams_and_a_poisoned_engine_refuses() {
 /// field 19).
 fn thread_nices(pid: u32, name: &str) -> Vec<i64> {
     let mut nices = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
             continue;
         };
@@ -656,7 +659,10 @@ async fn subscriptions_are_served_on_the_lower_priority_lane() {
         1.0
     );
     let lane = thread_nices(keel.child.id(), "keel-subscribe");
-    assert!(!lane.is_empty(), "the lane's threads are named keel-subscribe");
+    assert!(
+        !lane.is_empty(),
+        "the lane's threads are named keel-subscribe"
+    );
     assert!(lane.iter().all(|&nice| nice == 7), "{lane:?}");
     let main = thread_nices(keel.child.id(), "tokio-rt-worker");
     assert!(!main.is_empty());
