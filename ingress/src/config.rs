@@ -134,8 +134,10 @@ pub struct ServeConfig {
     /// Most live subscriptions (`GET /v1/subscribe`) open at once; more get 503 `overloaded`.
     #[arg(long, env = "KEEL_SUBSCRIBERS_MAX", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub subscribers_max: u32,
-    /// Committed batches waiting to be sent to one subscriber; a subscriber that falls further
-    /// behind is ended with a `resume` event (`too_slow`) and resumes from where it was.
+    /// Deliveries waiting to be sent to one subscriber (each one committed batch, or several
+    /// consecutive ones of at most 16,384 events together when the fan-out is paced); a
+    /// subscriber that falls further behind is ended with a `resume` event (`too_slow`) and
+    /// resumes from where it was.
     #[arg(long, env = "KEEL_SUBSCRIBER_BUFFER_BATCHES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub subscriber_buffer_batches: u32,
     /// Most subscriber wake-ups per second, over all subscribers. After handing out batches to

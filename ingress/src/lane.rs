@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::runtime::{Handle, Runtime};
+use tokio::time::Instant;
 
 /// The lane's runtime; shut down (without waiting for its tasks) when dropped.
 pub struct Lane {
@@ -48,6 +49,18 @@ impl Lane {
     pub fn handle(&self) -> Option<&Handle> {
         self.runtime.as_ref().map(Runtime::handle)
     }
+
+    /// Stops the lane: drops its tasks and waits up to `bound` for its blocking threads (store
+    /// reads in flight), so that nothing of it still reads the store once the caller closes it.
+    pub async fn shutdown(mut self, bound: Duration) {
+        if let Some(runtime) = self.runtime.take() {
+            // `shutdown_timeout` blocks: not on an async worker.
+            let stopped = tokio::task::spawn_blocking(move || runtime.shutdown_timeout(bound));
+            if let Err(error) = stopped.await {
+                tracing::warn!(%error, "subscription lane: stopping it failed");
+            }
+        }
+    }
 }
 
 impl Drop for Lane {
@@ -59,13 +72,14 @@ impl Drop for Lane {
     }
 }
 
-/// Sets the calling thread's niceness (Linux: per thread). Lowering the priority needs no
-/// privilege; if it fails anyway, the thread runs at normal priority and says so.
+/// Sets the calling thread's niceness (Linux: per thread) to `nice`, unless it already runs at
+/// that or lower priority (an unprivileged process cannot raise it back). Lowering the priority
+/// needs no privilege; if it fails anyway, the thread runs as it was and says so.
 fn lower_priority(nice: i32) {
-    if nice == 0 {
+    let thread = rustix::thread::gettid();
+    if rustix::process::getpriority_process(Some(thread)).is_ok_and(|current| current >= nice) {
         return;
     }
-    let thread = rustix::thread::gettid();
     if let Err(error) = rustix::process::setpriority_process(Some(thread), nice) {
         tracing::warn!(%error, "subscription lane: cannot lower the thread's CPU priority");
     }
@@ -84,10 +98,10 @@ pub struct Head {
 
 /// Reads from `io` until its bytes are [`SUBSCRIBE_HEAD`] or cannot become it (never more than
 /// that many bytes, so the rest of the request stays where it is). `None` when the peer closed
-/// before sending anything or `within` passed first.
-pub async fn read_head<I: AsyncRead + Unpin>(io: &mut I, within: Duration) -> Option<Head> {
+/// before sending anything or `deadline` passed first.
+pub async fn read_head<I: AsyncRead + Unpin>(io: &mut I, deadline: Instant) -> Option<Head> {
     let mut bytes = Vec::with_capacity(SUBSCRIBE_HEAD.len());
-    let decided = tokio::time::timeout(within, async {
+    let decided = tokio::time::timeout_at(deadline, async {
         let mut chunk = [0u8; SUBSCRIBE_HEAD.len()];
         loop {
             let wanted = SUBSCRIBE_HEAD.len() - bytes.len();
@@ -295,6 +309,7 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
+    use tokio::time::Instant;
 
     /// A connected pair on loopback: (what the client writes to, what the server reads).
     async fn pair() -> (TcpStream, TcpStream) {
@@ -315,7 +330,8 @@ mod tests {
             client.shutdown().await.unwrap();
         }
         let mut server = Movable::new(server);
-        let Some(head) = read_head(&mut server, Duration::from_millis(300)).await else {
+        let Some(head) = read_head(&mut server, Instant::now() + Duration::from_millis(300)).await
+        else {
             return (None, Vec::new());
         };
         let decided = head.opens_subscription;
@@ -367,7 +383,7 @@ mod tests {
             client
         });
         let mut server = Movable::new(server);
-        let head = read_head(&mut server, Duration::from_secs(5))
+        let head = read_head(&mut server, Instant::now() + Duration::from_secs(5))
             .await
             .unwrap();
         assert!(head.opens_subscription);
@@ -381,7 +397,7 @@ mod tests {
         let mut server = Movable::new(server);
         let started = std::time::Instant::now();
         assert_eq!(
-            read_head(&mut server, Duration::from_millis(200)).await,
+            read_head(&mut server, Instant::now() + Duration::from_millis(200)).await,
             None
         );
         assert!(started.elapsed() >= Duration::from_millis(200));

@@ -182,7 +182,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         stop,
     )
     .await;
-    drop(lane);
+    lane.shutdown(Duration::from_secs(5)).await;
     tracing::info!("HTTP stopped; draining the write queue");
     let sequencer_for_drain = Arc::clone(&sequencer);
     tokio::task::spawn_blocking(move || sequencer_for_drain.shutdown()).await?;

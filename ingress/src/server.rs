@@ -121,7 +121,8 @@ impl Connection {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
-        self.serve_routed(Movable::new(stream), lane, head_timeout)
+        let deadline = tokio::time::Instant::now() + head_timeout;
+        self.serve_routed(Movable::new(stream), lane, deadline)
             .await;
     }
 
@@ -137,9 +138,11 @@ impl Connection {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
+        // The handshake and the routing read share one deadline.
+        let deadline = tokio::time::Instant::now() + head_timeout;
         let handshake = acceptor.accept(Movable::new(stream));
-        match tokio::time::timeout(head_timeout, handshake).await {
-            Ok(Ok(tls)) => self.serve_routed(tls, lane, head_timeout).await,
+        match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Ok(tls)) => self.serve_routed(tls, lane, deadline).await,
             Ok(Err(error)) => {
                 metrics::counter!("keel_tls_handshake_failures_total").increment(1);
                 tracing::debug!(%error, "TLS handshake failed");
@@ -151,10 +154,11 @@ impl Connection {
         }
     }
 
-    /// With a `lane`: reads the first bytes of the first request (within the header read
-    /// timeout) and serves the connection on the lane when they open a subscription, here
-    /// otherwise; hyper reads those bytes again from [`Prefixed`].
-    async fn serve_routed<I>(self, mut io: I, lane: Option<Handle>, head_timeout: Duration)
+    /// With a `lane`: reads the first bytes of the first request (by `deadline`: the header
+    /// read timeout after the connection was accepted) and serves the connection on the lane
+    /// when they open a subscription, here otherwise; hyper reads those bytes again from
+    /// [`Prefixed`], under its own header read timeout.
+    async fn serve_routed<I>(self, mut io: I, lane: Option<Handle>, deadline: tokio::time::Instant)
     where
         I: Relocate + AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -162,7 +166,7 @@ impl Connection {
             return self.serve_io(io).await;
         };
         // `None`: closed, or silent for the header read timeout; hyper would drop it too.
-        let Some(head) = read_head(&mut io, head_timeout).await else {
+        let Some(head) = read_head(&mut io, deadline).await else {
             return;
         };
         let subscription = head.opens_subscription;
@@ -174,9 +178,10 @@ impl Connection {
         }
     }
 
-    /// Serves the connection on the lane's runtime; this task waits for it (and aborts it when
-    /// aborted itself, as the drain does).
-    async fn serve_on<I>(self, lane: &Handle, mut io: Prefixed<I>)
+    /// Serves the connection on the lane's runtime, without keep-alive (a request after the
+    /// subscription, such as a write after a 503, goes on a new connection, at the writes'
+    /// priority); this task waits for it (and aborts it when aborted itself, as the drain does).
+    async fn serve_on<I>(mut self, lane: &Handle, mut io: Prefixed<I>)
     where
         I: Relocate + AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -188,6 +193,7 @@ impl Connection {
             }
         };
         metrics::counter!("keel_subscribe_lane_connections_total").increment(1);
+        self.http.keep_alive(false);
         let mut task = AbortOnDrop(lane.spawn(async move {
             // Registers the socket with the lane's reactor.
             match io.inner_mut().movable().attach(socket) {

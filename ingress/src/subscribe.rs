@@ -2,13 +2,16 @@
 //!
 //! One **hub** task per server follows the writer's notes of durable batches
 //! ([`Sequencer::durable_batches`], sent after each fsync returned; the writer does nothing per
-//! subscriber). For each batch it reads the events from the store once, encodes their SSE
-//! frames once into one shared buffer ([`Bytes`]) and hands every live subscriber a reference
-//! with `try_send` on the subscriber's own bounded channel (`--subscriber-buffer-batches`).
-//! Subscribers filtered by aggregate or kind are found through an index (aggregate id or kind
-//! -> subscribers) and get slices of the same buffer. A channel that is full means the
-//! subscriber is too slow: the hub drops its buffer and ends it (a final `resume` event), and
-//! never waits; the writer and the other subscribers never wait for one subscriber.
+//! subscriber). Each round it reads the new events from the store once (up to
+//! [`ROUND_EVENTS_MAX`], one batch or several), encodes their SSE frames once into one shared
+//! buffer ([`Bytes`]) and hands every live subscriber one delivery with a reference on the
+//! subscriber's own channel. Subscribers filtered by aggregate or kind are found through an
+//! index (aggregate id or kind -> subscribers) and get slices of the same buffer. Rounds are
+//! paced by a wake-up budget (see [`run_hub`]). A subscriber that holds
+//! `--subscriber-buffer-batches` deliveries not yet taken is too slow: the hub drops its
+//! channel and ends it (a final `resume` event), and never waits; the writer and the other
+//! subscribers never wait for one subscriber. In `keel serve` all of this runs on the
+//! subscription lane (`crate::lane`).
 //!
 //! A subscription first catches up from the store (pages of committed events, never past the
 //! last batch the hub was told is durable), then joins the hub. Joining records how far the hub
@@ -27,7 +30,7 @@ use hyper::body::Frame;
 use keel_invariants::AggregateId;
 use keel_sequencer::{CommittedEvent, DurableBatch, Sequencer};
 use serde::Deserialize;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::Write as _;
@@ -45,11 +48,8 @@ pub const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Most events one store read of a catch-up takes.
 const PAGE_EVENTS: usize = 1000;
 
-/// Most events one round of the hub reads, encodes and hands out (more wait for the next round).
+/// Most events one round of the hub reads, encodes and hands out (more go in the next round).
 const ROUND_EVENTS_MAX: usize = 16_384;
-
-/// Most notes of durable batches the hub takes in one round.
-const NOTES_PER_ROUND_MAX: usize = 256;
 
 /// Longest `kind` or `aggregate` filter accepted (a kind and a 128-byte name).
 const FILTER_BYTES_MAX: usize = 256;
@@ -59,7 +59,8 @@ const FILTER_BYTES_MAX: usize = 256;
 pub struct SubscribeLimits {
     /// Most subscriptions open at once; more get 503 `overloaded`.
     pub subscribers_max: usize,
-    /// Batches waiting to be sent to one subscriber; one more ends it (`too_slow`).
+    /// Deliveries (one per round of the hub: one batch, or several together) waiting to be
+    /// sent to one subscriber; one more ends it (`too_slow`).
     pub buffer_batches: usize,
     /// Most subscriber wake-ups per second, over all subscribers: after a round that woke `n`
     /// subscribers, the hub starts its next round `n / wakeups_per_sec` seconds later at the
@@ -139,41 +140,40 @@ impl Filter {
     }
 }
 
-/// One batch's (or part of one batch's) events, encoded once for every subscriber.
-struct EncodedBatch {
-    /// The comment naming the batch and when it became durable, then every event's frame.
+/// Consecutive committed events (of one batch or several), encoded once for every subscriber.
+struct EncodedChunk {
+    /// Each batch's comment (its durable time, when its note was at hand) right before the
+    /// batch's first event here, and every event's frame.
     bytes: Bytes,
-    /// Where the events start in `bytes` (the comment is before the first), and the end.
-    starts: Vec<u32>,
+    /// Where each event's frame starts in `bytes`, and the end of the last.
+    starts: Vec<usize>,
+    /// For each event, the index of its batch's comment in `comments`.
+    batch_of: Vec<usize>,
+    /// Each batch's comment: its byte range (empty when the batch's note was not at hand).
+    comments: Vec<(usize, usize)>,
     first_seq: u64,
 }
 
-impl EncodedBatch {
+impl EncodedChunk {
     fn last_seq(&self) -> u64 {
         self.first_seq + (self.starts.len() as u64 - 2)
     }
 
     fn event_range(&self, index: usize) -> (usize, usize) {
-        (self.starts[index] as usize, self.starts[index + 1] as usize)
+        (self.starts[index], self.starts[index + 1])
     }
 }
 
-/// One batch (or the part of it one store read held) in a delivery: all of it, or the events
-/// at `only` (indices).
-struct Part {
-    batch: Arc<EncodedBatch>,
-    only: Option<Vec<u32>>,
-}
-
-/// What the hub hands one subscriber in one round: consecutive batches, in sequence order. A
-/// round holds one batch when the hub keeps up, several when its wake-up budget made it wait.
+/// What the hub hands one subscriber in one round: a chunk, all of it or the events at `only`
+/// (indices).
 struct Delivery {
-    parts: Vec<Part>,
+    chunk: Arc<EncodedChunk>,
+    only: Option<Vec<u32>>,
 }
 
 struct Entry {
     tx: mpsc::UnboundedSender<Delivery>,
-    /// Batches handed to the subscription and not yet taken by it (the bound is
+    /// Deliveries handed to the subscription and not yet taken by it (the bound is
     /// `buffer_batches`): the hub adds, the subscription subtracts.
     queued: Arc<AtomicUsize>,
     filter: Arc<Filter>,
@@ -411,59 +411,42 @@ impl Hub {
         registry.fanned_out
     }
 
-    /// Hands the round's `pieces` (consecutive batches, with the aggregates of each event) to
-    /// every live subscriber that wants some of them, one delivery each, never waiting: a
-    /// subscriber that would hold more than `buffer_batches` batches is ended (`too_slow`).
+    /// Hands the round's `chunk` (with the aggregates of each of its events) to every live
+    /// subscriber that wants some of it, one delivery each, never waiting: a subscriber that
+    /// would hold more than `buffer_batches` deliveries not yet taken is ended (`too_slow`).
     /// Returns how many subscribers it woke.
-    fn fan_out(&self, pieces: &[(Arc<EncodedBatch>, Vec<Vec<AggregateId>>)]) -> usize {
-        let Some((last, _)) = pieces.last() else {
-            return 0;
-        };
+    fn fan_out(&self, chunk: &Arc<EncodedChunk>, targets: &[Vec<AggregateId>]) -> usize {
         let mut registry = self.registry();
-        let mut deliveries: Vec<(u64, Vec<Part>)> = registry
-            .everything
-            .iter()
-            .map(|&id| {
-                let parts = pieces
-                    .iter()
-                    .map(|(batch, _)| Part {
-                        batch: Arc::clone(batch),
-                        only: None,
-                    })
-                    .collect();
-                (id, parts)
-            })
-            .collect();
+        let mut deliveries: Vec<(u64, Option<Vec<u32>>)> =
+            registry.everything.iter().map(|&id| (id, None)).collect();
         if !(registry.by_aggregate.is_empty() && registry.by_kind.is_empty()) {
-            let mut filtered: HashMap<u64, Vec<Part>> = HashMap::new();
-            for (batch, targets) in pieces {
-                for (id, only) in filtered_picks(&registry, targets) {
-                    filtered.entry(id).or_default().push(Part {
-                        batch: Arc::clone(batch),
-                        only: Some(only),
-                    });
-                }
-            }
-            deliveries.extend(filtered);
+            deliveries.extend(
+                filtered_picks(&registry, targets)
+                    .into_iter()
+                    .map(|(id, only)| (id, Some(only))),
+            );
         }
         let mut woken = 0;
         let mut too_slow = Vec::new();
-        for (id, parts) in deliveries {
+        for (id, only) in deliveries {
             let Some(entry) = registry.subscribers.get(&id) else {
                 continue;
             };
-            let batches = parts.len();
-            if entry.queued.load(Ordering::Acquire) + batches > self.limits.buffer_batches {
+            if entry.queued.load(Ordering::Acquire) >= self.limits.buffer_batches {
                 too_slow.push(id);
                 continue;
             }
-            entry.queued.fetch_add(batches, Ordering::AcqRel);
+            entry.queued.fetch_add(1, Ordering::AcqRel);
+            let delivery = Delivery {
+                chunk: Arc::clone(chunk),
+                only,
+            };
             // An error means the subscription is going away; its guard unregisters it.
-            if entry.tx.send(Delivery { parts }).is_ok() {
+            if entry.tx.send(delivery).is_ok() {
                 woken += 1;
             }
         }
-        registry.fanned_out = last.last_seq();
+        registry.fanned_out = chunk.last_seq();
         for id in too_slow {
             if let Some(entry) = registry.remove(id) {
                 entry.end.set(EndReason::TooSlow);
@@ -500,25 +483,115 @@ fn filtered_picks(registry: &Registry, targets: &[Vec<AggregateId>]) -> HashMap<
     picks
 }
 
-/// The hub task: takes the writer's notes, reads and encodes each batch once, fans it out.
+/// A note of a durable batch the hub has not handed out yet: when it became durable, and its
+/// last event.
+#[derive(Clone, Copy)]
+struct Noted {
+    durable_at_us: u64,
+    last_event: u64,
+}
+
+/// What the hub knows of durable batches from the writer's notes.
+struct Notes {
+    receiver: broadcast::Receiver<DurableBatch>,
+    /// The last event of the last batch noted.
+    last_event: u64,
+    /// Batches noted and not yet handed out, by batch sequence (at most [`PENDING_NOTES_MAX`]:
+    /// beyond, the oldest go out without their `durable_at_us` comment).
+    pending: BTreeMap<u64, Noted>,
+}
+
+/// Most notes of batches not yet handed out that the hub keeps (for their comments).
+const PENDING_NOTES_MAX: usize = 65_536;
+
+impl Notes {
+    /// Takes a note; false when the writer is gone.
+    fn take(&mut self, note: Result<DurableBatch, broadcast::error::RecvError>) -> bool {
+        match note {
+            Ok(note) => {
+                self.last_event = self.last_event.max(note.last_event());
+                self.pending.insert(
+                    note.batch,
+                    Noted {
+                        durable_at_us: note.durable_at_us,
+                        last_event: note.last_event(),
+                    },
+                );
+                if self.pending.len() > PENDING_NOTES_MAX {
+                    self.pending.pop_first();
+                }
+                true
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                // The batches are in the store (a later note covers them); only their
+                // `durable_at_us` comments are lost.
+                tracing::warn!(
+                    missed,
+                    "subscriptions: the hub fell behind the writer's notes"
+                );
+                true
+            }
+            Err(broadcast::error::RecvError::Closed) => false,
+        }
+    }
+
+    /// Takes every note at hand without waiting; false when the writer is gone.
+    fn take_ready(&mut self) -> bool {
+        loop {
+            let note = match self.receiver.try_recv() {
+                Ok(note) => Ok(note),
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                    Err(broadcast::error::RecvError::Lagged(missed))
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    Err(broadcast::error::RecvError::Closed)
+                }
+                Err(broadcast::error::TryRecvError::Empty) => return true,
+            };
+            if !self.take(note) {
+                return false;
+            }
+        }
+    }
+
+    /// Forgets the notes of batches handed out up to event `through`.
+    fn handed_out(&mut self, through: u64) {
+        self.pending.retain(|_, noted| noted.last_event > through);
+    }
+}
+
+/// The hub task: takes the writer's notes; each round reads up to [`ROUND_EVENTS_MAX`] events
+/// after the last one handed out, encodes them once and hands each live subscriber that wants
+/// some of them one delivery.
 ///
 /// Rounds are paced by the wake-up budget (`wakeups_per_sec`): after a round that woke `n`
 /// subscribers, the next one starts `n / wakeups_per_sec` seconds after it at the earliest, so
 /// that a wide fan-out cannot take the write path's CPU; the batches committed meanwhile go out
-/// together, one wake-up per subscriber. A narrow fan-out (or none) is never delayed.
+/// together in the next round, one wake-up per subscriber. A narrow fan-out (or none) is never
+/// delayed, and a hub that is behind goes on without waiting for a new note.
 async fn run_hub(
     hub: Arc<Hub>,
-    mut notes: broadcast::Receiver<DurableBatch>,
+    receiver: broadcast::Receiver<DurableBatch>,
     mut stop: watch::Receiver<bool>,
 ) {
     let per_wakeup = Duration::from_secs(1) / hub.limits.wakeups_per_sec;
     let mut not_before = tokio::time::Instant::now();
+    let mut notes = Notes {
+        receiver,
+        last_event: hub.registry().fanned_out,
+        pending: BTreeMap::new(),
+    };
     loop {
-        let first = tokio::select! {
-            biased;
-            _ = stop.wait_for(|stopped| *stopped) => return,
-            note = notes.recv() => note,
-        };
+        if notes.last_event <= hub.registry().fanned_out {
+            let note = tokio::select! {
+                biased;
+                _ = stop.wait_for(|stopped| *stopped) => return,
+                note = notes.receiver.recv() => note,
+            };
+            if !notes.take(note) {
+                return;
+            }
+        }
         if tokio::time::Instant::now() < not_before {
             tokio::select! {
                 biased;
@@ -526,28 +599,15 @@ async fn run_hub(
                 () = tokio::time::sleep_until(not_before) => {}
             }
         }
-        let round_start = tokio::time::Instant::now();
-        let mut round = Vec::new();
-        if !take_note(&mut round, first) {
+        if !notes.take_ready() {
             return;
         }
-        while round.len() < NOTES_PER_ROUND_MAX {
-            let note = match notes.try_recv() {
-                Ok(note) => Ok(note),
-                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
-                    Err(broadcast::error::RecvError::Lagged(missed))
-                }
-                Err(_) => break,
-            };
-            take_note(&mut round, note);
-        }
-        let Some(to) = round.iter().map(DurableBatch::last_event).max() else {
-            continue;
-        };
-        hub.durable_last_event.fetch_max(to, Ordering::AcqRel);
-        let behind = to.saturating_sub(hub.registry().fanned_out);
+        let round_start = tokio::time::Instant::now();
+        hub.durable_last_event
+            .fetch_max(notes.last_event, Ordering::AcqRel);
+        let behind = notes.last_event.saturating_sub(hub.registry().fanned_out);
         metrics::gauge!("keel_subscribe_hub_lag_events").set(behind as f64);
-        match deliver_until(&hub, to, &round).await {
+        match deliver_round(&hub, &mut notes).await {
             Ok(woken) => {
                 let woken = u32::try_from(woken).unwrap_or(u32::MAX);
                 not_before = round_start + per_wakeup.saturating_mul(woken);
@@ -563,109 +623,90 @@ async fn run_hub(
     }
 }
 
-/// Adds a note to the round; false when the writer is gone.
-fn take_note(
-    round: &mut Vec<DurableBatch>,
-    note: Result<DurableBatch, broadcast::error::RecvError>,
-) -> bool {
-    match note {
-        Ok(note) => {
-            round.push(note);
-            true
+/// One round: reads up to [`ROUND_EVENTS_MAX`] events after the last one handed out (never
+/// past the last noted), encodes them once and fans them out. Returns how many subscribers it
+/// woke.
+async fn deliver_round(hub: &Arc<Hub>, notes: &mut Notes) -> anyhow::Result<usize> {
+    let to = notes.last_event;
+    let after = {
+        let mut registry = hub.registry();
+        if registry.fanned_out >= to {
+            return Ok(0);
         }
-        Err(broadcast::error::RecvError::Lagged(missed)) => {
-            // The batches are in the store; only their `durable_at_us` comments are lost.
-            tracing::warn!(
-                missed,
-                "subscriptions: the hub fell behind the writer's notes"
-            );
-            true
+        if registry.everything.is_empty()
+            && registry.by_kind.is_empty()
+            && registry.by_aggregate.is_empty()
+        {
+            // Nobody is live: nothing to read or encode (the writer's CPU is shared). A
+            // subscription that joins later fills up to this mark from the store.
+            registry.fanned_out = to;
+            drop(registry);
+            notes.handed_out(to);
+            return Ok(0);
         }
-        Err(broadcast::error::RecvError::Closed) => false,
-    }
-}
-
-/// Reads, encodes and fans out every event after the last one fanned out, up to `to`, in
-/// rounds of at most [`ROUND_EVENTS_MAX`] events and half a subscriber's buffer of batches.
-/// Returns how many subscriber wake-ups it made.
-async fn deliver_until(hub: &Arc<Hub>, to: u64, notes: &[DurableBatch]) -> anyhow::Result<usize> {
+        registry.fanned_out
+    };
+    let sequencer = Arc::clone(&hub.sequencer);
     let durable_at: HashMap<u64, u64> = notes
+        .pending
         .iter()
-        .map(|note| (note.batch, note.durable_at_us))
+        .map(|(&batch, noted)| (batch, noted.durable_at_us))
         .collect();
-    let durable_at = Arc::new(durable_at);
-    let round_batches = (hub.limits.buffer_batches / 2).max(1);
-    let mut woken = 0;
-    loop {
-        let after = {
-            let mut registry = hub.registry();
-            if registry.fanned_out >= to {
-                return Ok(woken);
-            }
-            if registry.everything.is_empty()
-                && registry.by_kind.is_empty()
-                && registry.by_aggregate.is_empty()
-            {
-                // Nobody is live: nothing to read or encode (the writer's CPU is shared). A
-                // subscription that joins later fills up to this mark from the store.
-                registry.fanned_out = to;
-                return Ok(woken);
-            }
-            registry.fanned_out
-        };
-        let sequencer = Arc::clone(&hub.sequencer);
-        let durable_at = Arc::clone(&durable_at);
-        let pieces = tokio::task::spawn_blocking(move || {
-            if sequencer.is_poisoned() {
-                anyhow::bail!("the write path is poisoned");
-            }
-            let events =
-                keel_sequencer::committed_events(sequencer.reader(), after, ROUND_EVENTS_MAX, to)?;
-            anyhow::ensure!(
-                events.first().is_some_and(|e| e.seq == after + 1),
-                "event {} is not in the store though batch notes say it is durable",
-                after + 1
-            );
-            Ok(encode_batches(&events, &durable_at))
-        })
-        .await??;
-        for round in pieces.chunks(round_batches) {
-            woken += hub.fan_out(round);
+    let (chunk, targets) = tokio::task::spawn_blocking(move || {
+        if sequencer.is_poisoned() {
+            anyhow::bail!("the write path is poisoned");
         }
-    }
+        let events =
+            keel_sequencer::committed_events(sequencer.reader(), after, ROUND_EVENTS_MAX, to)?;
+        anyhow::ensure!(
+            events.first().is_some_and(|e| e.seq == after + 1),
+            "event {} is not in the store though batch notes say it is durable",
+            after + 1
+        );
+        Ok(encode_chunk(&events, &durable_at))
+    })
+    .await??;
+    let chunk = Arc::new(chunk);
+    let woken = hub.fan_out(&chunk, &targets);
+    notes.handed_out(chunk.last_seq());
+    Ok(woken)
 }
 
-/// Encodes consecutive events into one [`EncodedBatch`] per batch (with the batch's comment
-/// when its note is at hand), and the aggregates of every event for the fan-out.
-fn encode_batches(
+/// Encodes consecutive events into one [`EncodedChunk`] (each batch's comment when its note is
+/// at hand), and the aggregates of every event for the fan-out.
+fn encode_chunk(
     events: &[CommittedEvent],
     durable_at: &HashMap<u64, u64>,
-) -> Vec<(Arc<EncodedBatch>, Vec<Vec<AggregateId>>)> {
-    events
-        .chunk_by(|a, b| a.batch == b.batch)
-        .map(|run| {
-            let batch = run[0].batch;
-            let mut bytes = Vec::with_capacity(run.len() * 320 + 64);
-            if let Some(us) = durable_at.get(&batch) {
-                let _ = writeln!(bytes, ": batch {batch} durable_at_us {us}");
+) -> (EncodedChunk, Vec<Vec<AggregateId>>) {
+    let mut bytes = Vec::with_capacity(events.len() * 320 + 64);
+    let mut starts = Vec::with_capacity(events.len() + 1);
+    let mut batch_of = Vec::with_capacity(events.len());
+    let mut comments: Vec<(usize, usize)> = Vec::new();
+    let mut targets = Vec::with_capacity(events.len());
+    let mut current = None;
+    for event in events {
+        if current != Some(event.batch) {
+            current = Some(event.batch);
+            let start = bytes.len();
+            if let Some(us) = durable_at.get(&event.batch) {
+                let _ = writeln!(bytes, ": batch {} durable_at_us {us}", event.batch);
             }
-            let mut starts = Vec::with_capacity(run.len() + 1);
-            let mut targets = Vec::with_capacity(run.len());
-            for event in run {
-                starts.push(bytes.len() as u32);
-                encode_event(&mut bytes, event);
-                targets.push(event.logged.event.targets().iter().cloned().collect());
-            }
-            starts.push(bytes.len() as u32);
-            let encoded = EncodedBatch {
-                bytes: Bytes::from(bytes),
-                starts,
-                first_seq: run[0].seq,
-            };
-            debug_assert_eq!(encoded.last_seq(), run[run.len() - 1].seq);
-            (Arc::new(encoded), targets)
-        })
-        .collect()
+            comments.push((start, bytes.len()));
+        }
+        batch_of.push(comments.len() - 1);
+        starts.push(bytes.len());
+        encode_event(&mut bytes, event);
+        targets.push(event.logged.event.targets().iter().cloned().collect());
+    }
+    starts.push(bytes.len());
+    let chunk = EncodedChunk {
+        bytes: Bytes::from(bytes),
+        starts,
+        batch_of,
+        comments,
+        first_seq: events.first().map_or(0, |e| e.seq),
+    };
+    (chunk, targets)
 }
 
 /// `id: <seq>\nevent: event\ndata: <the event as GET /v1/events shows it>\n\n`.
@@ -786,11 +827,8 @@ impl Session {
             Err(_) if self.hub().sequencer.is_poisoned() => self.finished = true,
             Err(_) => self.ready.push_back(Bytes::from_static(b": keepalive\n\n")),
             Ok(Some(delivery)) => {
-                self.queued
-                    .fetch_sub(delivery.parts.len(), Ordering::AcqRel);
-                for part in &delivery.parts {
-                    self.deliver(part);
-                }
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                self.deliver(&delivery);
             }
             // The hub let go of this subscription: it set the reason before (checked next).
             Ok(None) => {
@@ -801,54 +839,47 @@ impl Session {
         }
     }
 
-    /// Queues one batch of a live delivery, after the cursor: its shared buffer, or slices of it.
-    fn deliver(&mut self, delivery: &Part) {
-        let batch = &delivery.batch;
-        if batch.last_seq() <= self.cursor {
+    /// Queues the part of a live delivery after the cursor: slices of the shared chunk, each
+    /// batch's comment before its first event sent.
+    fn deliver(&mut self, delivery: &Delivery) {
+        let chunk = &delivery.chunk;
+        if chunk.last_seq() <= self.cursor {
             return;
         }
-        let events = batch.starts.len() - 1;
-        let skip = self.cursor.saturating_sub(batch.first_seq - 1) as usize;
+        let events = chunk.starts.len() - 1;
+        let skip = self.cursor.saturating_sub(chunk.first_seq - 1) as usize;
         let mut ranges: Vec<(usize, usize)> = Vec::new();
         let mut sent = 0u64;
+        let mut last_sent = None;
+        let mut comment_sent = None;
         let mut add = |index: usize| {
-            let (start, end) = batch.event_range(index);
-            match ranges.last_mut() {
-                Some(last) if last.1 == start => last.1 = end,
-                _ => ranges.push((start, end)),
+            let batch = chunk.batch_of[index];
+            let comment = (comment_sent != Some(batch)).then(|| chunk.comments[batch]);
+            comment_sent = Some(batch);
+            for (start, end) in comment.into_iter().chain([chunk.event_range(index)]) {
+                match ranges.last_mut() {
+                    _ if start == end => {}
+                    Some(last) if last.1 == start => last.1 = end,
+                    _ => ranges.push((start, end)),
+                }
             }
             sent += 1;
+            last_sent = Some(chunk.first_seq + index as u64);
         };
-        let mut last_sent = None;
         match &delivery.only {
-            None => {
-                for index in skip..events {
-                    add(index);
-                }
-                last_sent = Some(batch.last_seq());
-            }
-            Some(only) => {
-                for &index in only.iter().filter(|&&i| i as usize >= skip) {
-                    add(index as usize);
-                    last_sent = Some(batch.first_seq + u64::from(index));
-                }
-            }
+            None => (skip..events).for_each(&mut add),
+            Some(only) => only
+                .iter()
+                .map(|&index| index as usize)
+                .filter(|&index| index >= skip)
+                .for_each(&mut add),
         }
-        self.cursor = batch.last_seq();
+        self.cursor = chunk.last_seq();
         let Some(last_sent) = last_sent else {
             return;
         };
-        if ranges.first().is_some_and(|r| r.0 > 0) {
-            // The batch's comment (its durable time) goes before its first event sent.
-            let comment_end = batch.starts[0] as usize;
-            match ranges.first_mut() {
-                Some(first) if first.0 == comment_end => first.0 = 0,
-                _ if comment_end > 0 => ranges.insert(0, (0, comment_end)),
-                _ => {}
-            }
-        }
         for (start, end) in ranges {
-            self.ready.push_back(batch.bytes.slice(start..end));
+            self.ready.push_back(chunk.bytes.slice(start..end));
         }
         self.last_delivered = last_sent;
         metrics::counter!("keel_subscribe_deliveries_total").increment(sent);

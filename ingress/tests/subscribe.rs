@@ -676,12 +676,21 @@ async fn subscriptions_are_served_on_the_lower_priority_lane() {
 }
 
 /// With a wake-up budget of 1 per second, a round that woke the one subscriber is followed by
-/// the next at least a second later, and the batches committed meanwhile arrive together,
-/// every event once and in order.
+/// the next at least a second later, and the batches committed meanwhile arrive together in
+/// one delivery, every event once and in order: a subscriber that keeps up is not ended as too
+/// slow, though more batches than its buffer of 2 came in during the pause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fan_out_is_paced_by_its_wakeup_budget_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let keel = KeelProcess::start(dir.path(), &["--subscriber-wakeups-per-sec", "1"]);
+    let keel = KeelProcess::start(
+        dir.path(),
+        &[
+            "--subscriber-wakeups-per-sec",
+            "1",
+            "--subscriber-buffer-batches",
+            "2",
+        ],
+    );
     let c = client();
     let first = post(
         &c,
@@ -697,17 +706,27 @@ async fn the_fan_out_is_paced_by_its_wakeup_budget_and_loses_nothing() {
         Some(last_seq(&answer))
     );
     let round_one = Instant::now();
-    // Three more batches, each committed (fsynced) before the next is sent.
+    // Six more batches, each committed (fsynced) before the next is sent.
     let mut last = 0;
-    for _ in 0..3 {
+    for _ in 0..6 {
         last = last_seq(&post(&c, &keel.url, deposits(&["a", "a"], 1, 0)).await);
     }
-    let rest = stream.events_until(last, 6).await;
+    let rest = stream.events_until(last, 12).await;
     assert!(
         round_one.elapsed() >= Duration::from_millis(500),
         "the next round waited for the budget: {:?}",
         round_one.elapsed()
     );
     let ids: Vec<u64> = rest.iter().map(|b| b.id.unwrap()).collect();
-    assert_eq!(ids, (last - 5..=last).collect::<Vec<_>>());
+    assert_eq!(ids, (last - 11..=last).collect::<Vec<_>>());
+    // Each batch's durable time still comes before its first event.
+    let commented = rest
+        .iter()
+        .filter(|b| b.comments.iter().any(|c| c.starts_with("batch ")))
+        .count();
+    assert_eq!(commented, 6, "{rest:?}");
+    assert_eq!(
+        metric(&c, &keel.url, "keel_subscriber_overflows_total").await,
+        0.0
+    );
 }
