@@ -39,7 +39,8 @@ pub struct HttpLimits {
     pub retry_after_secs: u32,
     /// Most live subscriptions (`GET /v1/subscribe`) open at once.
     pub subscribers_max: usize,
-    /// Committed batches waiting to be sent to one subscriber before it is ended as too slow.
+    /// Deliveries (a batch, or several sent together) waiting to be sent to one subscriber
+    /// before it is ended as too slow.
     pub subscriber_buffer_batches: usize,
     /// Most subscriber wake-ups per second, over all subscribers (the hub's pacing).
     pub subscriber_wakeups_per_sec: u32,

@@ -17,10 +17,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
-
-use crate::lane::{Movable, Prefixed, Relocate, read_head};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+
+use crate::lane::{Movable, Prefixed, Relocate, read_head};
 
 /// The bounds of the connection loop (`keel serve` flags; ARCHITECTURE.md "Bounds").
 #[derive(Clone, Debug)]

@@ -35,7 +35,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io::Write as _;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -172,10 +172,8 @@ struct Delivery {
 }
 
 struct Entry {
-    tx: mpsc::UnboundedSender<Delivery>,
-    /// Deliveries handed to the subscription and not yet taken by it (the bound is
-    /// `buffer_batches`): the hub adds, the subscription subtracts.
-    queued: Arc<AtomicUsize>,
+    /// Bounded at `buffer_batches` deliveries: full means the subscriber is too slow.
+    tx: mpsc::Sender<Delivery>,
     filter: Arc<Filter>,
     end: Arc<End>,
     live: bool,
@@ -334,8 +332,7 @@ impl Hub {
     }
 
     fn subscribe(self: &Arc<Self>, after: u64, filter: Filter) -> Result<Session, ApiError> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel(self.limits.buffer_batches);
         let end = Arc::new(End::default());
         let filter = Arc::new(filter);
         let id = {
@@ -371,7 +368,6 @@ impl Hub {
                 id,
                 Entry {
                     tx,
-                    queued: Arc::clone(&queued),
                     filter: Arc::clone(&filter),
                     end: Arc::clone(&end),
                     live: false,
@@ -386,7 +382,6 @@ impl Hub {
                 id,
             },
             rx,
-            queued,
             end,
             filter,
             cursor: after,
@@ -432,18 +427,15 @@ impl Hub {
             let Some(entry) = registry.subscribers.get(&id) else {
                 continue;
             };
-            if entry.queued.load(Ordering::Acquire) >= self.limits.buffer_batches {
-                too_slow.push(id);
-                continue;
-            }
-            entry.queued.fetch_add(1, Ordering::AcqRel);
             let delivery = Delivery {
                 chunk: Arc::clone(chunk),
                 only,
             };
-            // An error means the subscription is going away; its guard unregisters it.
-            if entry.tx.send(delivery).is_ok() {
-                woken += 1;
+            match entry.tx.try_send(delivery) {
+                Ok(()) => woken += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => too_slow.push(id),
+                // Closed: the subscription is going away; its guard unregisters it.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         registry.fanned_out = chunk.last_seq();
@@ -751,9 +743,7 @@ enum Phase {
 /// One subscription's state: what it examined and delivered, and where it reads from.
 struct Session {
     registration: Registration,
-    rx: mpsc::UnboundedReceiver<Delivery>,
-    /// Shared with the hub's entry (see [`Entry::queued`]).
-    queued: Arc<AtomicUsize>,
+    rx: mpsc::Receiver<Delivery>,
     end: Arc<End>,
     filter: Arc<Filter>,
     /// The last event examined (sent, or skipped by the filter).
@@ -826,10 +816,7 @@ impl Session {
             // subscription would get 503 `engine_poisoned`).
             Err(_) if self.hub().sequencer.is_poisoned() => self.finished = true,
             Err(_) => self.ready.push_back(Bytes::from_static(b": keepalive\n\n")),
-            Ok(Some(delivery)) => {
-                self.queued.fetch_sub(1, Ordering::AcqRel);
-                self.deliver(&delivery);
-            }
+            Ok(Some(delivery)) => self.deliver(&delivery),
             // The hub let go of this subscription: it set the reason before (checked next).
             Ok(None) => {
                 if self.end.get().is_none() {
