@@ -67,7 +67,8 @@ RUN_SCENARIO := $(BENCH_MK_DIR)/run-scenario.sh
 BENCH_STAMP = $(or $(BENCH_RUN_ID),$(shell date -u +%Y%m%dT%H%M%SZ))
 
 .PHONY: bench-build preflight bench bench-broker bench-ceiling bench-dense bench-engine \
-	cloud-bench-broker cloud-bench-dense bench-test bench-recovery bench-subscribe bench-domain
+	cloud-bench-broker cloud-bench-dense bench-test bench-recovery bench-subscribe bench-domain \
+	bench-cache
 
 ## Build the release binaries the benchmarks use (keel and keel-bench).
 bench-build:
@@ -84,6 +85,16 @@ preflight: bench-build
 bench: bench-build
 	BENCH_WORKERS=$(or $(BENCH_WORKERS),1) BENCH_BATCH=$(or $(BENCH_BATCH),1000) \
 	BENCH_DURATION=$(or $(BENCH_DURATION),15s) $(RUN_SCENARIO) bench
+
+## Accounts that do not fit the writer's cache: BENCH_ACCOUNTS (default 1,000,000) accounts,
+## `keel serve --cache-aggregates-max BENCH_CACHE_MAX` (default 100,000), 1 worker x batch 1000
+## for 30 s; each batch reads the accounts memory lacks from the checkpoint in one multi-get.
+BENCH_CACHE_MAX ?= 100000
+bench-cache: bench-build
+	BENCH_WORKERS=$(or $(BENCH_WORKERS),1) BENCH_BATCH=$(or $(BENCH_BATCH),1000) \
+	BENCH_DURATION=$(or $(BENCH_DURATION),30s) BENCH_ACCOUNTS=$(or $(BENCH_ACCOUNTS),1000000) \
+	KEEL_SERVE_ARGS="--cache-aggregates-max $(BENCH_CACHE_MAX) $(KEEL_SERVE_ARGS)" \
+	$(RUN_SCENARIO) cache
 
 ## Recovery: a store of RECOVERY_EVENTS (default 10M) events, time to /readyz after SIGTERM
 ## and after kill -9 mid-load; ends with an audit.

@@ -223,6 +223,10 @@ pub struct EngineArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_submissions: u64,
+    /// Most aggregates the writer keeps in memory, as `keel serve --cache-aggregates-max`; below
+    /// --accounts, each batch reads the accounts it lacks from the checkpoint.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub cache_aggregates_max: u64,
     #[arg(long)]
     pub json: Option<PathBuf>,
     #[arg(long)]

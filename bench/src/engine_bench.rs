@@ -35,6 +35,8 @@ pub struct EngineConfig {
     pub payload_bytes: usize,
     pub seed: u64,
     pub submissions_max: u64,
+    /// Most aggregates the writer keeps in memory (`keel serve --cache-aggregates-max`).
+    pub cache_aggregates_max: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -104,6 +106,7 @@ pub fn run(
             queue_depth_max: config.in_flight.max(16),
             queue_items_max: config.batch_items_max.max(config.batch * config.in_flight),
             linger: Duration::ZERO,
+            cache_aggregates_max: config.cache_aggregates_max,
             ..keel_sequencer::Config::default()
         },
     )

@@ -20,6 +20,7 @@ fn engine_bench_commits_transfers_and_reports_group_commit() {
         payload_bytes: 32,
         seed: 1,
         submissions_max: 100_000,
+        cache_aggregates_max: 1_000_000,
     };
     let report = run(&config, Machine::read(None).unwrap(), Some("test".into())).unwrap();
     assert!(report.items_committed > 0);
@@ -63,6 +64,7 @@ fn engine_bench_bounds_by_submission_count() {
         payload_bytes: 0,
         seed: 1,
         submissions_max: 5,
+        cache_aggregates_max: 1_000_000,
     };
     let started = std::time::Instant::now();
     let report = run(&config, Machine::read(None).unwrap(), None).unwrap();

@@ -104,6 +104,12 @@ pub struct ServeConfig {
     /// writer waits for the checkpoint in flight (bounds the memory of recent changes).
     #[arg(long, env = "KEEL_CHECKPOINT_PENDING_MAX", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub checkpoint_pending_max: u64,
+    /// Most aggregates the writer keeps in memory once a checkpoint holds them. A store with
+    /// more runs too: a batch's missing aggregates are read from the checkpoint in one
+    /// multi-get before it is decided (aggregates changed since the last checkpoint stay in
+    /// memory besides, at most --checkpoint-pending-max).
+    #[arg(long, env = "KEEL_CACHE_AGGREGATES_MAX", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub cache_aggregates_max: u64,
     /// Largest request body in bytes; larger bodies get 413.
     #[arg(long, env = "KEEL_BODY_BYTES_MAX", default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
     pub body_bytes_max: u64,
@@ -256,6 +262,7 @@ impl ServeConfig {
             checkpoint_every_batches: self.checkpoint_every_batches,
             checkpoint_interval: Duration::from_millis(self.checkpoint_interval_ms),
             checkpoint_pending_max: self.checkpoint_pending_max as usize,
+            cache_aggregates_max: usize::try_from(self.cache_aggregates_max).unwrap_or(usize::MAX),
         }
     }
 

@@ -245,3 +245,144 @@ async fn verify_store(dir: &std::path::Path, acked: &HashMap<String, (u64, usize
         );
     }
 }
+
+/// A store of 200 accounts on a server that keeps 8 of them in memory and checkpoints after
+/// every batch: every batch of transfers reads most of its accounts back from the RocksDB
+/// checkpoint. Every answer (committed, or `insufficient_funds` on a balance only the checkpoint
+/// holds) equals a model's, across a kill -9 and a restart with the same small bound; the
+/// server reports the reads it made and stays at its bound; the audit proves the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_larger_than_the_cache_decides_exactly_across_kill_9() {
+    const ACCOUNTS: usize = 200;
+    let flags = [
+        "--cache-aggregates-max",
+        "8",
+        "--checkpoint-every-batches",
+        "1",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let mut balances = vec![100_i64; ACCOUNTS];
+    let mut state = 0x5EED_u64;
+    for life in 0..2 {
+        let keel = KeelProcess::start(dir.path(), &flags);
+        if life == 0 {
+            let setup: Vec<Value> = (0..ACCOUNTS)
+                .flat_map(|i| {
+                    [
+                        json!({"type": "open_account", "account": format!("acc-{i}")}),
+                        json!({"type": "deposit", "account": format!("acc-{i}"), "amount": 100}),
+                    ]
+                })
+                .collect();
+            let r = post(&c, &keel.url, &json!({"commands": setup})).await;
+            assert!(
+                r["results"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|r| r["status"] == "committed")
+            );
+        }
+        for round in 0..25 {
+            let transfers: Vec<(usize, usize, i64)> = (0..12)
+                .map(|_| {
+                    let from = (next_random(&mut state) % ACCOUNTS as u64) as usize;
+                    let to =
+                        (from + 1 + (next_random(&mut state) % (ACCOUNTS as u64 - 1)) as usize)
+                            % ACCOUNTS;
+                    (from, to, 1 + (next_random(&mut state) % 150) as i64)
+                })
+                .collect();
+            let commands: Vec<Value> = transfers
+                .iter()
+                .map(|(from, to, amount)| {
+                    json!({"type": "transfer", "from": format!("acc-{from}"),
+                           "to": format!("acc-{to}"), "amount": amount})
+                })
+                .collect();
+            let answer = post(&c, &keel.url, &json!({"commands": commands})).await;
+            for ((from, to, amount), result) in
+                transfers.iter().zip(answer["results"].as_array().unwrap())
+            {
+                if balances[*from] >= *amount {
+                    assert_eq!(
+                        result["status"], "committed",
+                        "life {life} round {round}: {result}"
+                    );
+                    balances[*from] -= amount;
+                    balances[*to] += amount;
+                } else {
+                    assert_eq!(
+                        result["code"], "insufficient_funds",
+                        "life {life} round {round}: acc-{from} holds {}: {result}",
+                        balances[*from]
+                    );
+                }
+            }
+        }
+        let metrics = c
+            .get(format!("{}/metrics", keel.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let fetched = metric(&metrics, "keel_cache_fetched_total");
+        assert!(
+            fetched > 0.0,
+            "no aggregate was read back from the checkpoint:\n{metrics}"
+        );
+        // Idle, the writer checkpoints and evicts down to its bound within a few seconds.
+        let mut cached = f64::MAX;
+        for _ in 0..100 {
+            let text = c.get(format!("{}/metrics", keel.url)).send().await.unwrap();
+            cached = metric(&text.text().await.unwrap(), "keel_cache_aggregates");
+            if cached <= 8.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            cached <= 8.0,
+            "{cached} aggregates in memory for a bound of 8"
+        );
+        for (i, expected) in balances.iter().enumerate() {
+            let r = c
+                .get(format!("{}/v1/aggregates/account:acc-{i}", keel.url))
+                .send()
+                .await
+                .unwrap();
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["state"]["balance"], *expected, "life {life}: acc-{i}");
+        }
+        keel.kill9();
+    }
+    let audit = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["audit", "--data"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&audit.stdout);
+    assert!(stdout.contains("INTEGRITY_OK"), "{stdout}");
+}
+
+async fn post(c: &reqwest::Client, url: &str, body: &Value) -> Value {
+    let r = c
+        .post(format!("{url}/v1/batches"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// The value of an unlabelled metric in Prometheus text (0 when absent).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}

@@ -10,11 +10,10 @@
 //! checkpoint now holds. Recovery ([`recover`]) loads the checkpoint and replays the log after
 //! its mark.
 
+use crate::cache::{Cache, placeholder};
 use crate::{ReadError, Shared};
 use keel_engine::{CheckpointMark, Checkpointer, EngineError, Reader, WriteSet};
-use keel_invariants::{
-    Aggregate, AggregateId, CommandOutcome, State, apply, check_invariants, codec,
-};
+use keel_invariants::{Aggregate, AggregateId, CommandOutcome, apply, check_invariants, codec};
 use std::collections::{HashMap, HashSet};
 
 /// The writer's maps are keyed by client-chosen strings (aggregate ids, command ids): a
@@ -54,7 +53,7 @@ impl Published {
     pub(crate) fn publish<'a>(
         &self,
         batch: u64,
-        cache: &Map<AggregateId, Aggregate>,
+        cache: &Cache,
         changed: impl Iterator<Item = &'a AggregateId>,
     ) {
         let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
@@ -208,10 +207,11 @@ pub(crate) fn run_checkpointer(
     }
 }
 
-/// What recovery hands the writer: every aggregate, and what the log after the checkpoint
-/// changed (to be checkpointed again, and published meanwhile).
+/// What recovery hands the writer: the aggregates (all of them when they fit the cache's
+/// bound), and what the log after the checkpoint changed (to be checkpointed again, and
+/// published meanwhile).
 pub(crate) struct Recovered {
-    pub(crate) cache: Map<AggregateId, Aggregate>,
+    pub(crate) cache: Cache,
     pub(crate) dirty: Set<AggregateId>,
     pub(crate) ids: Ids,
     pub(crate) mark: CheckpointMark,
@@ -222,18 +222,29 @@ pub(crate) struct Recovered {
 /// Loads the checkpoint and replays every log record after its mark: the state and the recent
 /// command ids exactly as the writer had them after the last durable batch. Publishes the
 /// replayed aggregates to `published`.
-pub(crate) fn recover(reader: &Reader, published: &Published) -> Result<Recovered, ReadError> {
-    let mut cache = Map::default();
+/// Loads at most `cache_max` checkpointed aggregates; when the store holds more, the cache is
+/// not complete and the replay reads the others it needs from the checkpoint.
+pub(crate) fn recover(
+    reader: &Reader,
+    published: &Published,
+    cache_max: usize,
+) -> Result<Recovered, ReadError> {
+    let mut cache = Cache::new(cache_max);
     let mut failure = None;
-    reader.scan_states(&mut |key, value| match codec::decode_aggregate(value) {
-        Ok(aggregate) => {
-            let id = AggregateId::from_full(String::from_utf8_lossy(key).into_owned());
-            cache.insert(id, aggregate);
-            true
+    reader.scan_states(&mut |key, value| {
+        if !cache.room_to_load() {
+            return false;
         }
-        Err(e) => {
-            failure = Some(e);
-            false
+        match codec::decode_aggregate(value) {
+            Ok(aggregate) => {
+                let id = AggregateId::from_full(String::from_utf8_lossy(key).into_owned());
+                cache.load(id, aggregate);
+                true
+            }
+            Err(e) => {
+                failure = Some(e);
+                false
+            }
         }
     })?;
     if let Some(e) = failure {
@@ -276,6 +287,7 @@ pub(crate) fn recover(reader: &Reader, published: &Published) -> Result<Recovere
             return false;
         }
         recovered.replayed_batches += 1;
+        recovered.cache.begin(view.header.seq);
         for (seq, payload) in view.events() {
             let logged = match codec::decode_event(payload) {
                 Ok(logged) => logged,
@@ -285,9 +297,17 @@ pub(crate) fn recover(reader: &Reader, published: &Published) -> Result<Recovere
                 }
             };
             for (index, id) in logged.event.targets().iter().enumerate() {
-                let previous = recovered.cache.remove(id);
-                let next = apply(&logged.event, index, previous);
-                if let Err(violation) = check_invariants(&next) {
+                if let Err(e) = fetch_for_replay(reader, &mut recovered.cache, id) {
+                    replay_failure = Some(e);
+                    return false;
+                }
+                let mut violation = None;
+                recovered.cache.update(id, None, |previous| {
+                    let next = apply(&logged.event, index, previous);
+                    violation = check_invariants(&next).err();
+                    next
+                });
+                if let Some(violation) = violation {
                     replay_failure = Some(
                         EngineError::Corrupt(format!(
                             "replaying event {seq}: invariant `{}` violated on {id}: {}",
@@ -297,7 +317,6 @@ pub(crate) fn recover(reader: &Reader, published: &Published) -> Result<Recovere
                     );
                     return false;
                 }
-                recovered.cache.insert(id.clone(), next);
                 recovered.dirty.insert(id.clone());
             }
             if let Some(command_id) = logged.command_id {
@@ -330,10 +349,14 @@ pub(crate) fn recover(reader: &Reader, published: &Published) -> Result<Recovere
     Ok(recovered)
 }
 
-/// A placeholder aggregate to move a cached one out without cloning it.
-pub(crate) fn placeholder() -> Aggregate {
-    Aggregate {
-        version: 0,
-        state: State::vacant(),
+/// Replay with a cache that does not hold every aggregate: reads `id` from the checkpoint when
+/// the cache lacks it (the log tail after a checkpoint is short, so one read each is enough).
+fn fetch_for_replay(reader: &Reader, cache: &mut Cache, id: &AggregateId) -> Result<(), ReadError> {
+    if cache.is_complete() || cache.get(id).is_some() {
+        return Ok(());
     }
+    if let Some(bytes) = reader.state(id.as_str().as_bytes())? {
+        cache.load(id.clone(), codec::decode_aggregate(&bytes)?);
+    }
+    Ok(())
 }

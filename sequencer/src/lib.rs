@@ -7,6 +7,7 @@
 //! any domain's rules (that is invariants). Readers get [`Sequencer::aggregate`] and
 //! [`Sequencer::events`], served from the engine's durable view, never from the writer's cache.
 
+mod cache;
 mod checkpoint;
 mod writer;
 
@@ -40,6 +41,11 @@ pub struct Config {
     /// many the writer hands one over at once, waiting for the one in flight if need be. The
     /// bound on the memory the overlay and the recent ids take.
     pub checkpoint_pending_max: usize,
+    /// Most aggregates the writer keeps in memory once the checkpoint holds them; the others
+    /// are read from the checkpoint, in one multi-get per batch, when a command targets them.
+    /// Aggregates changed since the last written checkpoint stay besides (at most
+    /// `checkpoint_pending_max` of them).
+    pub cache_aggregates_max: usize,
     /// The domains commands are decided under besides the built-in ones (`keel serve
     /// --domain`); their definitions are part of the rules every batch names.
     pub domains: Arc<keel_invariants::declared::DomainSet>,
@@ -55,6 +61,7 @@ impl Default for Config {
             checkpoint_every_batches: 256,
             checkpoint_interval: Duration::from_secs(1),
             checkpoint_pending_max: 1_000_000,
+            cache_aggregates_max: 1_000_000,
             domains: Arc::new(keel_invariants::declared::DomainSet::builtin()),
         }
     }
@@ -198,6 +205,8 @@ pub(crate) struct Shared {
     failure: tokio::sync::watch::Sender<Option<String>>,
     /// One note per committed batch, sent after its fsync returned (see [`DurableBatch`]).
     durable: tokio::sync::broadcast::Sender<DurableBatch>,
+    /// How many aggregates the writer holds in memory, as of its last eviction check.
+    cached_aggregates: AtomicUsize,
 }
 
 /// A note that batch `batch` is durable: sent by the writer once per committed batch, after
@@ -268,9 +277,10 @@ impl Sequencer {
         let reader = engine.reader();
         let published = Arc::new(checkpoint::Published::default());
         let started = Instant::now();
-        let mut recovered = checkpoint::recover(&reader, &published)?;
+        let mut recovered = checkpoint::recover(&reader, &published, config.cache_aggregates_max)?;
         tracing::info!(
             aggregates = recovered.cache.len(),
+            all_in_memory = recovered.cache.is_complete(),
             checkpoint_batch = recovered.mark.batch,
             replayed_batches = recovered.replayed_batches,
             replayed_events = recovered.replayed_events,
@@ -284,6 +294,7 @@ impl Sequencer {
             closing: AtomicBool::new(false),
             failure: tokio::sync::watch::Sender::new(None),
             durable: tokio::sync::broadcast::Sender::new(DURABLE_NOTES_MAX),
+            cached_aggregates: AtomicUsize::new(recovered.cache.len()),
         });
         let spawn_error =
             |e: std::io::Error| EngineError::Storage(keel_engine::StorageError::Io(e.to_string()));
@@ -348,6 +359,13 @@ impl Sequencer {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// How many aggregates the writer holds in memory (as of its last check between batches):
+    /// at most [`Config::cache_aggregates_max`] plus those changed since the last written
+    /// checkpoint.
+    pub fn cached_aggregates(&self) -> usize {
+        self.shared.cached_aggregates.load(Ordering::Relaxed)
     }
 
     /// Queues `commands` for the writer, or refuses at once. The receiver yields the reply

@@ -1,6 +1,7 @@
 //! The writer thread: group commit over the bounded queue.
 
-use crate::checkpoint::{Done, Ids, Job, Map, Published, Recovered, Set, Work, placeholder};
+use crate::cache::{Cache, Undo};
+use crate::checkpoint::{Done, Ids, Job, Map, Published, Recovered, Set, Work};
 use crate::{
     ItemResult, Message, PoisonOnPanic, ReadError, Reply, Responder, Shared, Submission,
     SubmitError,
@@ -14,10 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-
-/// The writer's view of every aggregate: the committed state plus, while a batch is being
-/// decided, the effects of its earlier commands.
-pub(crate) type Cache = Map<AggregateId, Aggregate>;
 
 pub(crate) struct Writer {
     engine: Engine,
@@ -48,6 +45,8 @@ pub(crate) struct Checkpoints {
     pub(crate) published: Arc<Published>,
     pub(crate) batches_since: u64,
     pub(crate) since: Instant,
+    /// The batch of the last checkpoint written: the cache may evict what it holds.
+    pub(crate) written: u64,
 }
 
 impl Checkpoints {
@@ -68,6 +67,7 @@ impl Checkpoints {
             published,
             batches_since: 0,
             since: Instant::now(),
+            written: recovered.mark.batch,
         }
     }
 
@@ -101,6 +101,7 @@ impl Checkpoints {
             Done::Emptied(ids) => self.spare_ids = Some(ids),
             Done::Written { batch, states } => {
                 self.spare_states = states;
+                self.written = self.written.max(batch);
                 if self
                     .inflight
                     .as_ref()
@@ -126,7 +127,7 @@ struct Scratch {
     /// Aggregates changed in this batch.
     dirty: Set<AggregateId>,
     /// Undo records of the atomic submission being decided: the prior cache entries.
-    undo: Vec<(AggregateId, Option<Aggregate>)>,
+    undo: Vec<Undo>,
     /// Outcomes of earlier batches, looked up once per batch for every command id.
     stored: Map<String, CommandOutcome>,
     /// Per built-in code (`RejectCode::ALL` order), then one for every declared domain's code.
@@ -359,6 +360,17 @@ impl Writer {
         self.scratch.outcomes.clear();
         self.scratch.dirty.clear();
         self.load_stored_outcomes(group)?;
+        self.cache.begin(self.engine.tip().last_batch + 1);
+        // With more aggregates in the store than in memory: what the group's commands target
+        // and the cache does not hold, read from the checkpoint in one multi-get.
+        let engine = &self.engine;
+        self.cache.prefetch(
+            group
+                .iter()
+                .flat_map(|s| s.commands.iter())
+                .flat_map(|c| c.command.targets().iter()),
+            |keys| Ok(engine.checkpointed_states(keys)?),
+        )?;
         // Dry runs first (a stable sort keeps every other order): decided against the committed
         // state alone, they never see effects whose fsync has not returned.
         group.sort_by_key(|s| !s.dry_run);
@@ -548,23 +560,12 @@ impl Writer {
     fn apply_to_cache(&mut self, event: &Event, undoable: bool) {
         for (index, id) in event.targets().iter().enumerate() {
             // One lookup per target: an aggregate in the cache is folded in its own slot.
-            let mut slot = self.cache.get_mut(id);
-            // Take the aggregate out without cloning it; the placeholder is overwritten below
-            // before anything can read it.
-            let previous = slot
-                .as_mut()
-                .map(|slot| std::mem::replace(&mut **slot, placeholder()));
-            if undoable {
-                self.scratch.undo.push((id.clone(), previous.clone()));
-            }
-            let next = apply(event, index, previous);
-            assert_invariants(&next, event, id);
-            match slot {
-                Some(slot) => *slot = next,
-                None => {
-                    self.cache.insert(id.clone(), next);
-                }
-            }
+            let undo = undoable.then_some(&mut self.scratch.undo);
+            self.cache.update(id, undo, |previous| {
+                let next = apply(event, index, previous);
+                assert_invariants(&next, event, id);
+                next
+            });
             if !self.scratch.dirty.contains(id) {
                 self.scratch.dirty.insert(id.clone());
             }
@@ -607,15 +608,8 @@ impl Writer {
     /// prior values (the undo records), the events after the first `mark` dropped, and the
     /// outcomes of the command ids they decided forgotten.
     fn discard(&mut self, commands: &[Envelope], results: &[ItemResult], mark: usize) {
-        for (id, previous) in self.scratch.undo.drain(..).rev() {
-            match previous {
-                Some(aggregate) => {
-                    self.cache.insert(id, aggregate);
-                }
-                None => {
-                    self.cache.remove(&id);
-                }
-            }
+        for undo in self.scratch.undo.drain(..).rev() {
+            self.cache.restore(undo);
         }
         self.pending.truncate_events(mark);
         for (envelope, result) in commands.iter().zip(results) {
@@ -682,6 +676,12 @@ impl Writer {
     /// waits for the one in flight first: memory stays bounded whatever the disk's speed.
     fn checkpoint(&mut self, force: bool) {
         self.checkpoints.collect(false);
+        // Between batches, with what the last written checkpoint holds known.
+        self.cache.evict(self.checkpoints.written);
+        self.shared
+            .cached_aggregates
+            .store(self.cache.len(), Ordering::Relaxed);
+        metrics::gauge!("keel_cache_aggregates").set(self.cache.len() as f64);
         let pending = self.checkpoints.dirty.len() + self.checkpoints.recent.len();
         if pending == 0 || self.shared.poisoned.load(Ordering::Acquire) {
             return;

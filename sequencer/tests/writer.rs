@@ -584,3 +584,202 @@ async fn checkpoints_that_reuse_their_copies_keep_every_state_and_id_exact() {
     }
     assert_states(&s, &balances, &skus, "after the retries");
 }
+
+/// A cache of 4 aggregates for a store of 100 accounts: the writer evicts after every
+/// checkpoint, reads what each batch needs back from the checkpoint in one multi-get, and
+/// recovers a store that does not fit its bound; every decision (which depends on balances
+/// the cache no longer holds) is the model's, and the memory stays at the bound.
+#[tokio::test]
+async fn a_cache_smaller_than_the_store_decides_as_the_model() {
+    let storage = Arc::new(MemoryStorage::default());
+    let config = Config {
+        checkpoint_every_batches: 1,
+        cache_aggregates_max: 4,
+        linger: Duration::ZERO,
+        ..Config::default()
+    };
+    model_run(storage, config, 100, 4).await;
+}
+
+/// A tiny deterministic generator (xorshift): the same commands on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn transfer(id: Option<&str>, from: &str, to: &str, amount: u64) -> Envelope {
+    cmd(
+        id,
+        ledger::Command::Transfer {
+            from: account(from),
+            to: account(to),
+            amount,
+            memo: None,
+        },
+    )
+}
+
+/// What the model says of one command against `balances` (every account open, no overdraft):
+/// the code, and the balances after it when it commits.
+fn model_decide(balances: &mut [i64], command: &(u8, usize, usize, u64)) -> &'static str {
+    let (kind, a, b, amount) = *command;
+    let amount_i = amount as i64;
+    match kind {
+        0 => {
+            balances[a] += amount_i;
+            "committed"
+        }
+        1 if balances[a] >= amount_i => {
+            balances[a] -= amount_i;
+            "committed"
+        }
+        1 => "insufficient_funds",
+        _ if a == b => "same_account",
+        _ if balances[a] >= amount_i => {
+            balances[a] -= amount_i;
+            balances[b] += amount_i;
+            "committed"
+        }
+        _ => "insufficient_funds",
+    }
+}
+
+/// Opens `accounts` accounts, then runs `phases` phases of random deposits, withdrawals and
+/// transfers (plain, atomic and dry-run submissions) against a model; between phases the
+/// sequencer restarts, after a power loss or a clean stop in turn. Every answer, every retried
+/// id's answer and every balance equal the model's, and once the writer is idle it holds at
+/// most `cache_aggregates_max` aggregates.
+async fn model_run(storage: Arc<MemoryStorage>, config: Config, accounts: usize, phases: usize) {
+    let mut balances = vec![0_i64; accounts];
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut storage = storage;
+    let mut answered: Vec<(Vec<Envelope>, Vec<ItemResult>)> = Vec::new();
+    for phase in 0..phases {
+        let s = start(storage.clone(), config.clone());
+        assert_eq!(
+            (0..accounts)
+                .map(|i| balance(&s, &format!("a{i}")).unwrap_or(0))
+                .collect::<Vec<_>>(),
+            balances,
+            "phase {phase}: recovered balances"
+        );
+        if phase == 0 {
+            let setup = (0..accounts).map(|i| open(&format!("a{i}"))).collect();
+            run(&s, setup, false).await;
+        }
+        for round in 0..60 {
+            let atomic = round % 5 == 4;
+            let dry = round % 7 == 6;
+            let commands: Vec<(u8, usize, usize, u64)> = (0..5)
+                .map(|_| {
+                    let kind = rng.below(3) as u8;
+                    let a = rng.below(accounts as u64) as usize;
+                    let b = rng.below(accounts as u64) as usize;
+                    (kind, a, b, 1 + rng.below(60))
+                })
+                .collect();
+            let envelopes: Vec<Envelope> = commands
+                .iter()
+                .enumerate()
+                .map(|(n, (kind, a, b, amount))| {
+                    let id = format!("p{phase}-r{round}-{n}");
+                    let id = (!dry).then_some(id.as_str());
+                    let (a, b) = (format!("a{a}"), format!("a{b}"));
+                    match kind {
+                        0 => deposit(id, &a, *amount),
+                        1 => withdraw(id, &a, *amount),
+                        _ => transfer(id, &a, &b, *amount),
+                    }
+                })
+                .collect();
+            let mut after = balances.clone();
+            let mut expected: Vec<&str> = commands
+                .iter()
+                .map(|c| model_decide(&mut after, c))
+                .collect();
+            if atomic && expected.iter().any(|c| *c != "committed") {
+                for code in &mut expected {
+                    if *code == "committed" {
+                        *code = "atomic_rollback";
+                    }
+                }
+                after = balances.clone();
+            }
+            let reply = if dry {
+                dry_run(&s, envelopes.clone(), atomic).await
+            } else {
+                run(&s, envelopes.clone(), atomic).await
+            };
+            assert_eq!(
+                codes(&reply),
+                expected,
+                "phase {phase} round {round}: {commands:?}"
+            );
+            let rolled_back = atomic && expected.iter().any(|c| *c != "committed");
+            if !dry {
+                balances = after;
+            }
+            // A rolled-back atomic request uses up none of its ids.
+            if !dry && !rolled_back {
+                answered.push((envelopes, reply.results));
+            }
+        }
+        // Idle, the writer checkpoints what changed last and then evicts down to the bound.
+        let bound = config.cache_aggregates_max.min(accounts);
+        let waited = std::time::Instant::now();
+        while s.cached_aggregates() > bound && waited.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            s.cached_aggregates() <= bound,
+            "phase {phase}: {} aggregates in memory for a bound of {bound}",
+            s.cached_aggregates()
+        );
+        // Every id ever answered answers the same (replayed), from memory or the checkpoint.
+        for (envelopes, results) in answered.iter().step_by(7) {
+            let reply = run(&s, envelopes.clone(), false).await;
+            let replayed: Vec<ItemResult> = results
+                .iter()
+                .map(|r| match r {
+                    ItemResult::Committed { seq, .. } => ItemResult::Committed {
+                        seq: *seq,
+                        replayed: true,
+                    },
+                    ItemResult::Rejected { rejection, .. } => ItemResult::Rejected {
+                        rejection: rejection.clone(),
+                        replayed: true,
+                    },
+                })
+                .collect();
+            assert_eq!(reply.results, replayed, "phase {phase}: a retry");
+        }
+        for (i, expected) in balances.iter().enumerate() {
+            assert_eq!(
+                balance(&s, &format!("a{i}")),
+                Some(*expected),
+                "phase {phase}: a{i}"
+            );
+        }
+        s.shutdown();
+        if phase % 2 == 0 {
+            storage = Arc::new(storage.after_power_loss());
+        }
+    }
+}
+
+/// The model run with every aggregate in memory (the default bound): the same answers.
+#[tokio::test]
+async fn a_cache_that_holds_the_store_decides_as_the_model() {
+    let config = Config {
+        checkpoint_every_batches: 1,
+        linger: Duration::ZERO,
+        ..Config::default()
+    };
+    model_run(Arc::new(MemoryStorage::default()), config, 100, 4).await;
+}

@@ -1,0 +1,358 @@
+//! The writer's aggregates, bounded: hot ones in memory, the rest in the checkpoint.
+//!
+//! While every aggregate of the store fits the bound, the cache holds them all and is
+//! *complete*: a miss means "does not exist", and deciding costs no read. Once the store holds
+//! more, the cache keeps at most `max` aggregates that the checkpoint already holds (plus the
+//! ones changed since the last written checkpoint, which only a checkpoint may release; their
+//! number is bounded by `checkpoint_pending_max`). Before a batch is decided, [`Cache::prefetch`]
+//! reads every aggregate its commands target that is not here from the checkpoint in one
+//! multi-get, so that deciding itself never reads the store.
+//!
+//! Eviction ([`Cache::evict`]) runs between batches. It removes only aggregates whose current
+//! state a *written* checkpoint holds (changed at or before its batch), so that reading one back
+//! gives exactly the state it was evicted with. Second chance: first the ones not used since the
+//! previous eviction, then any clean one.
+
+use crate::ReadError;
+use crate::checkpoint::Map;
+use keel_invariants::{Aggregate, AggregateId, codec};
+
+/// One cached aggregate with its stamps (batch numbers).
+pub(crate) struct Entry {
+    aggregate: Aggregate,
+    /// The batch that last changed it; 0 when it is as the checkpoint holds it.
+    changed: u64,
+    /// The batch that last read or changed it.
+    used: u64,
+}
+
+/// What [`Cache::update`] keeps to undo a change: the entry as it was (`None`: absent).
+pub(crate) struct Undo {
+    id: AggregateId,
+    previous: Option<(Aggregate, u64)>,
+}
+
+pub(crate) struct Cache {
+    map: Map<AggregateId, Entry>,
+    /// Most aggregates kept once the checkpoint holds them (`--cache-aggregates-max`).
+    max: usize,
+    /// Every aggregate of the store is here: a miss means "absent", no prefetch is needed.
+    complete: bool,
+    /// The batch being decided (the tip's plus one): what `changed` and `used` are stamped.
+    batch: u64,
+    /// The batch at the previous eviction: entries not used since go first.
+    last_sweep: u64,
+    /// Ids of the batch being prefetched that are not here (kept for its allocation).
+    missing: Vec<AggregateId>,
+}
+
+impl Cache {
+    /// An empty, complete cache (an empty store) of at most `max` clean aggregates.
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            map: Map::default(),
+            max: max.max(1),
+            complete: true,
+            batch: 0,
+            last_sweep: 0,
+            missing: Vec::new(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether every aggregate of the store is here.
+    pub(crate) fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// Whether a recovery scan may load one more checkpointed aggregate; when not, the cache is
+    /// no longer complete and the scan stops.
+    pub(crate) fn room_to_load(&mut self) -> bool {
+        if self.map.len() < self.max {
+            return true;
+        }
+        self.complete = false;
+        false
+    }
+
+    /// Adds an aggregate as the checkpoint holds it (recovery, prefetch).
+    pub(crate) fn load(&mut self, id: AggregateId, aggregate: Aggregate) {
+        self.map.insert(
+            id,
+            Entry {
+                aggregate,
+                changed: 0,
+                used: self.batch,
+            },
+        );
+    }
+
+    /// Stamps what follows as changed or used in `batch` (the batch being decided or replayed).
+    pub(crate) fn begin(&mut self, batch: u64) {
+        self.batch = batch;
+    }
+
+    pub(crate) fn get(&self, id: &AggregateId) -> Option<&Aggregate> {
+        self.map.get(id).map(|entry| &entry.aggregate)
+    }
+
+    /// Replaces `id`'s aggregate by `fold(previous)` (`None`: absent), changed in the current
+    /// batch; with `undo`, keeps the previous entry there first. One hash lookup when present.
+    pub(crate) fn update(
+        &mut self,
+        id: &AggregateId,
+        undo: Option<&mut Vec<Undo>>,
+        fold: impl FnOnce(Option<Aggregate>) -> Aggregate,
+    ) {
+        let batch = self.batch;
+        match self.map.get_mut(id) {
+            Some(entry) => {
+                // Take the aggregate out without cloning it; the placeholder is overwritten
+                // at once.
+                let previous = std::mem::replace(&mut entry.aggregate, placeholder());
+                if let Some(undo) = undo {
+                    undo.push(Undo {
+                        id: id.clone(),
+                        previous: Some((previous.clone(), entry.changed)),
+                    });
+                }
+                entry.aggregate = fold(Some(previous));
+                entry.changed = batch;
+                entry.used = batch;
+            }
+            None => {
+                if let Some(undo) = undo {
+                    undo.push(Undo {
+                        id: id.clone(),
+                        previous: None,
+                    });
+                }
+                let entry = Entry {
+                    aggregate: fold(None),
+                    changed: batch,
+                    used: batch,
+                };
+                self.map.insert(id.clone(), entry);
+            }
+        }
+    }
+
+    /// Puts back what an [`Undo`] kept.
+    pub(crate) fn restore(&mut self, undo: Undo) {
+        match undo.previous {
+            Some((aggregate, changed)) => {
+                let used = self.batch;
+                self.map.insert(
+                    undo.id,
+                    Entry {
+                        aggregate,
+                        changed,
+                        used,
+                    },
+                );
+            }
+            None => {
+                self.map.remove(&undo.id);
+            }
+        }
+    }
+
+    /// Makes every aggregate `ids` names available to [`Cache::get`] for the batch being
+    /// decided: when the cache is complete there is nothing to do; otherwise the ones here are
+    /// stamped used and the others are read from the checkpoint with one call of `fetch` (a
+    /// multi-get, in order). Returns how many were read.
+    pub(crate) fn prefetch<'a>(
+        &mut self,
+        ids: impl Iterator<Item = &'a AggregateId>,
+        fetch: impl FnOnce(&[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, ReadError>,
+    ) -> Result<usize, ReadError> {
+        if self.complete {
+            return Ok(0);
+        }
+        let batch = self.batch;
+        self.missing.clear();
+        for id in ids {
+            match self.map.get_mut(id) {
+                Some(entry) => entry.used = batch,
+                None => self.missing.push(id.clone()),
+            }
+        }
+        if self.missing.is_empty() {
+            return Ok(0);
+        }
+        self.missing.sort_unstable();
+        self.missing.dedup();
+        let missing = std::mem::take(&mut self.missing);
+        let keys: Vec<&[u8]> = missing.iter().map(|id| id.as_str().as_bytes()).collect();
+        let found = fetch(&keys);
+        drop(keys);
+        let mut fetched = 0;
+        let result = found.and_then(|found| {
+            for (id, value) in missing.iter().zip(found) {
+                if let Some(bytes) = value {
+                    let aggregate = codec::decode_aggregate(&bytes)?;
+                    self.load(id.clone(), aggregate);
+                    fetched += 1;
+                }
+            }
+            Ok(fetched)
+        });
+        self.missing = missing;
+        if fetched > 0 {
+            metrics::counter!("keel_cache_fetched_total").increment(fetched as u64);
+        }
+        result
+    }
+
+    /// When more than `max` aggregates are here, removes clean ones (changed at or before
+    /// `checkpointed`, the batch of the last written checkpoint) down to 15/16 of `max`: first
+    /// the ones not used since the previous eviction, then any clean one. Runs between batches
+    /// (the next batch prefetches what it needs). Returns how many were removed.
+    pub(crate) fn evict(&mut self, checkpointed: u64) -> usize {
+        if self.map.len() <= self.max {
+            return 0;
+        }
+        let target = self.max - self.max / 16;
+        let excess = self.map.len() - target;
+        let mut evicted = 0;
+        for unused_before in [self.last_sweep, u64::MAX] {
+            if evicted >= excess {
+                break;
+            }
+            evicted += self
+                .map
+                .extract_if(|_, entry| entry.changed <= checkpointed && entry.used < unused_before)
+                .take(excess - evicted)
+                .count();
+        }
+        self.last_sweep = self.batch;
+        if evicted > 0 {
+            self.complete = false;
+            metrics::counter!("keel_cache_evicted_total").increment(evicted as u64);
+        }
+        evicted
+    }
+}
+
+/// A placeholder aggregate to move a cached one out without cloning it.
+pub(crate) fn placeholder() -> Aggregate {
+    Aggregate {
+        version: 0,
+        state: keel_invariants::State::vacant(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use keel_invariants::{State, ledger};
+
+    fn id(n: usize) -> AggregateId {
+        AggregateId::new(ledger::KIND, &format!("a{n}"))
+    }
+
+    fn account(balance: i64) -> Aggregate {
+        Aggregate {
+            version: 1,
+            state: State::new(ledger::Account {
+                balance,
+                ..ledger::Account::default()
+            }),
+        }
+    }
+
+    /// Evicts only what a written checkpoint holds, the ones not used since the previous
+    /// eviction first, down to 15/16 of the bound.
+    #[test]
+    fn eviction_keeps_what_no_checkpoint_holds_and_prefers_the_unused() {
+        let mut cache = Cache::new(16);
+        cache.begin(1);
+        for n in 0..16 {
+            cache.update(&id(n), None, |_| account(n as i64));
+        }
+        assert_eq!(cache.evict(0), 0, "at the bound: nothing to do");
+        cache.begin(2);
+        for n in 16..32 {
+            cache.update(&id(n), None, |_| account(n as i64));
+        }
+        assert_eq!(cache.evict(0), 0, "no change is in a written checkpoint");
+        assert!(cache.is_complete());
+        cache.begin(3);
+        // a0..a3 changed again in batch 3.
+        for n in 0..4 {
+            cache.update(&id(n), None, |a| a.unwrap_or_else(|| account(0)));
+        }
+        assert_eq!(cache.evict(2), 17, "down to 15");
+        assert!(!cache.is_complete());
+        assert_eq!(cache.len(), 15);
+        for n in 0..4 {
+            assert!(cache.get(&id(n)).is_some(), "a{n} was changed in batch 3");
+        }
+        for n in 4..16 {
+            assert!(cache.get(&id(n)).is_none(), "a{n} was unused since batch 1");
+        }
+        let kept = (16..32).filter(|n| cache.get(&id(*n)).is_some()).count();
+        assert_eq!(kept, 11, "then any clean one");
+    }
+
+    /// A prefetch reads only what is missing, once per id, and leaves an absent id absent.
+    #[test]
+    fn prefetch_reads_what_is_missing_once() {
+        let mut cache = Cache::new(4);
+        cache.begin(1);
+        for n in 0..5 {
+            cache.update(&id(n), None, |_| account(n as i64));
+        }
+        cache.begin(2);
+        assert_eq!(cache.evict(1), 1);
+        let gone: Vec<usize> = (0..5).filter(|n| cache.get(&id(*n)).is_none()).collect();
+        assert_eq!(gone.len(), 1);
+        let wanted = [id(gone[0]), id(1000), id(gone[0]), id(99)];
+        let mut asked = Vec::new();
+        let fetched = cache
+            .prefetch(wanted.iter(), |keys| {
+                asked = keys.iter().map(|k| k.to_vec()).collect();
+                Ok(keys
+                    .iter()
+                    .map(|k| {
+                        (*k == id(gone[0]).as_str().as_bytes()).then(|| {
+                            let mut out = Vec::new();
+                            codec::encode_aggregate(&account(7), &mut out);
+                            out
+                        })
+                    })
+                    .collect())
+            })
+            .unwrap();
+        assert_eq!(fetched, 1);
+        assert_eq!(asked.len(), 3, "each missing id once");
+        assert_eq!(cache.get(&id(gone[0])), Some(&account(7)));
+        assert!(cache.get(&id(99)).is_none(), "absent stays absent");
+    }
+
+    /// An undo restores the entry and its stamp, so a rolled-back change does not pin it.
+    #[test]
+    fn undo_restores_the_entry_and_its_stamp() {
+        let mut cache = Cache::new(1);
+        cache.begin(1);
+        cache.update(&id(0), None, |_| account(1));
+        cache.begin(2);
+        let mut undo = Vec::new();
+        cache.update(&id(0), Some(&mut undo), |_| account(2));
+        cache.update(&id(1), Some(&mut undo), |_| account(3));
+        for u in undo.drain(..).rev() {
+            cache.restore(u);
+        }
+        assert_eq!(cache.get(&id(0)), Some(&account(1)));
+        assert!(cache.get(&id(1)).is_none());
+        cache.begin(3);
+        cache.update(&id(2), None, |_| account(4));
+        cache.begin(4);
+        assert_eq!(cache.evict(1), 1, "a0 is as batch 1's checkpoint holds it");
+        assert!(cache.get(&id(0)).is_none());
+    }
+}
