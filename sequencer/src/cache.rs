@@ -203,26 +203,20 @@ impl Cache {
         }
         self.missing.sort_unstable();
         self.missing.dedup();
+        // Taken out while `self` takes what was read (put back for its allocation).
         let missing = std::mem::take(&mut self.missing);
         let keys: Vec<&[u8]> = missing.iter().map(|id| id.as_str().as_bytes()).collect();
-        let found = fetch(&keys);
-        drop(keys);
         let mut fetched = 0;
-        let result = found.and_then(|found| {
-            for (id, value) in missing.iter().zip(found) {
-                if let Some(bytes) = value {
-                    let aggregate = codec::decode_aggregate(&bytes)?;
-                    self.load(id.clone(), aggregate);
-                    fetched += 1;
-                }
+        for (id, value) in missing.iter().zip(fetch(&keys)?) {
+            if let Some(bytes) = value {
+                self.load(id.clone(), codec::decode_aggregate(&bytes)?);
+                fetched += 1;
             }
-            Ok(fetched)
-        });
-        self.missing = missing;
-        if fetched > 0 {
-            metrics::counter!("keel_cache_fetched_total").increment(fetched as u64);
         }
-        result
+        drop(keys);
+        self.missing = missing;
+        metrics::counter!("keel_cache_fetched_total").increment(fetched as u64);
+        Ok(fetched)
     }
 
     /// When more than `max` aggregates are here, removes clean ones (changed at or before

@@ -222,6 +222,7 @@ pub(crate) struct Recovered {
 /// Loads the checkpoint and replays every log record after its mark: the state and the recent
 /// command ids exactly as the writer had them after the last durable batch. Publishes the
 /// replayed aggregates to `published`.
+///
 /// Loads at most `cache_max` checkpointed aggregates; when the store holds more, the cache is
 /// not complete and the replay reads the others it needs from the checkpoint.
 pub(crate) fn recover(
@@ -296,11 +297,18 @@ pub(crate) fn recover(
                     return false;
                 }
             };
+            // A cache that does not hold every aggregate reads the event's targets it lacks
+            // from the checkpoint (a log tail is short: point reads are enough).
+            let fetched = recovered
+                .cache
+                .prefetch(logged.event.targets().iter(), |keys| {
+                    keys.iter().map(|key| Ok(reader.state(key)?)).collect()
+                });
+            if let Err(e) = fetched {
+                replay_failure = Some(e);
+                return false;
+            }
             for (index, id) in logged.event.targets().iter().enumerate() {
-                if let Err(e) = fetch_for_replay(reader, &mut recovered.cache, id) {
-                    replay_failure = Some(e);
-                    return false;
-                }
                 let mut violation = None;
                 recovered.cache.update(id, None, |previous| {
                     let next = apply(&logged.event, index, previous);
@@ -347,16 +355,4 @@ pub(crate) fn recover(
     }
     published.publish(last_batch, &recovered.cache, recovered.dirty.iter());
     Ok(recovered)
-}
-
-/// Replay with a cache that does not hold every aggregate: reads `id` from the checkpoint when
-/// the cache lacks it (the log tail after a checkpoint is short, so one read each is enough).
-fn fetch_for_replay(reader: &Reader, cache: &mut Cache, id: &AggregateId) -> Result<(), ReadError> {
-    if cache.is_complete() || cache.get(id).is_some() {
-        return Ok(());
-    }
-    if let Some(bytes) = reader.state(id.as_str().as_bytes())? {
-        cache.load(id.clone(), codec::decode_aggregate(&bytes)?);
-    }
-    Ok(())
 }

@@ -591,14 +591,7 @@ async fn checkpoints_that_reuse_their_copies_keep_every_state_and_id_exact() {
 /// the cache no longer holds) is the model's, and the memory stays at the bound.
 #[tokio::test]
 async fn a_cache_smaller_than_the_store_decides_as_the_model() {
-    let storage = Arc::new(MemoryStorage::default());
-    let config = Config {
-        checkpoint_every_batches: 1,
-        cache_aggregates_max: 4,
-        linger: Duration::ZERO,
-        ..Config::default()
-    };
-    model_run(storage, config, 100, 4).await;
+    model_run(4, 100, 4).await;
 }
 
 /// A tiny deterministic generator (xorshift): the same commands on every run.
@@ -650,15 +643,22 @@ fn model_decide(balances: &mut [i64], command: &(u8, usize, usize, u64)) -> &'st
     }
 }
 
-/// Opens `accounts` accounts, then runs `phases` phases of random deposits, withdrawals and
+/// On a new store, with a checkpoint after every batch and at most `cache_aggregates_max`
+/// aggregates in memory: opens `accounts` accounts, then runs `phases` phases of random deposits, withdrawals and
 /// transfers (plain, atomic and dry-run submissions) against a model; between phases the
 /// sequencer restarts, after a power loss or a clean stop in turn. Every answer, every retried
 /// id's answer and every balance equal the model's, and once the writer is idle it holds at
 /// most `cache_aggregates_max` aggregates.
-async fn model_run(storage: Arc<MemoryStorage>, config: Config, accounts: usize, phases: usize) {
+async fn model_run(cache_aggregates_max: usize, accounts: usize, phases: usize) {
+    let config = Config {
+        checkpoint_every_batches: 1,
+        cache_aggregates_max,
+        linger: Duration::ZERO,
+        ..Config::default()
+    };
     let mut balances = vec![0_i64; accounts];
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let mut storage = storage;
+    let mut storage = Arc::new(MemoryStorage::default());
     let mut answered: Vec<(Vec<Envelope>, Vec<ItemResult>)> = Vec::new();
     for phase in 0..phases {
         let s = start(storage.clone(), config.clone());
@@ -776,10 +776,5 @@ async fn model_run(storage: Arc<MemoryStorage>, config: Config, accounts: usize,
 /// The model run with every aggregate in memory (the default bound): the same answers.
 #[tokio::test]
 async fn a_cache_that_holds_the_store_decides_as_the_model() {
-    let config = Config {
-        checkpoint_every_batches: 1,
-        linger: Duration::ZERO,
-        ..Config::default()
-    };
-    model_run(Arc::new(MemoryStorage::default()), config, 100, 4).await;
+    model_run(Config::default().cache_aggregates_max, 100, 4).await;
 }
