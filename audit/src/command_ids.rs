@@ -63,19 +63,21 @@ impl Run<'_> {
     /// Checks that every event carrying a command id is indexed as committed at its seq, that
     /// no id is carried twice, and that every committed entry is backed by its event.
     ///
-    /// The index is the checkpoint's: it must hold exactly the ids of the batches up to the
-    /// checkpoint's mark (later ones live in the log and the writer's memory until the next
-    /// checkpoint), and every rejection the log keeps up to the mark with its code.
+    /// The index is the checkpoint's: it must hold every id of the batches up to the
+    /// checkpoint's mark, and every rejection the log keeps up to the mark with its code.
+    /// Ids of later batches live in the log and the writer's memory until the next checkpoint;
+    /// the index may already hold some of them (the checkpoint ingests its ids before it
+    /// writes its mark, so a crash or a snapshot between the two leaves them), and each one it
+    /// holds must agree with the log like any other.
     pub(super) fn check_command_index(&mut self) -> Result<(), AuditError> {
         self.phase_started = Instant::now();
         let mark = self.report.checkpoint.batch;
         let mut carried = std::mem::take(&mut self.replay.carried);
         carried.sort_unstable_by_key(|c| (c.fp, c.seq));
         self.report_duplicates(&mut carried)?;
-        carried.retain(|c| c.batch <= mark);
         let mut indexed = self.read_index()?;
         indexed.sort_unstable_by_key(|i| i.fp);
-        let unbacked = self.join(&carried, &indexed)?;
+        let unbacked = self.join(&carried, &indexed, mark)?;
         self.check_rejections(&indexed, mark);
         self.report_unbacked(unbacked)
     }
@@ -178,12 +180,14 @@ impl Run<'_> {
         Ok(indexed)
     }
 
-    /// Merge-joins the two sorted sides, reporting every carried id the index lacks or names
-    /// otherwise. Returns the committed entries no event carries: (fingerprint, seq).
+    /// Merge-joins the two sorted sides, reporting every carried id the index names otherwise,
+    /// and every carried id of a batch up to `mark` it lacks. Returns the committed entries no
+    /// event carries: (fingerprint, seq).
     fn join(
         &mut self,
         carried: &[Carried],
         indexed: &[Indexed],
+        mark: u64,
     ) -> Result<Vec<(u128, u64)>, AuditError> {
         let mut unbacked = Vec::new();
         let (mut c, mut i) = (0, 0);
@@ -208,7 +212,9 @@ impl Run<'_> {
                 }
                 i += 1;
             } else {
-                self.report_misindexed(carried[c], None)?;
+                if carried[c].batch <= mark {
+                    self.report_misindexed(carried[c], None)?;
+                }
                 c += 1;
             }
         }

@@ -174,6 +174,10 @@ impl Storage for OnePass<'_> {
         Err(StorageError::Unsupported("writing during an audit"))
     }
 
+    fn ingest(&self, _cf: Cf, _sorted: &WriteSet) -> Result<(), StorageError> {
+        Err(StorageError::Unsupported("writing during an audit"))
+    }
+
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         self.0.get(cf, key)
     }

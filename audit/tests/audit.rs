@@ -811,3 +811,128 @@ fn log_state_knows_every_aggregate_at_the_tip_and_at_an_earlier_point() -> TestR
     }
     Ok(())
 }
+
+/// A power loss at each sync of a run that checkpoints every few batches leaves a store that
+/// audits clean, that the writer recovers, and that answers the retry of every acknowledged id
+/// with its original outcome. A checkpoint ingests its command ids before it writes its mark,
+/// so some of these stores hold ids of batches after the mark: the audit accepts those only
+/// because they agree with the log (and finds one that does not).
+#[test]
+fn every_power_loss_of_a_checkpointing_run_leaves_a_store_that_audits_clean() -> TestResult {
+    use keel_engine::{FaultPlan, MemoryStorage};
+    use std::sync::Arc;
+    let config = || Config {
+        checkpoint_every_batches: 3,
+        checkpoint_interval: Duration::from_secs(3600),
+        ..Config::default()
+    };
+    let round = |r: u64| {
+        vec![
+            with_id(&format!("d-{r}"), deposit(&format!("a{}", r % 3), r + 1)),
+            with_id(
+                &format!("x-{r}"),
+                withdraw(&format!("a{}", r % 3), 1_000_000),
+            ),
+        ]
+    };
+    let (mut beyond_mark, mut losses) = (0, 0);
+    for loss_at in 2..=40u64 {
+        let storage = Arc::new(MemoryStorage::new(FaultPlan {
+            fail_sync_at: None,
+            power_loss_at: Some(loss_at),
+        }));
+        let sequencer = Sequencer::start(Engine::open(storage.clone())?, config())?;
+        let opens = (0..3)
+            .map(|i| with_id(&format!("open-{i}"), open_account(&format!("a{i}"), 0)))
+            .collect();
+        // The batch of each acknowledged submission, and what it answered.
+        let mut acked: Vec<(u64, Vec<Envelope>, Reply)> = Vec::new();
+        if let Ok(reply) = submit(&sequencer, opens, false) {
+            let batch = reply.batch.ok_or("the opens commit")?;
+            let opens = (0..3)
+                .map(|i| with_id(&format!("open-{i}"), open_account(&format!("a{i}"), 0)))
+                .collect();
+            acked.push((batch, opens, reply));
+            for r in 0..12 {
+                let Ok(reply) = submit(&sequencer, round(r), false) else {
+                    break;
+                };
+                // Each round commits its deposit, so it has a batch of its own.
+                acked.push((reply.batch.ok_or("a deposit commits")?, round(r), reply));
+            }
+        }
+        sequencer.shutdown();
+        if storage.syncs() < loss_at {
+            break; // the run ended before this sync: every point is covered
+        }
+        losses += 1;
+        let restarted = Arc::new(storage.after_power_loss());
+        let report = audit::audit(restarted.as_ref(), &AuditOptions::default(), &mut |_| {})?;
+        assert!(report.ok(), "loss at sync {loss_at}: {report:#?}");
+        let mark = Engine::open(restarted.clone())?
+            .reader()
+            .checkpoint_mark()?
+            .batch;
+        for (batch, commands, _) in &acked {
+            let id = commands[0].id.as_deref().ok_or("an id")?;
+            if *batch > mark && restarted.get(Cf::CommandIds, id.as_bytes())?.is_some() {
+                beyond_mark += 1;
+                // Such an entry is accepted because it agrees with the log: one that says
+                // otherwise is found.
+                let forged = restarted.after_power_loss();
+                let mut value = Vec::new();
+                let rejected = CommandOutcome::Rejected(keel_invariants::Rejection::new(
+                    keel_invariants::RejectCode::InsufficientFunds,
+                    "forged",
+                ));
+                codec::encode_outcome(&rejected, &mut value);
+                let mut set = WriteSet::default();
+                set.put(Cf::CommandIds, id.as_bytes(), &value);
+                forged.write(&set, true)?;
+                let report = audit::audit(&forged, &AuditOptions::default(), &mut |_| {})?;
+                assert_found(&report, "an id after the mark indexed otherwise", |d| {
+                    d.check == Check::CommandIndex && d.detail.contains(id)
+                });
+            }
+        }
+        let sequencer = Sequencer::start(Engine::open(restarted.clone())?, config())?;
+        for (batch, commands, reply) in acked {
+            let again = submit(&sequencer, commands, false)?;
+            for (first, retry) in reply.results.iter().zip(&again.results) {
+                let same = match (first, retry) {
+                    (
+                        ItemResult::Committed { seq, .. },
+                        ItemResult::Committed {
+                            seq: s,
+                            replayed: true,
+                        },
+                    ) => seq == s,
+                    (
+                        ItemResult::Rejected { rejection, .. },
+                        ItemResult::Rejected {
+                            rejection: r,
+                            replayed: true,
+                        },
+                    ) => rejection.code == r.code,
+                    _ => false,
+                };
+                assert!(
+                    same,
+                    "loss at sync {loss_at}, batch {batch}: {first:?} then {retry:?}"
+                );
+            }
+        }
+        sequencer.shutdown();
+        let report = audit::audit(restarted.as_ref(), &AuditOptions::default(), &mut |_| {})?;
+        assert!(
+            report.ok(),
+            "after the retries, loss at {loss_at}: {report:#?}"
+        );
+    }
+    assert!(losses > 10, "the run syncs more than ten times ({losses})");
+    assert!(
+        beyond_mark > 0,
+        "some power loss falls between a checkpoint's ingestion and its mark"
+    );
+    Ok(())
+}

@@ -30,7 +30,7 @@ pub use memory::{FaultPlan, MemoryStorage};
 pub use message::{BatchMessage, decode_batch_message, encode_batch_message};
 pub use outbox::META_PUBLISH_CURSOR;
 pub use record::{BatchHeader, RecordView, RuleSet};
-pub use rocks::{LockProbe, RocksStorage, Verified};
+pub use rocks::{INGEST_DIR, LockProbe, RocksStorage, Verified};
 pub use storage::{Cf, Storage, StorageError, StorageErrorKind, Visit, WriteSet};
 pub use upgrade::{UpgradeSummary, upgrade_v1};
 
@@ -429,6 +429,26 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
+    /// Adds `sorted` (command ids and their outcomes, keys strictly ascending) to the
+    /// `command_ids` family by ingestion ([`Storage::ingest`]): durable on return, and never a
+    /// write-ahead-log byte or a memtable insert. The checkpoint thread does this before it
+    /// writes the mark ([`Checkpointer::write`]), so after a crash between the two the index
+    /// may hold ids of batches after the mark: each one is in the synced log with the same
+    /// outcome (a checkpoint holds only committed batches), the replay of the log after the
+    /// mark decides them again identically, and the audit accepts such entries only when they
+    /// agree with the log.
+    pub fn ingest_ids(&self, sorted: &WriteSet) -> Result<(), EngineError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(EngineError::Poisoned);
+        }
+        if let Err(error) = self.storage.ingest(Cf::CommandIds, sorted) {
+            self.poisoned.store(true, Ordering::Release);
+            tracing::error!(%error, "checkpoint ingestion of command ids failed; engine poisoned");
+            return Err(EngineError::Storage(error));
+        }
+        Ok(())
+    }
+
     /// Writes the puts of `set` (into `state` and `command_ids` only) and the mark `mark`.
     pub fn write(&self, set: &mut WriteSet, mark: CheckpointMark) -> Result<(), EngineError> {
         if self.poisoned.load(Ordering::Acquire) {

@@ -116,6 +116,34 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    /// An ingestion is a syncing write of its own (it counts for the [`FaultPlan`]) that makes
+    /// only its own puts durable: like a RocksDB table file, it does not sync the write-ahead
+    /// log's unsynced writes. A failed one (injected fsync failure or power loss) adds nothing.
+    fn ingest(&self, cf: Cf, sorted: &WriteSet) -> Result<(), StorageError> {
+        crate::storage::check_sorted(cf, sorted)?;
+        if sorted.is_empty() {
+            return Ok(()); // like RocksDB's: nothing to ingest, no sync
+        }
+        let mut inner = self.lock();
+        Self::powered(&inner)?;
+        inner.syncs += 1;
+        let n = inner.syncs;
+        if self.plan.power_loss_at == Some(n) {
+            inner.powered_off = true;
+            return Err(StorageError::Io(format!(
+                "injected power loss at sync {n} (ingestion)"
+            )));
+        }
+        if self.plan.fail_sync_at == Some(n) {
+            return Err(StorageError::Io(format!(
+                "injected fsync failure at sync {n} (ingestion)"
+            )));
+        }
+        apply(&mut inner.written, sorted);
+        apply(&mut inner.synced, sorted);
+        Ok(())
+    }
+
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         let inner = self.lock();
         Self::powered(&inner)?;

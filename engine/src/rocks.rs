@@ -4,10 +4,12 @@ use crate::storage::{Cf, Entry, Storage, StorageError, Visit, WriteSet};
 use crate::wal;
 use rocksdb::{
     BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, DBRecoveryMode,
-    Options, ReadOptions, WriteBatch, WriteOptions, checkpoint::Checkpoint,
+    IngestExternalFileOptions, Options, ReadOptions, SstFileWriter, WriteBatch, WriteOptions,
+    checkpoint::Checkpoint,
 };
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A RocksDB store. Shared by the writer and every reader (RocksDB is safe for that).
@@ -17,7 +19,17 @@ pub struct RocksStorage {
     /// format 1 (opened so that the format check can refuse it by name, and `keel upgrade`
     /// can read it).
     families: Vec<Cf>,
+    /// Where [`Storage::ingest`] builds its table files: `INGEST_DIR` inside the store (a hard
+    /// link moves a file into the store only within one file system). Emptied at every open.
+    ingest_dir: PathBuf,
+    /// Numbers the table files this process builds.
+    ingested: AtomicU64,
 }
+
+/// The directory inside a store where [`Storage::ingest`] writes its table files before
+/// RocksDB takes them in. It holds nothing between two ingestions but the leftovers of one a
+/// crash interrupted, which the next read-write open deletes.
+pub const INGEST_DIR: &str = "ingest";
 
 impl RocksStorage {
     /// Opens (or creates) the store at `path` with every column family Keel uses, after
@@ -50,7 +62,14 @@ impl RocksStorage {
         let (families, descriptors) = descriptors(path, true);
         let db = DB::open_cf_descriptors(&db_options, path, descriptors)
             .map_err(|e| naming_files(path, e.into()))?;
-        let storage = Self { db, families };
+        let ingest_dir = path.join(INGEST_DIR);
+        remove_leftovers(&ingest_dir)?;
+        let storage = Self {
+            db,
+            families,
+            ingest_dir,
+            ingested: AtomicU64::new(0),
+        };
         let verified = storage.verify_tables().map_err(|e| naming_files(path, e))?;
         tracing::info!(
             wal_files = wal_checked.len(),
@@ -101,7 +120,7 @@ impl RocksStorage {
         let (families, descriptors) = descriptors(path, false);
         let db = DB::open_cf_descriptors_read_only(&reader_options(), path, descriptors, false)
             .map_err(|e| naming_files(path, e.into()))?;
-        Ok(Self { db, families })
+        Ok(Self::reading(db, families, path))
     }
 
     /// Opens the store at `primary`, which a live server may be writing, as a RocksDB
@@ -124,7 +143,7 @@ impl RocksStorage {
             descriptors,
         )
         .map_err(|e| naming_files(primary, e.into()))?;
-        Ok(Self { db, families })
+        Ok(Self::reading(db, families, primary))
     }
 
     /// Moves a secondary instance's view to the primary's latest durable write (the MANIFEST
@@ -190,6 +209,37 @@ impl RocksStorage {
             Ok(table) => lock_holder(&table, meta.dev(), meta.ino()),
             Err(_) => LockProbe::Unknown,
         }
+    }
+
+    /// A read-only or secondary instance: it never ingests (RocksDB refuses it) and leaves the
+    /// primary's ingestion directory alone.
+    fn reading(db: DB, families: Vec<Cf>, path: &Path) -> Self {
+        Self {
+            db,
+            families,
+            ingest_dir: path.join(INGEST_DIR),
+            ingested: AtomicU64::new(0),
+        }
+    }
+
+    /// Writes `sorted` into a new table file under [`INGEST_DIR`], with the family's own table
+    /// options (compression, bloom filter), and syncs it (`SstFileWriter::finish`).
+    fn build_table(&self, cf: Cf, sorted: &WriteSet) -> Result<PathBuf, StorageError> {
+        std::fs::create_dir_all(&self.ingest_dir).map_err(|e| {
+            StorageError::Io(format!("creating {}: {e}", self.ingest_dir.display()))
+        })?;
+        let number = self.ingested.fetch_add(1, Ordering::Relaxed);
+        let file = self
+            .ingest_dir
+            .join(format!("{}-{number:012}.sst", cf.name()));
+        let options = cf_options(cf);
+        let mut writer = SstFileWriter::create(&options);
+        writer.open(&file)?;
+        for (_, key, value) in sorted.iter() {
+            writer.put(key, value)?;
+        }
+        writer.finish()?;
+        Ok(file)
     }
 
     fn handle(&self, cf: Cf) -> Result<&ColumnFamily, StorageError> {
@@ -339,6 +389,18 @@ fn naming_files(path: &Path, error: StorageError) -> StorageError {
 
 /// A directory that holds a RocksDB store. Checked before opening because RocksDB's open
 /// creates a missing directory even for a read-only or secondary instance.
+/// Deletes what an interrupted ingestion left in `dir` (a table file never taken in: its
+/// contents are in the log, and the next checkpoint writes them again).
+fn remove_leftovers(dir: &Path) -> Result<(), StorageError> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StorageError::Io(format!(
+            "removing the leftovers of an interrupted ingestion in {}: {e}",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn existing_store(path: &Path) -> Result<(), StorageError> {
     if !path.join("CURRENT").is_file() {
         return Err(StorageError::Io(format!(
@@ -405,6 +467,37 @@ impl Storage for RocksStorage {
         options.set_sync(sync);
         options.disable_wal(false);
         Ok(self.db.write_opt(batch, &options)?)
+    }
+
+    /// One table file per call, built and synced here, then moved into the store by RocksDB's
+    /// ingestion, which syncs the file and the directory and records it in the MANIFEST
+    /// (synced) before it returns. While it assigns the file its sequence number RocksDB holds
+    /// other writes back (a commit waits for that, one MANIFEST write, not for the table):
+    /// the family's memtable is empty (only ingestions write it), so no flush is needed first.
+    fn ingest(&self, cf: Cf, sorted: &WriteSet) -> Result<(), StorageError> {
+        crate::storage::check_sorted(cf, sorted)?;
+        if sorted.is_empty() {
+            return Ok(());
+        }
+        let handle = self.handle(cf)?;
+        let file = self.build_table(cf, sorted)?;
+        let mut options = IngestExternalFileOptions::default();
+        options.set_move_files(true);
+        // Assigning a sequence number above the memtable's is what makes a later ingestion of
+        // the same key win; explicit, not a library default.
+        options.set_allow_global_seqno(true);
+        options.set_allow_blocking_flush(true);
+        let ingested = self
+            .db
+            .ingest_external_file_cf_opts(handle, &options, vec![&file]);
+        // Moved files are unlinked by RocksDB; a failed ingestion leaves its file here.
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(file = %file.display(), error = %e, "ingested table file not removed");
+            }
+            _ => {}
+        }
+        Ok(ingested?)
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {

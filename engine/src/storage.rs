@@ -224,6 +224,29 @@ impl WriteSet {
     }
 }
 
+/// Refuses what [`Storage::ingest`] does not accept: a put into another family, or keys not
+/// strictly ascending (RocksDB's table writer refuses those too).
+pub(crate) fn check_sorted(cf: Cf, sorted: &WriteSet) -> Result<(), StorageError> {
+    let mut previous: Option<&[u8]> = None;
+    for (put_cf, key, _) in sorted.iter() {
+        if put_cf != cf {
+            return Err(StorageError::Io(format!(
+                "an ingestion into {} holds a put into {}",
+                cf.name(),
+                put_cf.name()
+            )));
+        }
+        if previous.is_some_and(|p| p >= key) {
+            return Err(StorageError::Io(format!(
+                "an ingestion into {} is not in strictly ascending key order",
+                cf.name()
+            )));
+        }
+        previous = Some(key);
+    }
+    Ok(())
+}
+
 /// A key and its value, owned.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
@@ -236,6 +259,11 @@ pub trait Storage: Send + Sync {
     /// Applies every put of `set` atomically. With `sync`, returns only once the puts are
     /// durable; an error means they may or may not be, and the caller must stop writing.
     fn write(&self, set: &WriteSet, sync: bool) -> Result<(), StorageError>;
+    /// Adds the puts of `sorted` (every one in `cf`, keys strictly ascending) to `cf` at once
+    /// and durably, outside the write-ahead log: on return a crash keeps all of them; on an
+    /// error none is visible and the caller must stop writing. RocksDB writes them as one
+    /// sorted table file and ingests it (no memtable inserts, no write-ahead-log bytes).
+    fn ingest(&self, cf: Cf, sorted: &WriteSet) -> Result<(), StorageError>;
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
     /// Point lookups of many keys at once, answers in the order of `keys`.
     fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StorageError>;

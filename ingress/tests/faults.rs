@@ -193,6 +193,13 @@ impl keel_engine::Storage for PanickingStorage {
         }
         self.inner.write(set, sync)
     }
+    fn ingest(
+        &self,
+        cf: keel_engine::Cf,
+        sorted: &keel_engine::WriteSet,
+    ) -> Result<(), keel_engine::StorageError> {
+        self.inner.ingest(cf, sorted)
+    }
     fn get(
         &self,
         cf: keel_engine::Cf,
