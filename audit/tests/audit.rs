@@ -814,16 +814,16 @@ fn log_state_knows_every_aggregate_at_the_tip_and_at_an_earlier_point() -> TestR
 
 /// A power loss at each sync of a run that checkpoints every few batches leaves a store that
 /// audits clean, that the writer recovers, and that answers the retry of every acknowledged id
-/// with its original outcome. A checkpoint ingests its command ids before it writes its mark,
-/// so some of these stores hold ids of batches after the mark: the audit accepts those only
-/// because they agree with the log (and finds one that does not).
-#[test]
-fn every_power_loss_of_a_checkpointing_run_leaves_a_store_that_audits_clean() -> TestResult {
+/// with its original outcome. Returns how many of those stores held ids of batches after the
+/// checkpoint's mark (a checkpoint that ingests its ids does so before it writes its mark).
+/// For each such id, an index entry that disagrees with the log is found.
+fn power_loss_at_every_sync(checkpoint_ingest_ids_min: usize) -> TestResult<usize> {
     use keel_engine::{FaultPlan, MemoryStorage};
     use std::sync::Arc;
     let config = || Config {
         checkpoint_every_batches: 3,
         checkpoint_interval: Duration::from_secs(3600),
+        checkpoint_ingest_ids_min,
         ..Config::default()
     };
     let round = |r: u64| {
@@ -835,6 +835,11 @@ fn every_power_loss_of_a_checkpointing_run_leaves_a_store_that_audits_clean() ->
             ),
         ]
     };
+    let opens = || {
+        (0..3)
+            .map(|i| with_id(&format!("open-{i}"), open_account(&format!("a{i}"), 0)))
+            .collect::<Vec<_>>()
+    };
     let (mut beyond_mark, mut losses) = (0, 0);
     for loss_at in 2..=40u64 {
         let storage = Arc::new(MemoryStorage::new(FaultPlan {
@@ -842,17 +847,10 @@ fn every_power_loss_of_a_checkpointing_run_leaves_a_store_that_audits_clean() ->
             power_loss_at: Some(loss_at),
         }));
         let sequencer = Sequencer::start(Engine::open(storage.clone())?, config())?;
-        let opens = (0..3)
-            .map(|i| with_id(&format!("open-{i}"), open_account(&format!("a{i}"), 0)))
-            .collect();
         // The batch of each acknowledged submission, and what it answered.
         let mut acked: Vec<(u64, Vec<Envelope>, Reply)> = Vec::new();
-        if let Ok(reply) = submit(&sequencer, opens, false) {
-            let batch = reply.batch.ok_or("the opens commit")?;
-            let opens = (0..3)
-                .map(|i| with_id(&format!("open-{i}"), open_account(&format!("a{i}"), 0)))
-                .collect();
-            acked.push((batch, opens, reply));
+        if let Ok(reply) = submit(&sequencer, opens(), false) {
+            acked.push((reply.batch.ok_or("the opens commit")?, opens(), reply));
             for r in 0..12 {
                 let Ok(reply) = submit(&sequencer, round(r), false) else {
                     break;
@@ -873,31 +871,40 @@ fn every_power_loss_of_a_checkpointing_run_leaves_a_store_that_audits_clean() ->
             .reader()
             .checkpoint_mark()?
             .batch;
-        for (batch, commands, _) in &acked {
-            let id = commands[0].id.as_deref().ok_or("an id")?;
-            if *batch > mark && restarted.get(Cf::CommandIds, id.as_bytes())?.is_some() {
-                beyond_mark += 1;
-                // Such an entry is accepted because it agrees with the log: one that says
-                // otherwise is found.
-                let forged = restarted.after_power_loss();
+        for (batch, commands, _) in acked.iter().filter(|(batch, ..)| *batch > mark) {
+            let ids: Vec<&str> = commands.iter().filter_map(|c| c.id.as_deref()).collect();
+            if restarted.get(Cf::CommandIds, ids[0].as_bytes())?.is_none() {
+                continue;
+            }
+            beyond_mark += 1;
+            // Such entries are accepted because they agree with the log: a committed id or a
+            // rejected one indexed otherwise is found.
+            let forged_rejection = CommandOutcome::Rejected(keel_invariants::Rejection::new(
+                keel_invariants::RejectCode::AccountClosed,
+                "forged",
+            ));
+            for (id, forged) in ids
+                .iter()
+                .zip([forged_rejection, CommandOutcome::Committed { seq: 1 }])
+            {
+                let store = restarted.after_power_loss();
                 let mut value = Vec::new();
-                let rejected = CommandOutcome::Rejected(keel_invariants::Rejection::new(
-                    keel_invariants::RejectCode::InsufficientFunds,
-                    "forged",
-                ));
-                codec::encode_outcome(&rejected, &mut value);
+                codec::encode_outcome(&forged, &mut value);
                 let mut set = WriteSet::default();
                 set.put(Cf::CommandIds, id.as_bytes(), &value);
-                forged.write(&set, true)?;
-                let report = audit::audit(&forged, &AuditOptions::default(), &mut |_| {})?;
+                store.write(&set, true)?;
+                let report = audit::audit(&store, &AuditOptions::default(), &mut |_| {})?;
                 assert_found(&report, "an id after the mark indexed otherwise", |d| {
-                    d.check == Check::CommandIndex && d.detail.contains(id)
+                    d.check == Check::CommandIndex
+                        && d.batch == Some(*batch)
+                        && (d.detail.contains(id) || d.detail.contains("not indexed as rejected"))
                 });
             }
         }
         let sequencer = Sequencer::start(Engine::open(restarted.clone())?, config())?;
         for (batch, commands, reply) in acked {
             let again = submit(&sequencer, commands, false)?;
+            assert_eq!(again.results.len(), reply.results.len());
             for (first, retry) in reply.results.iter().zip(&again.results) {
                 let same = match (first, retry) {
                     (
@@ -930,9 +937,28 @@ fn every_power_loss_of_a_checkpointing_run_leaves_a_store_that_audits_clean() ->
         );
     }
     assert!(losses > 10, "the run syncs more than ten times ({losses})");
+    Ok(beyond_mark)
+}
+
+/// Checkpoints that ingest their ids (here every one): some power loss falls between a
+/// checkpoint's ingestion and its mark.
+#[test]
+fn every_power_loss_with_ingesting_checkpoints_leaves_a_store_that_audits_clean() -> TestResult {
+    let beyond_mark = power_loss_at_every_sync(1)?;
     assert!(
         beyond_mark > 0,
         "some power loss falls between a checkpoint's ingestion and its mark"
+    );
+    Ok(())
+}
+
+/// Checkpoints with fewer ids than the ingestion threshold write them with the mark, in one
+/// write: no store ever holds ids after its mark.
+#[test]
+fn every_power_loss_with_small_checkpoints_leaves_a_store_that_audits_clean() -> TestResult {
+    assert_eq!(
+        power_loss_at_every_sync(Config::default().checkpoint_ingest_ids_min)?,
+        0
     );
     Ok(())
 }

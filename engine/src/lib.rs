@@ -37,8 +37,8 @@ pub use upgrade::{UpgradeSummary, upgrade_v1};
 use format::{META_CHECKPOINT, META_FORMAT_VERSION, META_RULES_RECORD, META_TIP, seq_key};
 use record::{RecordParts, SUBMITTER_BYTES_MAX, SUBMITTERS_MAX, push_frame};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -82,6 +82,9 @@ pub struct Engine {
     /// The rule set the last record names: a record under another one carries its text.
     last_rule_set: Option<[u8; 32]>,
     poisoned: Arc<AtomicBool>,
+    /// Held by a checkpoint across its ingestion and its mark, and by [`Reader::checkpoint`]:
+    /// a copy of the store never falls between the two (see [`Checkpointer::write_ingesting`]).
+    checkpoint_gate: Arc<Mutex<()>>,
 }
 
 /// What one commit will write, built by the writer between [`Engine::begin`] and
@@ -189,6 +192,7 @@ impl Engine {
             rules: RuleSet::default(),
             last_rule_set,
             poisoned: Arc::new(AtomicBool::new(false)),
+            checkpoint_gate: Arc::default(),
         })
     }
 
@@ -214,6 +218,7 @@ impl Engine {
         Reader {
             storage: Arc::clone(&self.storage),
             poisoned: Arc::clone(&self.poisoned),
+            checkpoint_gate: Arc::clone(&self.checkpoint_gate),
         }
     }
 
@@ -222,6 +227,7 @@ impl Engine {
         Checkpointer {
             storage: Arc::clone(&self.storage),
             poisoned: Arc::clone(&self.poisoned),
+            checkpoint_gate: Arc::clone(&self.checkpoint_gate),
         }
     }
 
@@ -426,27 +432,38 @@ impl Engine {
 pub struct Checkpointer {
     storage: Arc<dyn Storage>,
     poisoned: Arc<AtomicBool>,
+    checkpoint_gate: Arc<Mutex<()>>,
 }
 
 impl Checkpointer {
-    /// Adds `sorted` (command ids and their outcomes, keys strictly ascending) to the
-    /// `command_ids` family by ingestion ([`Storage::ingest`]): durable on return, and never a
-    /// write-ahead-log byte or a memtable insert. The checkpoint thread does this before it
-    /// writes the mark ([`Checkpointer::write`]), so after a crash between the two the index
-    /// may hold ids of batches after the mark: each one is in the synced log with the same
-    /// outcome (a checkpoint holds only committed batches), the replay of the log after the
-    /// mark decides them again identically, and the audit accepts such entries only when they
-    /// agree with the log.
-    pub fn ingest_ids(&self, sorted: &WriteSet) -> Result<(), EngineError> {
+    /// Writes a checkpoint whose command ids are many: `ids` (their outcomes, keys strictly
+    /// ascending) are added to `command_ids` by ingestion ([`Storage::ingest`]: durable on
+    /// return, and never a write-ahead-log byte or a memtable insert), then `set` (states) and
+    /// the mark are written as by [`Checkpointer::write`]. After a crash between the two the
+    /// index may hold ids of batches after the mark: each one is in the synced log with the
+    /// same outcome (a checkpoint holds only committed batches), the replay of the log after
+    /// the mark decides them again identically, and the audit accepts such entries only when
+    /// they agree with the log. Holds the checkpoint gate throughout, so that
+    /// [`Reader::checkpoint`] never copies the store between the two.
+    pub fn write_ingesting(
+        &self,
+        ids: &WriteSet,
+        set: &mut WriteSet,
+        mark: CheckpointMark,
+    ) -> Result<(), EngineError> {
+        let _gate = self
+            .checkpoint_gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if self.poisoned.load(Ordering::Acquire) {
             return Err(EngineError::Poisoned);
         }
-        if let Err(error) = self.storage.ingest(Cf::CommandIds, sorted) {
+        if let Err(error) = self.storage.ingest(Cf::CommandIds, ids) {
             self.poisoned.store(true, Ordering::Release);
-            tracing::error!(%error, "checkpoint ingestion of command ids failed; engine poisoned");
+            tracing::error!(%error, batch = mark.batch, "checkpoint ingestion of command ids failed; engine poisoned");
             return Err(EngineError::Storage(error));
         }
-        Ok(())
+        self.write(set, mark)
     }
 
     /// Writes the puts of `set` (into `state` and `command_ids` only) and the mark `mark`.
@@ -572,6 +589,7 @@ fn read_checkpoint_mark(storage: &dyn Storage) -> Result<CheckpointMark, EngineE
 pub struct Reader {
     storage: Arc<dyn Storage>,
     poisoned: Arc<AtomicBool>,
+    checkpoint_gate: Arc<Mutex<()>>,
 }
 
 /// One committed event as stored.
@@ -590,6 +608,7 @@ impl Reader {
         Self {
             storage,
             poisoned: Arc::new(AtomicBool::new(false)),
+            checkpoint_gate: Arc::default(),
         }
     }
 
@@ -723,7 +742,14 @@ impl Reader {
     }
 
     /// Writes a consistent copy of the store into `dir`, for auditing while writes go on.
+    /// Waits for a checkpoint being written by ingestion: RocksDB's copy takes the MANIFEST's
+    /// size before the write-ahead log's, so a copy made between an ingestion (a MANIFEST
+    /// record) and its mark (a write-ahead-log record) could hold the mark without the ids.
     pub fn checkpoint(&self, dir: &Path) -> Result<(), EngineError> {
+        let _gate = self
+            .checkpoint_gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         Ok(self.healthy()?.checkpoint(dir)?)
     }
 }

@@ -4,8 +4,8 @@ use crate::storage::{Cf, Entry, Storage, StorageError, Visit, WriteSet};
 use crate::wal;
 use rocksdb::{
     BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, DBRecoveryMode,
-    IngestExternalFileOptions, Options, ReadOptions, SstFileWriter, WriteBatch, WriteOptions,
-    checkpoint::Checkpoint,
+    FlushOptions, IngestExternalFileOptions, Options, ReadOptions, SstFileWriter, WriteBatch,
+    WriteOptions, checkpoint::Checkpoint,
 };
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,9 @@ pub struct RocksStorage {
     ingest_dir: PathBuf,
     /// Numbers the table files this process builds.
     ingested: AtomicU64,
+    /// False for a read-only or secondary instance, which must not ingest (nor create anything
+    /// in the primary's directory).
+    writable: bool,
 }
 
 /// The directory inside a store where [`Storage::ingest`] writes its table files before
@@ -69,6 +72,7 @@ impl RocksStorage {
             families,
             ingest_dir,
             ingested: AtomicU64::new(0),
+            writable: true,
         };
         let verified = storage.verify_tables().map_err(|e| naming_files(path, e))?;
         tracing::info!(
@@ -211,14 +215,15 @@ impl RocksStorage {
         }
     }
 
-    /// A read-only or secondary instance: it never ingests (RocksDB refuses it) and leaves the
-    /// primary's ingestion directory alone.
+    /// A read-only or secondary instance: it refuses to ingest and leaves the primary's
+    /// ingestion directory alone.
     fn reading(db: DB, families: Vec<Cf>, path: &Path) -> Self {
         Self {
             db,
             families,
             ingest_dir: path.join(INGEST_DIR),
             ingested: AtomicU64::new(0),
+            writable: false,
         }
     }
 
@@ -387,8 +392,6 @@ fn naming_files(path: &Path, error: StorageError) -> StorageError {
     ))
 }
 
-/// A directory that holds a RocksDB store. Checked before opening because RocksDB's open
-/// creates a missing directory even for a read-only or secondary instance.
 /// Deletes what an interrupted ingestion left in `dir` (a table file never taken in: its
 /// contents are in the log, and the next checkpoint writes them again).
 fn remove_leftovers(dir: &Path) -> Result<(), StorageError> {
@@ -401,6 +404,8 @@ fn remove_leftovers(dir: &Path) -> Result<(), StorageError> {
     }
 }
 
+/// A directory that holds a RocksDB store. Checked before opening because RocksDB's open
+/// creates a missing directory even for a read-only or secondary instance.
 fn existing_store(path: &Path) -> Result<(), StorageError> {
     if !path.join("CURRENT").is_file() {
         return Err(StorageError::Io(format!(
@@ -472,14 +477,35 @@ impl Storage for RocksStorage {
     /// One table file per call, built and synced here, then moved into the store by RocksDB's
     /// ingestion, which syncs the file and the directory and records it in the MANIFEST
     /// (synced) before it returns. While it assigns the file its sequence number RocksDB holds
-    /// other writes back (a commit waits for that, one MANIFEST write, not for the table):
-    /// the family's memtable is empty (only ingestions write it), so no flush is needed first.
+    /// other writes back (a commit waits for that, one MANIFEST write, not for the table).
+    /// Checkpoints with few ids, and `keel upgrade`, write `command_ids` through the memtable:
+    /// a family whose memtables hold anything is flushed first, as an ordinary flush that
+    /// writes go on beside, because an ingestion that overlaps a memtable would flush it itself
+    /// with every write held back until the flush ends.
     fn ingest(&self, cf: Cf, sorted: &WriteSet) -> Result<(), StorageError> {
+        if !self.writable {
+            return Err(StorageError::Unsupported(
+                "ingestion by a read-only or secondary instance",
+            ));
+        }
         crate::storage::check_sorted(cf, sorted)?;
         if sorted.is_empty() {
             return Ok(());
         }
         let handle = self.handle(cf)?;
+        let unflushed = |property: &str| {
+            self.db
+                .property_int_value_cf(handle, property)
+                .map(|n| n.unwrap_or(0))
+        };
+        if unflushed("rocksdb.num-entries-active-mem-table")?
+            + unflushed("rocksdb.num-entries-imm-mem-tables")?
+            > 0
+        {
+            let mut flush = FlushOptions::default();
+            flush.set_wait(true);
+            self.db.flush_cf_opt(handle, &flush)?;
+        }
         let file = self.build_table(cf, sorted)?;
         let mut options = IngestExternalFileOptions::default();
         options.set_move_files(true);

@@ -465,6 +465,18 @@ fn an_ingestion_is_durable_whole_and_refuses_unsorted_or_foreign_puts() {
         storage
             .ingest(Cf::CommandIds, &WriteSet::default())
             .unwrap();
+        // A key in the memtable (small checkpoints write ids there): flushed first, and the
+        // ingested value, the later one, wins.
+        let mut set = WriteSet::default();
+        set.put(Cf::CommandIds, b"id-00000100", b"memtable");
+        storage.write(&set, true).unwrap();
+        storage
+            .ingest(Cf::CommandIds, &sorted_ids(100, 1, 3))
+            .unwrap();
+        assert_eq!(
+            storage.get(Cf::CommandIds, b"id-00000100").unwrap(),
+            Some(vec![3, 100])
+        );
 
         let mut unsorted = WriteSet::default();
         unsorted.put(Cf::CommandIds, b"b", b"1");
@@ -507,13 +519,25 @@ fn an_ingestion_is_durable_whole_and_refuses_unsorted_or_foreign_puts() {
         })
         .unwrap();
     assert_eq!(count, 6000);
+    assert_eq!(
+        storage.get(Cf::CommandIds, b"id-00000100").unwrap(),
+        Some(vec![3, 100])
+    );
     // The ingested tables pass the start-up check of every block like any other.
     assert_eq!(storage.verify_tables().unwrap().keys, 6000);
+    drop(storage);
+    // A read-only instance refuses to ingest and creates nothing in the store.
+    let reader = RocksStorage::open_read_only(dir.path()).unwrap();
+    let error = reader
+        .ingest(Cf::CommandIds, &sorted_ids(9000, 1, 1))
+        .unwrap_err();
+    assert!(error.to_string().contains("read-only"), "{error}");
+    assert!(!leftovers.exists());
 }
 
 #[test]
 fn an_ingestion_survives_a_power_loss_alone_and_a_failed_one_adds_nothing() {
-    // Sync 1 is the format version, sync 2 the ingestion.
+    // Sync 1 is the format version, sync 2 the ingestion, sync 3 the states and the mark.
     let storage = Arc::new(MemoryStorage::new(FaultPlan {
         fail_sync_at: None,
         power_loss_at: Some(3),
@@ -522,24 +546,30 @@ fn an_ingestion_survives_a_power_loss_alone_and_a_failed_one_adds_nothing() {
     let mut unsynced = WriteSet::default();
     unsynced.put(Cf::State, b"a", b"unsynced");
     storage.write(&unsynced, false).unwrap();
-    engine
-        .checkpointer()
-        .ingest_ids(&sorted_ids(0, 10, 1))
-        .unwrap();
     let mut set = WriteSet::default();
+    set.put(Cf::State, b"b", b"checkpointed");
+    let error = engine
+        .checkpointer()
+        .write_ingesting(
+            &sorted_ids(0, 10, 1),
+            &mut set,
+            CheckpointMark::at(&engine.tip()),
+        )
+        .unwrap_err();
     assert!(
-        engine
-            .checkpointer()
-            .write(&mut set, CheckpointMark::at(&engine.tip()))
-            .is_err()
+        error.to_string().contains("power loss at sync 3"),
+        "{error}"
     );
     let restarted = storage.after_power_loss();
-    // The ingestion is durable; it did not sync the write before it.
+    // The ingestion is durable; it did not sync the write before it, and the states and the
+    // mark after it are lost.
     assert_eq!(
         restarted.get(Cf::CommandIds, b"id-00000003").unwrap(),
         Some(vec![1, 3])
     );
     assert_eq!(restarted.get(Cf::State, b"a").unwrap(), None);
+    assert_eq!(restarted.get(Cf::State, b"b").unwrap(), None);
+    assert_eq!(restarted.get(Cf::Meta, b"checkpoint").unwrap(), None);
 
     for plan in [
         FaultPlan {
@@ -554,10 +584,18 @@ fn an_ingestion_survives_a_power_loss_alone_and_a_failed_one_adds_nothing() {
         let storage = Arc::new(MemoryStorage::new(plan));
         let engine = Engine::open(storage.clone()).unwrap();
         let checkpointer = engine.checkpointer();
-        assert!(checkpointer.ingest_ids(&sorted_ids(0, 10, 1)).is_err());
+        let mark = CheckpointMark::at(&engine.tip());
+        let mut set = WriteSet::default();
+        set.put(Cf::State, b"b", b"checkpointed");
+        assert!(
+            checkpointer
+                .write_ingesting(&sorted_ids(0, 10, 1), &mut set, mark)
+                .is_err()
+        );
         assert!(engine.is_poisoned(), "{plan:?}");
+        assert_eq!(storage.syncs(), 2, "the states are not written: {plan:?}");
         assert!(matches!(
-            checkpointer.ingest_ids(&sorted_ids(20, 1, 1)),
+            checkpointer.write_ingesting(&sorted_ids(20, 1, 1), &mut WriteSet::default(), mark),
             Err(EngineError::Poisoned)
         ));
         assert_eq!(

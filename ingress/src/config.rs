@@ -104,6 +104,12 @@ pub struct ServeConfig {
     /// writer waits for the checkpoint in flight (bounds the memory of recent changes).
     #[arg(long, env = "KEEL_CHECKPOINT_PENDING_MAX", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub checkpoint_pending_max: u64,
+    /// A checkpoint with at least this many command ids writes them as one sorted table file
+    /// that RocksDB ingests (no memtable insert or write-ahead-log byte per id); one with fewer
+    /// writes them through the memtable with its states (docs/FORMAT.md, "What a checkpoint
+    /// writes").
+    #[arg(long, env = "KEEL_CHECKPOINT_INGEST_IDS_MIN", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub checkpoint_ingest_ids_min: u64,
     /// Most aggregates the writer keeps in memory once a checkpoint holds them. A store with
     /// more runs too: a batch's missing aggregates are read from the checkpoint in one
     /// multi-get before it is decided (aggregates changed since the last checkpoint stay in
@@ -263,6 +269,8 @@ impl ServeConfig {
             checkpoint_interval: Duration::from_millis(self.checkpoint_interval_ms),
             checkpoint_pending_max: self.checkpoint_pending_max as usize,
             cache_aggregates_max: usize::try_from(self.cache_aggregates_max).unwrap_or(usize::MAX),
+            checkpoint_ingest_ids_min: usize::try_from(self.checkpoint_ingest_ids_min)
+                .unwrap_or(usize::MAX),
         }
     }
 

@@ -5,10 +5,9 @@
 //! [`Published`] overlay, which is what `GET /v1/aggregates` reads before the checkpoint. Every
 //! `checkpoint_every_batches` batches or `checkpoint_interval` (whichever first), it hands
 //! the aggregates and command ids changed since the last checkpoint, copied, to the
-//! checkpoint thread, which ingests the command ids as one sorted table file, then writes the
-//! states with the mark of the batch they stand at in one synced write
-//! ([`keel_engine::Checkpointer`]), and then drops from the overlay what the checkpoint now
-//! holds. Recovery ([`recover`]) loads the checkpoint and replays the log after
+//! checkpoint thread, which writes them with the mark of the batch they stand at in one synced
+//! write ([`keel_engine::Checkpointer`]; when the ids are many, they are ingested as one sorted
+//! table file first), and then drops from the overlay what the checkpoint now holds. Recovery ([`recover`]) loads the checkpoint and replays the log after
 //! its mark.
 
 use crate::cache::{Cache, placeholder};
@@ -169,6 +168,7 @@ pub(crate) fn run_checkpointer(
     checkpointer: Checkpointer,
     published: Arc<Published>,
     shared: Arc<Shared>,
+    ingest_ids_min: usize,
 ) {
     let mut set = WriteSet::default();
     let mut ids_set = WriteSet::default();
@@ -193,13 +193,23 @@ pub(crate) fn run_checkpointer(
                 codec::encode_aggregate(aggregate, out)
             });
         }
-        sorted_ids(&job.ids, &mut ids_set);
+        let ingesting = job.ids.len() >= ingest_ids_min.max(1);
+        let written = if ingesting {
+            // The ids first, the states and the mark after: see
+            // `Checkpointer::write_ingesting` for why ids of batches after a stored mark are
+            // harmless.
+            sorted_ids(&job.ids, &mut ids_set);
+            checkpointer.write_ingesting(&ids_set, &mut set, job.mark)
+        } else {
+            ids_set.clear();
+            for (id, outcome) in job.ids.iter() {
+                set.put_with(keel_engine::Cf::CommandIds, id.as_bytes(), |out| {
+                    codec::encode_outcome(outcome, out)
+                });
+            }
+            checkpointer.write(&mut set, job.mark)
+        };
         let bytes = set.bytes_len() + ids_set.bytes_len();
-        // The ids first, the states and the mark after: see `Checkpointer::ingest_ids` for
-        // why ids of batches after a stored mark are harmless.
-        let written = checkpointer
-            .ingest_ids(&ids_set)
-            .and_then(|()| checkpointer.write(&mut set, job.mark));
         if let Err(error) = written {
             shared.poison(&format!(
                 "checkpoint at batch {} failed: {error}",
@@ -209,6 +219,9 @@ pub(crate) fn run_checkpointer(
         }
         published.evict_through(job.mark.batch);
         metrics::counter!("keel_checkpoints_total").increment(1);
+        if ingesting {
+            metrics::counter!("keel_checkpoint_ingestions_total").increment(1);
+        }
         metrics::histogram!("keel_checkpoint_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("keel_checkpoint_bytes").record(bytes as f64);
         metrics::gauge!("keel_checkpoint_batch").set(job.mark.batch as f64);

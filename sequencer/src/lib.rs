@@ -46,6 +46,13 @@ pub struct Config {
     /// Aggregates changed since the last written checkpoint stay besides (at most
     /// `checkpoint_pending_max` of them).
     pub cache_aggregates_max: usize,
+    /// A checkpoint with at least this many command ids writes them as one sorted table file
+    /// that RocksDB ingests (no memtable insert, no write-ahead-log byte per id); one with
+    /// fewer puts them in its synced write with the states, through the memtable. Each
+    /// ingested file lands in level 0 and spans the whole key range, so small ones would make
+    /// compactions rewrite the family's base level over and over for little data; the
+    /// memtable gathers small checkpoints into 32 MiB flushes instead (docs/FORMAT.md).
+    pub checkpoint_ingest_ids_min: usize,
     /// The domains commands are decided under besides the built-in ones (`keel serve
     /// --domain`); their definitions are part of the rules every batch names.
     pub domains: Arc<keel_invariants::declared::DomainSet>,
@@ -62,6 +69,7 @@ impl Default for Config {
             checkpoint_interval: Duration::from_secs(1),
             checkpoint_pending_max: 1_000_000,
             cache_aggregates_max: 1_000_000,
+            checkpoint_ingest_ids_min: 65_536,
             domains: Arc::new(keel_invariants::declared::DomainSet::builtin()),
         }
     }
@@ -303,6 +311,7 @@ impl Sequencer {
         let (done_tx, done_rx) = sync_channel(4);
         let checkpoint_thread = {
             let checkpointer = engine.checkpointer();
+            let ingest_ids_min = config.checkpoint_ingest_ids_min;
             let published = Arc::clone(&published);
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
@@ -315,6 +324,7 @@ impl Sequencer {
                             checkpointer,
                             published,
                             Arc::clone(&shared),
+                            ingest_ids_min,
                         )
                     });
                     if let Err(panic) = std::panic::catch_unwind(run) {
