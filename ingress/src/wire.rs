@@ -208,24 +208,21 @@ pub fn parse_batch(
         .deserialize(&mut deserializer)
         .and_then(|request| deserializer.end().map(|()| request))
         .map_err(|e| context.error(e))?;
-    let items = request.commands.len();
-    if items == 0 {
+    let commands = request.commands;
+    if commands.items == 0 {
         return Err(WireError::new(
             "empty_batch",
             "`commands` is empty; send at least one command",
         ));
     }
     assert!(
-        items <= batch_items_max,
+        commands.items <= batch_items_max,
         "the parser stops at batch_items_max"
     );
-    let envelopes = request
-        .commands
-        .into_iter()
-        .enumerate()
-        .map(|(index, raw)| raw.into_envelope(index))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((envelopes, request.atomic))
+    if let Some(invalid) = commands.invalid {
+        return Err(invalid);
+    }
+    Ok((commands.envelopes, request.atomic))
 }
 
 /// Most bytes of client input an error message quotes.
@@ -553,6 +550,49 @@ mod tests {
         ] {
             assert_eq!(code_of(&body, 10).0, "invalid_request", "{body}");
         }
+    }
+
+    /// Commands are validated as they are read, yet a body reports what it reported when the
+    /// whole list was read first: a malformed body is malformed whatever an earlier command
+    /// holds, and otherwise the first invalid command is named.
+    #[test]
+    fn an_invalid_command_is_named_in_list_order_and_a_malformed_body_wins() {
+        let open = r#"{"type":"open_account","account":"x"}"#;
+        let unknown = r#"{"type":"no_such_command"}"#;
+        let no_amount = r#"{"type":"deposit","account":"x"}"#;
+        let (code, message) = code_of(
+            &format!(r#"{{"commands":[{open},{no_amount},{unknown}]}}"#),
+            10,
+        );
+        assert_eq!(code, "missing_field", "{message}");
+        assert!(message.starts_with("commands[1]"), "{message}");
+        let (code, message) = code_of(&format!(r#"{{"commands":[{unknown},{no_amount}]}}"#), 10);
+        assert_eq!(code, "unknown_command_type", "{message}");
+        assert!(message.starts_with("commands[0]"), "{message}");
+        // Damage after an invalid command: the body is malformed.
+        let (code, message) = code_of(&format!(r#"{{"commands":[{unknown},{open}, oops"#), 10);
+        assert_eq!(code, "invalid_json", "{message}");
+        // A wrongly typed field after an invalid command: that is the parse's error.
+        let (code, message) = code_of(
+            &format!(
+                r#"{{"commands":[{unknown},{{"type":"deposit","account":"x","amount":[1]}}]}}"#
+            ),
+            10,
+        );
+        assert_eq!(code, "invalid_request", "{message}");
+        assert!(message.starts_with("commands[1]"), "{message}");
+        // Too many items after an invalid one: the bound is what is reported.
+        let (code, _) = code_of(&format!(r#"{{"commands":[{unknown},{open},{open}]}}"#), 2);
+        assert_eq!(code, "too_many_items");
+        // And a valid list gives every envelope, in order.
+        let body = format!(
+            r#"{{"commands":[{open},{{"type":"deposit","account":"x","amount":5,"id":"d"}}]}}"#
+        );
+        let (envelopes, atomic) =
+            parse_batch(body.as_bytes(), 10, &no_domains()).expect("a valid list parses");
+        assert!(!atomic);
+        assert_eq!(envelopes.len(), 2);
+        assert_eq!(envelopes[1].id.as_deref(), Some("d"));
     }
 
     /// Regression: the whole command list was built before `too_many_items` was checked.

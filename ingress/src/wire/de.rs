@@ -13,6 +13,7 @@
 
 use super::builtin::{self, FieldType, Fields, Slot};
 use super::{WireError, quote};
+use keel_invariants::Envelope;
 use keel_invariants::declared::{CommandDef, DomainSet, Resolved};
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -76,10 +77,24 @@ fn json_error(e: &serde_json::Error) -> WireError {
     WireError::new(code, format!("{head}{position}"))
 }
 
-/// A parsed `POST /v1/batches` body, before validation.
+/// A parsed `POST /v1/batches` body: its commands as envelopes, each validated as soon as it
+/// was read (so the list holds envelopes, not the wider raw commands), or the first command
+/// that failed validation.
 pub(super) struct BatchRequest {
-    pub commands: Vec<RawCommand>,
+    pub commands: Commands,
     pub atomic: bool,
+}
+
+/// The command list of a body.
+#[derive(Default)]
+pub(super) struct Commands {
+    /// How many commands the list holds.
+    pub items: usize,
+    /// Their envelopes, in order, up to the first invalid command.
+    pub envelopes: Vec<Envelope>,
+    /// The first command that failed validation. The list is still read to its end, so that a
+    /// malformed body is reported as such even when a command before the damage is invalid.
+    pub invalid: Option<WireError>,
 }
 
 /// Parses a batch body: one object `{"commands": [...], "atomic": bool}`.
@@ -162,14 +177,14 @@ struct CommandsSeed<'a> {
 }
 
 impl<'de> DeserializeSeed<'de> for CommandsSeed<'_> {
-    type Value = Vec<RawCommand>;
+    type Value = Commands;
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_seq(self)
     }
 }
 
 impl<'de> Visitor<'de> for CommandsSeed<'_> {
-    type Value = Vec<RawCommand>;
+    type Value = Commands;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an array of commands")
@@ -178,9 +193,9 @@ impl<'de> Visitor<'de> for CommandsSeed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let context = self.context;
         // The list's length is unknown until it ends; grow as items come (bounded by items_max).
-        let mut items = Vec::new();
+        let mut commands = Commands::default();
         loop {
-            context.item.set(Some(items.len()));
+            context.item.set(Some(commands.items));
             let next = match &context.domains {
                 Some(domains) => seq
                     .next_element_seed(ObjectSeed { context })?
@@ -191,7 +206,7 @@ impl<'de> Visitor<'de> for CommandsSeed<'_> {
             let Some(item) = next else {
                 break;
             };
-            if items.len() == self.items_max {
+            if commands.items == self.items_max {
                 context.item.set(None);
                 return Err(context.fail(
                     "too_many_items",
@@ -201,10 +216,16 @@ impl<'de> Visitor<'de> for CommandsSeed<'_> {
                     ),
                 ));
             }
-            items.push(item);
+            if commands.invalid.is_none() {
+                match item.into_envelope(commands.items) {
+                    Ok(envelope) => commands.envelopes.push(envelope),
+                    Err(error) => commands.invalid = Some(error),
+                }
+            }
+            commands.items += 1;
         }
         context.item.set(None);
-        Ok(items)
+        Ok(commands)
     }
 }
 
