@@ -231,7 +231,8 @@ impl Engine {
         }
     }
 
-    /// The stored outcomes of `ids` in the checkpointed command-id index, in order.
+    /// The stored outcomes of `ids` in the checkpointed command-id index, in order (ids
+    /// given sorted are looked up faster: see [`Storage::multi_get`]).
     pub fn command_outcomes(&self, ids: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
         self.ensure_healthy()?;
         Ok(self.storage.multi_get(Cf::CommandIds, ids)?)

@@ -533,8 +533,12 @@ impl Storage for RocksStorage {
 
     fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StorageError> {
         let handle = self.handle(cf)?;
+        // Keys the caller already sorted (bytewise, RocksDB's order) skip RocksDB's own sort,
+        // which compares through its comparator object (8% of the writer's time in a profile
+        // of the per-batch command-id lookup).
+        let sorted = keys.is_sorted();
         self.db
-            .batched_multi_get_cf(handle, keys.iter().copied(), false)
+            .batched_multi_get_cf(handle, keys.iter().copied(), sorted)
             .into_iter()
             .map(|r| r.map(|v| v.map(|v| v.to_vec())).map_err(StorageError::from))
             .collect()

@@ -265,7 +265,8 @@ pub trait Storage: Send + Sync {
     /// sorted table file and ingests it (no memtable inserts, no write-ahead-log bytes).
     fn ingest(&self, cf: Cf, sorted: &WriteSet) -> Result<(), StorageError>;
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
-    /// Point lookups of many keys at once, answers in the order of `keys`.
+    /// Point lookups of many keys at once, answers in the order of `keys`. Keys given in
+    /// ascending order are looked up faster by RocksDB (no sort of its own).
     fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StorageError>;
     /// Visits the keys `>= start` in order while `visit` returns true.
     fn scan(&self, cf: Cf, start: &[u8], visit: Visit<'_>) -> Result<(), StorageError>;

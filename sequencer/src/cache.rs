@@ -53,6 +53,16 @@ impl Entry {
     }
 }
 
+/// What [`Cache::update`] tells about the aggregate it changed, from the entry's stamp (so that
+/// the writer keeps its lists of changed aggregates without a hash set of its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Changed {
+    /// Not changed before in the current batch.
+    pub(crate) first_in_batch: bool,
+    /// Not changed since the changes last handed to a checkpoint (see [`Cache::handed`]).
+    pub(crate) first_since_handed: bool,
+}
+
 /// What [`Cache::update`] keeps to undo a change: the entry as it was (`None`: absent).
 pub(crate) struct Undo {
     id: AggregateId,
@@ -72,6 +82,10 @@ pub(crate) struct Cache {
     period: u16,
     /// Ids of the batch being prefetched that are not here (kept for its allocation).
     missing: Vec<AggregateId>,
+    /// Changes made in batches up to this one have been handed to a checkpoint (or were
+    /// checkpointed before recovery): an aggregate changed after it is in the writer's list
+    /// of changes for the next checkpoint.
+    handed: u64,
 }
 
 impl Cache {
@@ -84,6 +98,7 @@ impl Cache {
             batch: 0,
             period: 0,
             missing: Vec::new(),
+            handed: 0,
         }
     }
 
@@ -122,21 +137,38 @@ impl Cache {
         self.batch = batch;
     }
 
+    /// Takes note that every change made up to `batch` is handed to a checkpoint (or held by
+    /// the checkpoint recovery starts from).
+    pub(crate) fn handed(&mut self, batch: u64) {
+        self.handed = batch;
+    }
+
     pub(crate) fn get(&self, id: &AggregateId) -> Option<&Aggregate> {
         self.map.get(id).map(|entry| &entry.aggregate)
     }
 
     /// Replaces `id`'s aggregate by `fold(previous)` (`None`: absent), changed in the current
     /// batch; with `undo`, keeps the previous entry there first. One hash lookup when present.
+    /// Says whether this is the aggregate's first change in the batch and since the last
+    /// hand-over to a checkpoint (an undo puts the stamp back, so a change undone is as if
+    /// never made).
     pub(crate) fn update(
         &mut self,
         id: &AggregateId,
         undo: Option<&mut Vec<Undo>>,
         fold: impl FnOnce(Option<Aggregate>) -> Aggregate,
-    ) {
+    ) -> Changed {
         let stamp = Entry::stamp(self.batch, self.period);
+        let (batch, handed) = (self.batch, self.handed);
+        // Past `CHANGED_MAX` stamps are not exact: every change then counts as a first one (a
+        // repeat in the writer's lists is harmless; a change left out of a checkpoint is not).
+        let changed = |before: u64| Changed {
+            first_in_batch: before != batch || before >= CHANGED_MAX,
+            first_since_handed: before <= handed || before >= CHANGED_MAX,
+        };
         match self.map.get_mut(id) {
             Some(entry) => {
+                let seen = changed(entry.changed());
                 // Take the aggregate out without cloning it; the placeholder is overwritten
                 // at once.
                 let previous = std::mem::replace(&mut entry.aggregate, placeholder());
@@ -148,6 +180,7 @@ impl Cache {
                 }
                 entry.aggregate = fold(Some(previous));
                 entry.stamp = stamp;
+                seen
             }
             None => {
                 if let Some(undo) = undo {
@@ -161,6 +194,8 @@ impl Cache {
                     stamp,
                 };
                 self.map.insert(id.clone(), entry);
+                // Absent: never changed, or evicted (only once a written checkpoint held it).
+                changed(0)
             }
         }
     }
@@ -356,6 +391,67 @@ mod tests {
         assert_eq!(asked.len(), 3, "each missing id once");
         assert_eq!(cache.get(&id(gone[0])), Some(&account(7)));
         assert!(cache.get(&id(99)).is_none(), "absent stays absent");
+    }
+
+    /// `update` tells a first change in the batch and since the last hand-over to a
+    /// checkpoint, from the stamps alone; an undone change does not count.
+    #[test]
+    fn update_tells_first_changes() {
+        let first = |in_batch, since_handed| Changed {
+            first_in_batch: in_batch,
+            first_since_handed: since_handed,
+        };
+        let mut cache = Cache::new(16);
+        cache.begin(1);
+        assert_eq!(
+            cache.update(&id(0), None, |_| account(1)),
+            first(true, true)
+        );
+        assert_eq!(
+            cache.update(&id(0), None, |_| account(2)),
+            first(false, false)
+        );
+        cache.begin(2);
+        assert_eq!(
+            cache.update(&id(0), None, |_| account(3)),
+            first(true, false),
+            "changed in batch 1, not handed yet"
+        );
+        cache.handed(2);
+        cache.begin(3);
+        let mut undo = Vec::new();
+        assert_eq!(
+            cache.update(&id(0), Some(&mut undo), |_| account(4)),
+            first(true, true)
+        );
+        assert_eq!(
+            cache.update(&id(1), Some(&mut undo), |_| account(5)),
+            first(true, true)
+        );
+        for u in undo.drain(..).rev() {
+            cache.restore(u);
+        }
+        assert_eq!(
+            cache.update(&id(0), None, |_| account(6)),
+            first(true, true)
+        );
+        assert_eq!(
+            cache.update(&id(1), None, |_| account(7)),
+            first(true, true)
+        );
+        // Loaded from the checkpoint (evicted once a written checkpoint held it): a first.
+        cache.load(id(2), account(8));
+        assert_eq!(
+            cache.update(&id(2), None, |_| account(9)),
+            first(true, true)
+        );
+        // Past the exact stamps every change counts as a first one.
+        cache.begin(CHANGED_MAX + 5);
+        cache.update(&id(0), None, |_| account(10));
+        assert_eq!(
+            cache.update(&id(0), None, |_| account(11)),
+            first(true, true)
+        );
     }
 
     /// An undo restores the entry and its stamp, so a rolled-back change does not pin it.

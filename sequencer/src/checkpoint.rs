@@ -14,13 +14,12 @@ use crate::cache::{Cache, placeholder};
 use crate::{ReadError, Shared};
 use keel_engine::{CheckpointMark, Checkpointer, EngineError, Reader, WriteSet};
 use keel_invariants::{Aggregate, AggregateId, CommandOutcome, apply, check_invariants, codec};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// The writer's maps are keyed by client-chosen strings (aggregate ids, command ids): a
 /// randomly seeded hasher, foldhash's quality variant (std's SipHash was 15% of the writer's
 /// time in a profile).
 pub(crate) type Map<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
-pub(crate) type Set<K> = HashSet<K, foldhash::quality::RandomState>;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -257,7 +256,8 @@ pub(crate) fn run_checkpointer(
 /// published meanwhile).
 pub(crate) struct Recovered {
     pub(crate) cache: Cache,
-    pub(crate) dirty: Set<AggregateId>,
+    /// Each aggregate the replay changed, once.
+    pub(crate) dirty: Vec<AggregateId>,
     pub(crate) ids: Ids,
     pub(crate) mark: CheckpointMark,
     pub(crate) replayed_batches: u64,
@@ -308,9 +308,11 @@ pub(crate) fn recover(
             .into());
         }
     }
+    // What the checkpoint holds needs no new one: the replay's changes are the first since.
+    cache.handed(mark.batch);
     let mut recovered = Recovered {
         cache,
-        dirty: Set::default(),
+        dirty: Vec::new(),
         ids: Ids::default(),
         mark,
         replayed_batches: 0,
@@ -355,7 +357,7 @@ pub(crate) fn recover(
             }
             for (index, id) in logged.event.targets().iter().enumerate() {
                 let mut violation = None;
-                recovered.cache.update(id, None, |previous| {
+                let changed = recovered.cache.update(id, None, |previous| {
                     let next = apply(&logged.event, index, previous);
                     violation = check_invariants(&next).err();
                     next
@@ -370,7 +372,9 @@ pub(crate) fn recover(
                     );
                     return false;
                 }
-                recovered.dirty.insert(id.clone());
+                if changed.first_since_handed {
+                    recovered.dirty.push(id.clone());
+                }
             }
             if let Some(command_id) = logged.command_id {
                 recovered

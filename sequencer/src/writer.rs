@@ -1,7 +1,7 @@
 //! The writer thread: group commit over the bounded queue.
 
 use crate::cache::{Cache, Undo};
-use crate::checkpoint::{Done, Ids, Job, Map, Published, Recovered, Set, Work};
+use crate::checkpoint::{Done, Ids, Job, Map, Published, Recovered, Work};
 use crate::{
     ItemResult, Message, PoisonOnPanic, ReadError, Reply, Responder, Shared, Submission,
     SubmitError,
@@ -30,8 +30,9 @@ pub(crate) struct Writer {
 
 /// The writer's side of checkpointing (see `checkpoint.rs`).
 pub(crate) struct Checkpoints {
-    /// Aggregates changed since the last checkpoint handed to the thread.
-    pub(crate) dirty: Set<AggregateId>,
+    /// Aggregates changed since the last checkpoint handed to the thread, each once (the
+    /// cache's stamps tell a first change: see [`crate::cache::Changed`]).
+    pub(crate) dirty: Vec<AggregateId>,
     /// Command ids decided since the last checkpoint handed to the thread.
     pub(crate) recent: Ids,
     /// The checkpoint being written: its batch and its ids (still looked up here until the
@@ -124,14 +125,35 @@ impl Checkpoints {
 struct Scratch {
     /// Outcomes decided in this batch, by command id (a repeat in the same batch replays it).
     outcomes: Map<String, CommandOutcome>,
-    /// Aggregates changed in this batch.
-    dirty: Set<AggregateId>,
+    /// Aggregates changed in this batch, each once, and whether the change is their first
+    /// since the last checkpoint was handed to the thread (then they join
+    /// [`Checkpoints::dirty`] once the batch is durable).
+    changed: Vec<(AggregateId, bool)>,
     /// Undo records of the atomic submission being decided: the prior cache entries.
     undo: Vec<Undo>,
     /// Outcomes of earlier batches, looked up once per batch for every command id.
     stored: Map<String, CommandOutcome>,
     /// Per built-in code (`RejectCode::ALL` order), then one for every declared domain's code.
     rejected_by_code: [u64; RejectCode::ALL.len() + 1],
+}
+
+/// Where the batch being decided stood before a submission, to undo it: its events, the
+/// sequence of its next event, and its changed aggregates.
+#[derive(Clone, Copy)]
+struct Mark {
+    events: usize,
+    seq: u64,
+    changed: usize,
+}
+
+impl Mark {
+    fn of(writer: &Writer) -> Self {
+        Self {
+            events: writer.pending.event_count(),
+            seq: writer.pending.next_event_seq(),
+            changed: writer.scratch.changed.len(),
+        }
+    }
 }
 
 /// What the writer decided for one submission, waiting for the fsync.
@@ -358,7 +380,7 @@ impl Writer {
             .map_or(0, |d| d.as_micros() as u64);
         self.engine.begin(&mut self.pending, now_us);
         self.scratch.outcomes.clear();
-        self.scratch.dirty.clear();
+        self.scratch.changed.clear();
         self.load_stored_outcomes(group)?;
         self.cache.begin(self.engine.tip().last_batch + 1);
         // With more aggregates in the store than in memory: what the group's commands target
@@ -423,6 +445,9 @@ impl Writer {
         if missing.is_empty() {
             return Ok(());
         }
+        // Sorted, and each id once: RocksDB then skips its own (slower) sort.
+        missing.sort_unstable();
+        missing.dedup();
         let found = self.engine.command_outcomes(&missing)?;
         for (id, value) in missing.iter().zip(found) {
             if let Some(bytes) = value {
@@ -440,10 +465,9 @@ impl Writer {
     /// Runs before any other submission of the group (see `decide_group`), so the aggregates
     /// it marked changed were changed by it alone.
     fn dry_run(&mut self, submission: Submission) {
-        let mark = self.pending.event_count();
+        let mark = Mark::of(self);
         let (results, _) = self.decide_commands(&submission.commands, submission.atomic, true);
         self.discard(&submission.commands, &results, mark);
-        self.scratch.dirty.clear();
         metrics::counter!("keel_dry_runs_total").increment(1);
         submission.reply.send(Ok(Reply {
             batch: None,
@@ -480,8 +504,7 @@ impl Writer {
         atomic: bool,
         undoable: bool,
     ) -> (Vec<ItemResult>, usize) {
-        let mark = self.pending.event_count();
-        let mark_seq = self.pending.next_event_seq();
+        let mark = Mark::of(self);
         self.scratch.undo.clear();
         let mut results = Vec::with_capacity(commands.len());
         let mut committed = 0;
@@ -500,7 +523,7 @@ impl Writer {
             results.push(result);
         }
         if atomic && fresh_rejections > 0 {
-            self.roll_back(commands, &mut results, mark, mark_seq);
+            self.roll_back(commands, &mut results, mark);
             committed = 0;
         }
         (results, committed)
@@ -561,27 +584,24 @@ impl Writer {
         for (index, id) in event.targets().iter().enumerate() {
             // One lookup per target: an aggregate in the cache is folded in its own slot.
             let undo = undoable.then_some(&mut self.scratch.undo);
-            self.cache.update(id, undo, |previous| {
+            let changed = self.cache.update(id, undo, |previous| {
                 let next = apply(event, index, previous);
                 assert_invariants(&next, event, id);
                 next
             });
-            if !self.scratch.dirty.contains(id) {
-                self.scratch.dirty.insert(id.clone());
+            if changed.first_in_batch {
+                self.scratch
+                    .changed
+                    .push((id.clone(), changed.first_since_handed));
             }
         }
     }
 
     /// Undoes an atomic submission: cache entries back to their prior values, its events and
     /// outcomes dropped, and every command it committed answered `atomic_rollback`.
-    /// `mark` is the submission's first event's index in the batch, `mark_seq` its sequence.
-    fn roll_back(
-        &mut self,
-        commands: &[Envelope],
-        results: &mut [ItemResult],
-        mark: usize,
-        mark_seq: u64,
-    ) {
+    /// `mark` is where the batch stood before the submission.
+    fn roll_back(&mut self, commands: &[Envelope], results: &mut [ItemResult], mark: Mark) {
+        let mark_seq = mark.seq;
         self.discard(commands, results, mark);
         for result in results.iter_mut() {
             // A repeat of an id committed earlier in this same submission is rolled back too.
@@ -605,13 +625,15 @@ impl Writer {
     }
 
     /// Forgets what deciding `commands` did (their `results`): cache entries back to their
-    /// prior values (the undo records), the events after the first `mark` dropped, and the
-    /// outcomes of the command ids they decided forgotten.
-    fn discard(&mut self, commands: &[Envelope], results: &[ItemResult], mark: usize) {
+    /// prior values (the undo records), the events and changed aggregates after `mark`
+    /// dropped, and the outcomes of the command ids they decided forgotten.
+    fn discard(&mut self, commands: &[Envelope], results: &[ItemResult], mark: Mark) {
         for undo in self.scratch.undo.drain(..).rev() {
             self.cache.restore(undo);
         }
-        self.pending.truncate_events(mark);
+        // The undo put every stamp back: these changes are as if never made.
+        self.scratch.changed.truncate(mark.changed);
+        self.pending.truncate_events(mark.events);
         for (envelope, result) in commands.iter().zip(results) {
             // Forget only what this submission decided: a replayed id's outcome belongs to an
             // earlier submission and must still be written.
@@ -659,12 +681,13 @@ impl Writer {
     /// After batch `batch` is durable: publish what it changed to the overlay readers see,
     /// and keep its aggregates and ids for the next checkpoint.
     fn after_commit(&mut self, batch: u64) {
-        self.checkpoints
-            .published
-            .publish(batch, &self.cache, self.scratch.dirty.iter());
-        for id in self.scratch.dirty.drain() {
-            self.checkpoints.dirty.insert(id);
-        }
+        self.checkpoints.published.publish(
+            batch,
+            &self.cache,
+            self.scratch.changed.iter().map(|(id, _)| id),
+        );
+        let fresh = self.scratch.changed.drain(..).filter(|(_, fresh)| *fresh);
+        self.checkpoints.dirty.extend(fresh.map(|(id, _)| id));
         for (id, outcome) in self.scratch.outcomes.drain() {
             self.checkpoints.recent.insert(id, outcome);
         }
@@ -712,7 +735,7 @@ impl Writer {
         // allocation for an aggregate of the same type).
         let mut states = std::mem::take(&mut self.checkpoints.spare_states);
         let mut filled = 0;
-        for id in self.checkpoints.dirty.drain() {
+        for id in self.checkpoints.dirty.drain(..) {
             let Some(aggregate) = self.cache.get(&id) else {
                 continue;
             };
@@ -742,7 +765,10 @@ impl Writer {
             mark,
         };
         match jobs.try_send(Work::Write(job)) {
-            Ok(()) => self.checkpoints.inflight = Some((mark.batch, ids)),
+            Ok(()) => {
+                self.checkpoints.inflight = Some((mark.batch, ids));
+                self.cache.handed(mark.batch);
+            }
             Err(
                 TrySendError::Full(Work::Write(job)) | TrySendError::Disconnected(Work::Write(job)),
             ) => {
@@ -750,9 +776,9 @@ impl Writer {
                 // the thread failed and poisoned the write path; keep the changes for the next
                 // attempt.
                 drop(ids);
-                for (id, _) in job.states {
-                    self.checkpoints.dirty.insert(id);
-                }
+                self.checkpoints
+                    .dirty
+                    .extend(job.states.into_iter().map(|(id, _)| id));
                 if let Ok(ids) = Arc::try_unwrap(job.ids) {
                     self.checkpoints.recent = ids;
                 }

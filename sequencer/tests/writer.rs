@@ -591,7 +591,15 @@ async fn checkpoints_that_reuse_their_copies_keep_every_state_and_id_exact() {
 /// the cache no longer holds) is the model's, and the memory stays at the bound.
 #[tokio::test]
 async fn a_cache_smaller_than_the_store_decides_as_the_model() {
-    model_run(4, 100, 4).await;
+    model_run(4, 100, 4, 1).await;
+}
+
+/// The same with a checkpoint every third batch: an aggregate changed in several batches
+/// between two checkpoints is in the next one once, with its last state.
+#[tokio::test]
+async fn checkpoints_every_few_batches_decide_as_the_model() {
+    model_run(4, 100, 4, 3).await;
+    model_run(Config::default().cache_aggregates_max, 100, 2, 3).await;
 }
 
 /// A tiny deterministic generator (xorshift): the same commands on every run.
@@ -643,15 +651,20 @@ fn model_decide(balances: &mut [i64], command: &(u8, usize, usize, u64)) -> &'st
     }
 }
 
-/// On a new store, with a checkpoint after every batch and at most `cache_aggregates_max`
+/// On a new store, with a checkpoint every `checkpoint_every_batches` batches and at most `cache_aggregates_max`
 /// aggregates in memory: opens `accounts` accounts, then runs `phases` phases of random deposits, withdrawals and
 /// transfers (plain, atomic and dry-run submissions) against a model; between phases the
 /// sequencer restarts, after a power loss or a clean stop in turn. Every answer, every retried
 /// id's answer and every balance equal the model's, and once the writer is idle it holds at
 /// most `cache_aggregates_max` aggregates.
-async fn model_run(cache_aggregates_max: usize, accounts: usize, phases: usize) {
+async fn model_run(
+    cache_aggregates_max: usize,
+    accounts: usize,
+    phases: usize,
+    checkpoint_every_batches: u64,
+) {
     let config = Config {
-        checkpoint_every_batches: 1,
+        checkpoint_every_batches,
         cache_aggregates_max,
         linger: Duration::ZERO,
         ..Config::default()
@@ -776,5 +789,5 @@ async fn model_run(cache_aggregates_max: usize, accounts: usize, phases: usize) 
 /// The model run with every aggregate in memory (the default bound): the same answers.
 #[tokio::test]
 async fn a_cache_that_holds_the_store_decides_as_the_model() {
-    model_run(Config::default().cache_aggregates_max, 100, 4).await;
+    model_run(Config::default().cache_aggregates_max, 100, 4, 1).await;
 }
