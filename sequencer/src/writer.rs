@@ -306,11 +306,12 @@ impl Writer {
                 let durable_at_us = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_micros() as u64);
+                // Published before the answers: a client reads its own writes.
                 if let Some(header) = &header {
-                    self.after_commit(header.seq);
+                    self.publish_changes(header.seq);
                 }
                 let batch = header.map(|h| h.seq);
-                self.record_metrics(header.map_or(0, |h| h.count), fsync_seconds, decided.len());
+                let submissions = decided.len();
                 let committed_at_us = self.pending.committed_at_us();
                 for d in decided {
                     metrics::histogram!("keel_queue_wait_seconds")
@@ -327,6 +328,10 @@ impl Writer {
                 if let Some(header) = &header {
                     self.notify_durable(header, durable_at_us);
                 }
+                // The bookkeeping no answer waits for: it runs while the clients read their
+                // answers, and before the next batch is decided (which looks ids up in it).
+                self.keep_for_checkpoint(header.is_some());
+                self.record_metrics(header.map_or(0, |h| h.count), fsync_seconds, submissions);
             }
             Err(error) => {
                 // The cache now holds effects that are not durable. Nothing of this batch is
@@ -678,14 +683,22 @@ impl Writer {
         }
     }
 
-    /// After batch `batch` is durable: publish what it changed to the overlay readers see,
-    /// and keep its aggregates and ids for the next checkpoint.
-    fn after_commit(&mut self, batch: u64) {
+    /// After batch `batch` is durable, before its answers: publishes what it changed to the
+    /// overlay readers see.
+    fn publish_changes(&mut self, batch: u64) {
         self.checkpoints.published.publish(
             batch,
             &self.cache,
             self.scratch.changed.iter().map(|(id, _)| id),
         );
+    }
+
+    /// After a durable batch's answers: keeps its aggregates and ids for the next checkpoint
+    /// (`written`: the batch wrote a record; one that only replayed answers changed nothing).
+    fn keep_for_checkpoint(&mut self, written: bool) {
+        if !written {
+            return;
+        }
         let fresh = self.scratch.changed.drain(..).filter(|(_, fresh)| *fresh);
         self.checkpoints.dirty.extend(fresh.map(|(id, _)| id));
         for (id, outcome) in self.scratch.outcomes.drain() {
