@@ -401,57 +401,36 @@ mod tests {
             first_in_batch: in_batch,
             first_since_handed: since_handed,
         };
+        let change = |cache: &mut Cache, n: usize, undo: Option<&mut Vec<Undo>>| {
+            cache.update(&id(n), undo, |_| account(n as i64))
+        };
         let mut cache = Cache::new(16);
         cache.begin(1);
-        assert_eq!(
-            cache.update(&id(0), None, |_| account(1)),
-            first(true, true)
-        );
-        assert_eq!(
-            cache.update(&id(0), None, |_| account(2)),
-            first(false, false)
-        );
+        assert_eq!(change(&mut cache, 0, None), first(true, true));
+        assert_eq!(change(&mut cache, 0, None), first(false, false));
         cache.begin(2);
         assert_eq!(
-            cache.update(&id(0), None, |_| account(3)),
+            change(&mut cache, 0, None),
             first(true, false),
             "changed in batch 1, not handed yet"
         );
         cache.handed(2);
         cache.begin(3);
         let mut undo = Vec::new();
-        assert_eq!(
-            cache.update(&id(0), Some(&mut undo), |_| account(4)),
-            first(true, true)
-        );
-        assert_eq!(
-            cache.update(&id(1), Some(&mut undo), |_| account(5)),
-            first(true, true)
-        );
+        assert_eq!(change(&mut cache, 0, Some(&mut undo)), first(true, true));
+        assert_eq!(change(&mut cache, 1, Some(&mut undo)), first(true, true));
         for u in undo.drain(..).rev() {
             cache.restore(u);
         }
-        assert_eq!(
-            cache.update(&id(0), None, |_| account(6)),
-            first(true, true)
-        );
-        assert_eq!(
-            cache.update(&id(1), None, |_| account(7)),
-            first(true, true)
-        );
+        assert_eq!(change(&mut cache, 0, None), first(true, true), "undone");
+        assert_eq!(change(&mut cache, 1, None), first(true, true), "undone");
         // Loaded from the checkpoint (evicted once a written checkpoint held it): a first.
         cache.load(id(2), account(8));
-        assert_eq!(
-            cache.update(&id(2), None, |_| account(9)),
-            first(true, true)
-        );
+        assert_eq!(change(&mut cache, 2, None), first(true, true));
         // Past the exact stamps every change counts as a first one.
         cache.begin(CHANGED_MAX + 5);
-        cache.update(&id(0), None, |_| account(10));
-        assert_eq!(
-            cache.update(&id(0), None, |_| account(11)),
-            first(true, true)
-        );
+        change(&mut cache, 0, None);
+        assert_eq!(change(&mut cache, 0, None), first(true, true));
     }
 
     /// An undo restores the entry and its stamp, so a rolled-back change does not pin it.

@@ -606,7 +606,6 @@ impl Writer {
     /// outcomes dropped, and every command it committed answered `atomic_rollback`.
     /// `mark` is where the batch stood before the submission.
     fn roll_back(&mut self, commands: &[Envelope], results: &mut [ItemResult], mark: Mark) {
-        let mark_seq = mark.seq;
         self.discard(commands, results, mark);
         for result in results.iter_mut() {
             // A repeat of an id committed earlier in this same submission is rolled back too.
@@ -616,7 +615,7 @@ impl Writer {
                     replayed: false,
                     ..
                 }
-            ) || matches!(result, ItemResult::Committed { seq, replayed: true } if *seq >= mark_seq);
+            ) || matches!(result, ItemResult::Committed { seq, replayed: true } if *seq >= mark.seq);
             if undone {
                 *result = ItemResult::Rejected {
                     rejection: Rejection::new(

@@ -651,9 +651,9 @@ fn model_decide(balances: &mut [i64], command: &(u8, usize, usize, u64)) -> &'st
     }
 }
 
-/// On a new store, with a checkpoint every `checkpoint_every_batches` batches and at most `cache_aggregates_max`
-/// aggregates in memory: opens `accounts` accounts, then runs `phases` phases of random deposits, withdrawals and
-/// transfers (plain, atomic and dry-run submissions) against a model; between phases the
+/// On a new store, with a checkpoint every `checkpoint_every_batches` batches and at most
+/// `cache_aggregates_max` aggregates in memory: opens `accounts` accounts, then runs `phases`
+/// phases of random deposits, withdrawals and transfers (plain, atomic and dry-run submissions) against a model; between phases the
 /// sequencer restarts, after a power loss or a clean stop in turn. Every answer, every retried
 /// id's answer and every balance equal the model's, and once the writer is idle it holds at
 /// most `cache_aggregates_max` aggregates.
