@@ -209,10 +209,20 @@ impl RocksStorage {
                 LockProbe::Unknown
             };
         };
-        match std::fs::read_to_string("/proc/locks") {
-            Ok(table) => lock_holder(&table, meta.dev(), meta.ino()),
-            Err(_) => LockProbe::Unknown,
+        // The kernel prints the table a page at a time, indexing into lists that other
+        // processes change between pages, so one read can skip a line (seen under a loaded
+        // test run: a held lock read as free). A lock held throughout shows in some read.
+        let mut probe = LockProbe::Unknown;
+        for _ in 0..LOCK_TABLE_READS {
+            probe = match std::fs::read_to_string("/proc/locks") {
+                Ok(table) => lock_holder(&table, meta.dev(), meta.ino()),
+                Err(_) => return LockProbe::Unknown,
+            };
+            if probe != LockProbe::Free {
+                break;
+            }
         }
+        probe
     }
 
     /// A read-only or secondary instance: it refuses to ingest and leaves the primary's
@@ -286,6 +296,9 @@ fn descriptors(path: &Path, create: bool) -> (Vec<Cf>, Vec<ColumnFamilyDescripto
         .collect();
     (families, descriptors)
 }
+
+/// How many times [`RocksStorage::lock_probe`] reads the lock table before it calls a lock free.
+const LOCK_TABLE_READS: usize = 3;
 
 /// Read-ahead of [`RocksStorage::scan_once`]: large sequential reads for a full scan.
 const SCAN_ONCE_READAHEAD_BYTES: usize = 2 << 20;
