@@ -14,7 +14,7 @@ use keel_sequencer::{ItemResult, Reply, Sequencer, SubmitError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -58,6 +58,11 @@ pub struct EngineReport {
     pub items_rejected: u64,
     pub submissions: u64,
     pub overloaded: u64,
+    /// CPU seconds (user + system) each thread of the process spent during the measured run,
+    /// summed by thread name (`keel-sequencer` is the writer; `keel-checkpoint`, RocksDB's
+    /// `rocksdb:low`/`rocksdb:high` and the bench's own thread share the other core). Empty
+    /// where `/proc` is not readable.
+    pub cpu_s_by_thread: BTreeMap<String, f64>,
     pub parameters: EngineConfig,
     pub machine: Machine,
     pub git_commit: String,
@@ -116,12 +121,22 @@ pub fn run(
         .build()
         .context("starting a runtime")?;
     let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let ticks_per_sec = crate::sampler::clock_ticks_per_sec();
     let result = runtime.block_on(async {
         setup(&sequencer, config.accounts).await?;
-        measure(&sequencer, config).await
+        let before = thread_cpu_ticks();
+        let measured = measure(&sequencer, config).await?;
+        Ok::<_, anyhow::Error>((measured, before, thread_cpu_ticks()))
     });
     sequencer.shutdown();
-    let (tallies, elapsed) = result?;
+    let ((tallies, elapsed), before, after) = result?;
+    let cpu_s_by_thread = after
+        .into_iter()
+        .map(|(name, ticks)| {
+            let spent = ticks.saturating_sub(before.get(&name).copied().unwrap_or(0));
+            (name, spent as f64 / ticks_per_sec)
+        })
+        .collect();
     let secs = elapsed.as_secs_f64().max(1e-9);
     Ok(EngineReport {
         schema: crate::report::ENGINE_SCHEMA,
@@ -137,10 +152,34 @@ pub fn run(
         items_rejected: tallies.rejected,
         submissions: tallies.submissions,
         overloaded: tallies.overloaded,
+        cpu_s_by_thread,
         parameters: config.clone(),
         machine,
         git_commit: git_commit(),
     })
+}
+
+/// CPU time (utime + stime, in clock ticks) of this process's threads, summed by thread name,
+/// from `/proc/self/task/*/{comm,stat}`. A thread that ends between two readings drops out of
+/// the later one (the writer and the checkpoint thread live as long as the sequencer).
+fn thread_cpu_ticks() -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue;
+        };
+        if let Some(ticks) = crate::sampler::parse_proc_stat_ticks(&stat) {
+            *by_name.entry(comm.trim().to_owned()).or_insert(0) += ticks;
+        }
+    }
+    by_name
 }
 
 fn store_dir(config: &EngineConfig) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
@@ -298,6 +337,28 @@ async fn measure(
 }
 
 impl EngineReport {
+    /// The writer thread's CPU time per committed item (the figure to compare between builds
+    /// on a machine whose speed drifts: it leaves out time spent waiting for the fsync and for
+    /// a core), then every thread's CPU seconds, busiest first. Empty without `/proc`.
+    fn cpu_lines(&self) -> String {
+        let Some(writer) = self.cpu_s_by_thread.get("keel-sequencer") else {
+            return String::new();
+        };
+        let per_item_us = writer * 1e6 / self.items_committed.max(1) as f64;
+        let mut threads: Vec<(&String, &f64)> = self.cpu_s_by_thread.iter().collect();
+        threads.sort_by(|a, b| b.1.total_cmp(a.1));
+        let threads: Vec<String> = threads
+            .iter()
+            .filter(|(_, cpu)| **cpu >= 0.01)
+            .map(|(name, cpu)| format!("{name} {cpu:.2}"))
+            .collect();
+        format!(
+            "writer CPU per item     {per_item_us:.3} µs  ({writer:.2} s on the writer thread)\n\
+             CPU s by thread         {}\n",
+            threads.join(", ")
+        )
+    }
+
     pub fn table(&self) -> String {
         let l = &self.latency_ms;
         format!(
@@ -310,6 +371,7 @@ impl EngineReport {
              latency max ms          {:.3}\n\
              rejected items          {}\n\
              overloaded submits      {}\n\
+             {}\
              data disk               {}\n",
             self.parameters.batch,
             self.parameters.in_flight,
@@ -326,6 +388,7 @@ impl EngineReport {
             l.max,
             self.items_rejected,
             self.overloaded,
+            self.cpu_lines(),
             crate::disk::describe(self.machine.data_disk.as_ref()),
         )
     }

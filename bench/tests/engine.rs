@@ -34,6 +34,14 @@ fn engine_bench_commits_transfers_and_reports_group_commit() {
         report.items_per_commit_mean
     );
     assert!(report.latency_ms.p50 > 0.0 && report.latency_ms.p50 <= report.latency_ms.max);
+    // The writer thread did the deciding: it is named and its CPU time counted.
+    let writer = report.cpu_s_by_thread.get("keel-sequencer").copied();
+    assert!(
+        writer.is_some_and(|cpu| cpu > 0.0),
+        "{:?}",
+        report.cpu_s_by_thread
+    );
+    assert!(report.table().contains("writer CPU per item"));
     let v = serde_json::to_value(&report).unwrap();
     for key in ["items_per_sec", "batches_per_sec", "latency_ms"] {
         assert!(!v[key].is_null(), "{key}");
