@@ -341,7 +341,7 @@ impl EngineReport {
     /// on a machine whose speed drifts: it leaves out time spent waiting for the fsync and for
     /// a core), then every thread's CPU seconds, busiest first. Empty without `/proc`.
     fn cpu_lines(&self) -> String {
-        let Some(writer) = self.cpu_s_by_thread.get("keel-sequencer") else {
+        let Some(writer) = self.cpu_s_by_thread.get(keel_sequencer::WRITER_THREAD) else {
             return String::new();
         };
         let per_item_us = writer * 1e6 / self.items_committed.max(1) as f64;

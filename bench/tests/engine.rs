@@ -35,7 +35,10 @@ fn engine_bench_commits_transfers_and_reports_group_commit() {
     );
     assert!(report.latency_ms.p50 > 0.0 && report.latency_ms.p50 <= report.latency_ms.max);
     // The writer thread did the deciding: it is named and its CPU time counted.
-    let writer = report.cpu_s_by_thread.get("keel-sequencer").copied();
+    let writer = report
+        .cpu_s_by_thread
+        .get(keel_sequencer::WRITER_THREAD)
+        .copied();
     assert!(
         writer.is_some_and(|cpu| cpu > 0.0),
         "{:?}",

@@ -160,6 +160,9 @@ pub struct CommittedEvent {
     pub logged: LoggedEvent,
 }
 
+/// The name of the writer thread (what `top -H`, `perf` and `/proc/*/task/*/comm` show).
+pub const WRITER_THREAD: &str = "keel-sequencer";
+
 pub(crate) struct Submission {
     commands: Vec<Envelope>,
     atomic: bool,
@@ -346,7 +349,7 @@ impl Sequencer {
         );
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
-            .name("keel-sequencer".into())
+            .name(WRITER_THREAD.into())
             .spawn(move || run_writer(writer, rx, &thread_shared))
             .map_err(spawn_error)?;
         Ok(Self {
