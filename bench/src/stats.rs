@@ -41,6 +41,12 @@ impl LatencyHistogram {
             .saturating_record(us.clamp(1, LATENCY_US_MAX));
     }
 
+    /// Records `count` latencies of `us` each.
+    pub fn record_us_n(&mut self, us: u64, count: u64) {
+        self.histogram
+            .saturating_record_n(us.clamp(1, LATENCY_US_MAX), count);
+    }
+
     pub fn add(&mut self, other: &LatencyHistogram) {
         // Same bounds on both sides, so adding cannot fail; saturate rather than panic anyway.
         if self.histogram.add(&other.histogram).is_err() {
