@@ -7,6 +7,9 @@
 #   c. 1000 subscribers each following one account (aggregate=account:a<i>); the writer at full
 #      speed, batch 1000; the same writer first runs alone on the same server (--baseline).
 #
+# After a and b, `keel-bench loopback-fanout` moves the same bytes to as many connections at the
+# same rate over bare loopback TCP (<name>-floor.*): the latency no server can beat on this host.
+#
 # Each scenario writes for SUBSCRIBE_DURATION (default 20s). Environment: CARGO_TARGET_DIR,
 # BENCH_DATA_ROOT (default $TMPDIR or /tmp), SUBSCRIBE_SCENARIOS (default "a b c"),
 # BENCH_KEEP_DATA=1 keeps the stores. Results: bench/results/<UTC stamp>-subscribe/. Loopback
@@ -81,10 +84,28 @@ run_scenario() {
   stop_server
 }
 
+# run_floor NAME CONNECTIONS BATCHES_PER_SEC BATCH: the same fan-out without Keel (keel-bench
+# loopback-fanout: bytes straight over loopback TCP, no HTTP, SSE or store), with the bytes per
+# delivery the scenario measured and as many rounds as it had batches. What it prints is the
+# floor of the scenario's latency on this host.
+run_floor() {
+  local name=$1 connections=$2 per_sec=$3 batch=$4 shape
+  shape=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); b=int(sys.argv[2]); print(round(r["bytes_per_delivery"]*b), min(100000, round(r["duration_s"]*float(sys.argv[3]))))' \
+    "$RESULTS/$name.json" "$batch" "$per_sec")
+  local command=("$KEEL_BENCH_BIN" loopback-fanout --connections "$connections"
+    --bytes "${shape% *}" --rounds-per-sec "$per_sec" --rounds "${shape#* }"
+    --json "$RESULTS/$name-floor.json")
+  log "scenario $name, its floor: ${command[*]}"
+  echo "${command[*]}" >"$RESULTS/$name-floor.command"
+  "${command[@]}" | tee "$RESULTS/$name-floor.txt"
+}
+
 for scenario in $SUBSCRIBE_SCENARIOS; do
   case $scenario in
-    a) run_scenario a 1000 -- --rate 1000 --batch 100 ;;
-    b) run_scenario b 100 -- --rate 10000 --batch 100 ;;
+    a) run_scenario a 1000 -- --rate 1000 --batch 100
+       run_floor a 1000 10 100 ;;
+    b) run_scenario b 100 -- --rate 10000 --batch 100
+       run_floor b 100 100 100 ;;
     c) run_scenario c 1000 -- --filter-accounts --accounts 1000 --batch 1000 --baseline ;;
     *) log "unknown scenario $scenario (a, b or c)"; exit 2 ;;
   esac

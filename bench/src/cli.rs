@@ -73,6 +73,15 @@ pub enum SubCommand {
     },
     /// Live subscriptions (`GET /v1/subscribe`) under a write load: delivery latency and rate.
     Subscribe(crate::subscribe::SubscribeArgs),
+    /// The floor under `subscribe` on this host: the same bytes fanned out over loopback TCP
+    /// with no HTTP, SSE or store (one writer thread, readers that only count bytes).
+    LoopbackFanout {
+        #[command(flatten)]
+        args: crate::fanout::FanoutArgs,
+        /// Write the result JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Print a free TCP port on 127.0.0.1.
     FreePort,
     /// Wait until `GET /readyz` answers 200, or fail after --timeout.

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod disk;
 pub mod domain;
 pub mod engine_bench;
+pub mod fanout;
 pub mod load;
 pub mod plot;
 pub mod preflight;
@@ -43,6 +44,9 @@ pub fn run_cli(cli: Cli) -> ExitCode {
         (Some(SubCommand::Compare { files, min_ratio }), _) => run_compare(files, *min_ratio),
         (Some(SubCommand::Subscribe(args)), _) => {
             with_runtime(run_subscribe_command(args)).map(|()| ExitCode::SUCCESS)
+        }
+        (Some(SubCommand::LoopbackFanout { args, json }), _) => {
+            run_fanout_command(args, json.as_deref()).map(|()| ExitCode::SUCCESS)
         }
         (Some(SubCommand::FreePort), _) => free_port().map(|port| {
             println!("{port}");
@@ -94,6 +98,20 @@ async fn run_subscribe_command(args: &subscribe::SubscribeArgs) -> anyhow::Resul
     let report = subscribe::run(args).await?;
     print!("{}", report.table());
     if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `keel-bench loopback-fanout`: runs it, prints the table, writes the JSON when asked.
+fn run_fanout_command(
+    args: &fanout::FanoutArgs,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let report = fanout::run(args)?;
+    print!("{}", report.table());
+    if let Some(path) = json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }

@@ -82,6 +82,10 @@ pub struct SubscribeReport {
     pub deliveries_per_s: f64,
     /// Deliveries that had a batch comment (their latency is measured).
     pub deliveries_timed: u64,
+    /// Stream bytes received over all subscribers, and per delivered event (what
+    /// `keel-bench loopback-fanout --bytes` takes for the same fan-out without Keel).
+    pub bytes_received: u64,
+    pub bytes_per_delivery: f64,
     pub latency_ms: LatencySummaryMs,
     pub write_items_per_s: f64,
     pub write_items_committed: u64,
@@ -103,7 +107,7 @@ impl SubscribeReport {
             .map_or("-".to_string(), |b| format!("{b:.0}"));
         format!(
             "subscribers            {}{}\n\
-             deliveries             {} ({:.0}/s; {} timed)\n\
+             deliveries             {} ({:.0}/s; {} timed; {:.0} bytes each)\n\
              latency ms             p50 {:.3}  p99 {:.3}  p999 {:.3}  max {:.3}\n\
              write items/s          {:.0} (without subscribers: {baseline})\n\
              write requests failed  {}\n\
@@ -117,6 +121,7 @@ impl SubscribeReport {
             self.deliveries,
             self.deliveries_per_s,
             self.deliveries_timed,
+            self.bytes_per_delivery,
             l.p50,
             l.p99,
             l.p999,
@@ -135,6 +140,8 @@ impl SubscribeReport {
 struct SubscriberTally {
     latency: LatencyHistogram,
     deliveries: u64,
+    /// Stream bytes read (SSE framing included, HTTP chunk framing not).
+    bytes: u64,
     timed: u64,
     resumes: u64,
     ended: bool,
@@ -320,6 +327,7 @@ async fn subscriber(
         match chunk {
             Ok(Some(bytes)) => {
                 let before = tally.deliveries;
+                tally.bytes += bytes.len() as u64;
                 parser.feed(&bytes, now_us(), &mut tally);
                 received.fetch_add(tally.deliveries - before, Ordering::Relaxed);
                 tally.last_receive = Some(Instant::now());
@@ -503,6 +511,7 @@ pub async fn run(args: &SubscribeArgs) -> anyhow::Result<SubscribeReport> {
         let tally = task.await.context("a subscriber task failed")?;
         total.latency.add(&tally.latency);
         total.deliveries += tally.deliveries;
+        total.bytes += tally.bytes;
         total.timed += tally.timed;
         total.resumes += tally.resumes;
         total.ended |= tally.ended;
@@ -526,6 +535,8 @@ pub async fn run(args: &SubscribeArgs) -> anyhow::Result<SubscribeReport> {
         deliveries: total.deliveries,
         deliveries_per_s: total.deliveries as f64 / window.as_secs_f64(),
         deliveries_timed: total.timed,
+        bytes_received: total.bytes,
+        bytes_per_delivery: total.bytes as f64 / total.deliveries.max(1) as f64,
         latency_ms: total.latency.summary_ms(),
         write_items_per_s: outcome.counters.items_committed as f64 / write_elapsed.as_secs_f64(),
         write_items_committed: outcome.counters.items_committed,
