@@ -676,6 +676,7 @@ fn encode_chunk(
     let mut comments: Vec<(usize, usize)> = Vec::new();
     let mut targets = Vec::with_capacity(events.len());
     let mut current = None;
+    let mut timestamps = Timestamps::default();
     for event in events {
         if current != Some(event.batch) {
             current = Some(event.batch);
@@ -687,7 +688,7 @@ fn encode_chunk(
         }
         batch_of.push(comments.len() - 1);
         starts.push(bytes.len());
-        encode_event(&mut bytes, event);
+        encode_event(&mut bytes, event, timestamps.of(event));
         targets.push(event.logged.event.targets().iter().cloned().collect());
     }
     starts.push(bytes.len());
@@ -702,11 +703,32 @@ fn encode_chunk(
 }
 
 /// `id: <seq>\nevent: event\ndata: <the event as GET /v1/events shows it>\n\n`.
-fn encode_event(out: &mut Vec<u8>, event: &CommittedEvent) {
+/// `committed_at` is the event's timestamp, formatted once per batch by [`Timestamps`].
+fn encode_event(out: &mut Vec<u8>, event: &CommittedEvent, committed_at: &str) {
     let _ = write!(out, "id: {}\nevent: event\ndata: ", event.seq);
-    // Writing a JSON value into a Vec cannot fail; JSON escapes newlines, so it is one line.
-    let _ = serde_json::to_writer(&mut *out, &wire::event_json(event));
+    // JSON escapes newlines, so the event is one line.
+    wire::write_event_json(out, event, committed_at);
     out.extend_from_slice(b"\n\n");
+}
+
+/// The last batch's `committed_at`, formatted once for all its events.
+#[derive(Default)]
+struct Timestamps {
+    last: Option<(u64, String)>,
+}
+
+impl Timestamps {
+    fn of(&mut self, event: &CommittedEvent) -> &str {
+        if self
+            .last
+            .as_ref()
+            .is_none_or(|(us, _)| *us != event.committed_at_us)
+        {
+            let us = event.committed_at_us;
+            self.last = Some((us, wire::timestamp(us)));
+        }
+        self.last.as_ref().map_or("", |(_, text)| text.as_str())
+    }
 }
 
 fn resume_frame(reason: EndReason, last_delivered: u64) -> Bytes {
@@ -865,9 +887,21 @@ impl Session {
         let Some(last_sent) = last_sent else {
             return;
         };
-        for (start, end) in ranges {
-            self.ready.push_back(chunk.bytes.slice(start..end));
-        }
+        // One piece per delivery: a piece is a frame of the response, and a frame costs the
+        // connection a chunk header and a write of its own. A filtered subscriber's events are
+        // scattered over the chunk, so they are copied together (a few kilobytes).
+        let piece = match ranges.as_slice() {
+            [(start, end)] => chunk.bytes.slice(*start..*end),
+            _ => {
+                let length = ranges.iter().map(|(start, end)| end - start).sum();
+                let mut piece = Vec::with_capacity(length);
+                for (start, end) in ranges {
+                    piece.extend_from_slice(&chunk.bytes[start..end]);
+                }
+                Bytes::from(piece)
+            }
+        };
+        self.ready.push_back(piece);
         self.last_delivered = last_sent;
         metrics::counter!("keel_subscribe_deliveries_total").increment(sent);
     }
@@ -895,8 +929,9 @@ impl Session {
             let mut bytes = Vec::new();
             let mut sent = 0u64;
             let mut last_sent = None;
+            let mut timestamps = Timestamps::default();
             for event in events.iter().filter(|e| filter.passes_event(e)) {
-                encode_event(&mut bytes, event);
+                encode_event(&mut bytes, event, timestamps.of(event));
                 sent += 1;
                 last_sent = Some(event.seq);
             }

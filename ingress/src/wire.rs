@@ -469,6 +469,35 @@ pub fn event_json(event: &CommittedEvent) -> Value {
     })
 }
 
+/// Writes one event exactly as [`event_json`] serializes it (the same keys in the same order),
+/// without building a `Value` for its envelope: the subscription hub encodes every committed
+/// event. `committed_at` is [`timestamp`] of the event's `committed_at_us`, shared by a batch.
+pub fn write_event_json(out: &mut Vec<u8>, event: &CommittedEvent, committed_at: &str) {
+    #[derive(Serialize)]
+    struct View<'a> {
+        seq: u64,
+        batch: u64,
+        committed_at: &'a str,
+        #[serde(rename = "type")]
+        kind: &'a str,
+        command_id: &'a Option<String>,
+        aggregates: Vec<&'a str>,
+        data: Value,
+    }
+    let e = &event.logged.event;
+    let view = View {
+        seq: event.seq,
+        batch: event.batch,
+        committed_at,
+        kind: e.type_name(),
+        command_id: &event.logged.command_id,
+        aggregates: e.targets().iter().map(|id| id.as_str()).collect(),
+        data: event_data(e),
+    };
+    // Writing JSON into a Vec cannot fail (no I/O; every key is a string).
+    let _ = serde_json::to_writer(out, &view);
+}
+
 fn event_data(event: &Event) -> Value {
     domain_of_tag(event.tag())
         .and_then(|d| d.event_data(event))
@@ -478,6 +507,60 @@ fn event_data(event: &Event) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The subscription hub writes events with [`write_event_json`]; `GET /v1/events` and
+    /// `GET /v1/batches/{seq}` serialize [`event_json`]. The bytes must be the same.
+    #[test]
+    fn written_events_are_byte_for_byte_the_served_json() {
+        let account = |name| AggregateId::new("account", name);
+        let sku = AggregateId::new("sku", "s-1");
+        let events = [
+            Event::new(ledger::Event::Transferred {
+                from: account("a1"),
+                to: account("b\"2"),
+                amount: 7,
+                memo: Some("line\nbreak \u{e9} \\ \"quoted\"".into()),
+            }),
+            Event::new(ledger::Event::AccountOpened {
+                account: account("a1"),
+                overdraft_limit: u64::MAX,
+            }),
+            Event::new(ledger::Event::Deposited {
+                account: account("a1"),
+                amount: 0,
+                memo: None,
+            }),
+            Event::new(inventory::Event::Reserved {
+                sku: sku.clone(),
+                qty: 3,
+                order: "o-9".into(),
+            }),
+            Event::new(inventory::Event::SkuCreated { sku, on_hand: 1 }),
+        ];
+        for (i, event) in events.into_iter().enumerate() {
+            let committed = CommittedEvent {
+                seq: 1000 + i as u64,
+                batch: 17,
+                committed_at_us: 1_764_547_200_123_456,
+                logged: keel_invariants::LoggedEvent {
+                    command_id: (i % 2 == 0).then(|| format!("c-{i}")),
+                    event,
+                },
+            };
+            let served =
+                serde_json::to_vec(&event_json(&committed)).expect("a JSON value serializes");
+            let mut written = Vec::new();
+            write_event_json(
+                &mut written,
+                &committed,
+                &timestamp(committed.committed_at_us),
+            );
+            assert_eq!(
+                String::from_utf8(written).expect("written JSON is UTF-8"),
+                String::from_utf8(served).expect("served JSON is UTF-8")
+            );
+        }
+    }
 
     fn no_domains() -> Arc<DomainSet> {
         Arc::new(DomainSet::builtin())

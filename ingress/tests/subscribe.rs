@@ -730,3 +730,52 @@ async fn the_fan_out_is_paced_by_its_wakeup_budget_and_loses_nothing() {
         0.0
     );
 }
+
+/// A filtered subscriber's events are scattered over a round's shared chunk; the round hands
+/// them out as one piece (copied together). The piece holds exactly its events, in order, each
+/// batch's durable-time comment before its first one, each event as `GET /v1/events` serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_subscriber_gets_its_scattered_events_of_a_round_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    // One wake-up a second: the batches after the first round go out together.
+    let keel = KeelProcess::start(dir.path(), &["--subscriber-wakeups-per-sec", "1"]);
+    let c = client();
+    let opened = post(
+        &c,
+        &keel.url,
+        json!([{"type": "open_account", "account": "a"}, {"type": "open_account", "account": "b"}]),
+    )
+    .await;
+    let after = last_seq(&opened);
+    let mut stream = Stream::open(
+        &keel.url,
+        &format!("?after={after}&aggregate=account:a"),
+        None,
+    )
+    .await;
+    let first = post(&c, &keel.url, deposits(&["a"], 1, 0)).await;
+    assert_eq!(
+        stream.next_event().await.unwrap().id,
+        Some(last_seq(&first))
+    );
+    // Three batches of b, a, b, a, b: a's events are the 2nd and 4th of each.
+    let mut wanted = Vec::new();
+    let mut last = 0;
+    for _ in 0..3 {
+        last = last_seq(&post(&c, &keel.url, deposits(&["b", "a", "b", "a", "b"], 1, 9)).await);
+        wanted.extend([last - 3, last - 1]);
+    }
+    let got = stream.events_until(*wanted.last().unwrap(), 6).await;
+    let ids: Vec<u64> = got.iter().map(|b| b.id.unwrap()).collect();
+    assert_eq!(ids, wanted);
+    let served = served_events(&c, &keel.url, last).await;
+    for block in &got {
+        let seq = block.id.unwrap();
+        assert_eq!(&block.json(), &served[(seq - 1) as usize], "event {seq}");
+    }
+    // Every batch announced once, before its first event of a (the 1st, 3rd and 5th block).
+    for (i, block) in got.iter().enumerate() {
+        let announced = block.comments.iter().any(|c| c.starts_with("batch "));
+        assert_eq!(announced, i % 2 == 0, "block {i}: {block:?}");
+    }
+}
