@@ -161,7 +161,7 @@ pub struct ServeConfig {
     /// CPU niceness of the threads that serve live subscriptions (the subscription lane), from
     /// 0 (the same priority as writes) to 19 (the lowest). Above 0, a CPU-bound write load runs
     /// first and subscribers fall behind instead (never losing an event); 0 shares the CPU.
-    #[arg(long, env = "KEEL_SUBSCRIBER_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    #[arg(long, env = "KEEL_SUBSCRIBER_NICE", default_value_t = 19, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub subscriber_nice: i32,
     /// NATS server URL; when set, every committed batch is published to JetStream.
     #[arg(long, env = "KEEL_NATS_URL")]
