@@ -848,8 +848,9 @@ impl Session {
         }
     }
 
-    /// Queues the part of a live delivery after the cursor: slices of the shared chunk, each
-    /// batch's comment before its first event sent.
+    /// Queues the part of a live delivery after the cursor as one piece (a slice of the shared
+    /// chunk, or the wanted events copied together), each batch's comment before its first
+    /// event sent.
     fn deliver(&mut self, delivery: &Delivery) {
         let chunk = &delivery.chunk;
         if chunk.last_seq() <= self.cursor {
@@ -857,6 +858,14 @@ impl Session {
         }
         let events = chunk.starts.len() - 1;
         let skip = self.cursor.saturating_sub(chunk.first_seq - 1) as usize;
+        if delivery.only.is_none() && skip == 0 {
+            // Everything: the whole chunk, which starts with its first batch's comment.
+            self.cursor = chunk.last_seq();
+            self.last_delivered = chunk.last_seq();
+            self.ready.push_back(chunk.bytes.clone());
+            metrics::counter!("keel_subscribe_deliveries_total").increment(events as u64);
+            return;
+        }
         let mut ranges: Vec<(usize, usize)> = Vec::new();
         let mut sent = 0u64;
         let mut last_sent = None;
