@@ -524,22 +524,32 @@ async fn health_metrics_and_unknown_routes() {
         {"type": "withdraw", "account": "a", "amount": 1}]}),
     )
     .await;
-    let metrics = c
-        .get(format!("{}/metrics", keel.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for series in [
+    let wanted = [
         "keel_items_committed_total 1",
         "keel_items_rejected_total{code=\"insufficient_funds\"} 1",
         "keel_batches_committed_total 1",
         "keel_fsync_seconds_bucket",
         "keel_batch_items_bucket",
         "keel_request_seconds_bucket",
-    ] {
+    ];
+    // The writer records a batch's metrics after it answers, so a scrape right after the
+    // answer can precede them: scrape again, at most 50 times 100 ms.
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = c
+            .get(format!("{}/metrics", keel.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if wanted.iter().all(|series| metrics.contains(series)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for series in wanted {
         assert!(
             metrics.contains(series),
             "/metrics lacks {series:?}:\n{metrics}"
