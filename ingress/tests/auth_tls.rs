@@ -462,14 +462,7 @@ async fn keys_reload_on_sighup_and_a_broken_file_keeps_the_keys_in_force() {
 
 /// The server's /metrics text, read by `client` (which carries an admin key).
 async fn metrics(client: &reqwest::Client, server: &KeelProcess) -> String {
-    client
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    common::get_text(client, &format!("{}/metrics", server.url)).await
 }
 
 #[test]

@@ -334,14 +334,7 @@ async fn a_store_larger_than_the_cache_decides_exactly_across_kill_9() {
                 }
             }
         }
-        let metrics = c
-            .get(format!("{}/metrics", keel.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = common::get_text(&c, &format!("{}/metrics", keel.url)).await;
         let fetched = metric(&metrics, "keel_cache_fetched_total");
         assert!(
             fetched > 0.0,
@@ -350,8 +343,8 @@ async fn a_store_larger_than_the_cache_decides_exactly_across_kill_9() {
         // Idle, the writer checkpoints and evicts down to its bound within a few seconds.
         let mut cached = f64::MAX;
         for _ in 0..100 {
-            let text = c.get(format!("{}/metrics", keel.url)).send().await.unwrap();
-            cached = metric(&text.text().await.unwrap(), "keel_cache_aggregates");
+            let text = common::get_text(&c, &format!("{}/metrics", keel.url)).await;
+            cached = metric(&text, "keel_cache_aggregates");
             if cached <= 8.0 {
                 break;
             }

@@ -536,14 +536,7 @@ async fn health_metrics_and_unknown_routes() {
     // answer can precede them: scrape again, at most 50 times 100 ms.
     let mut metrics = String::new();
     for _ in 0..50 {
-        metrics = c
-            .get(format!("{}/metrics", keel.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        metrics = common::get_text(&c, &format!("{}/metrics", keel.url)).await;
         if wanted.iter().all(|series| metrics.contains(series)) {
             break;
         }

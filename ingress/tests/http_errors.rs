@@ -298,14 +298,7 @@ async fn large_integers_travel_exactly_as_numbers_or_decimal_strings() {
     ]}))
     .await;
     assert_eq!(status, 200, "{body}");
-    let account = c
-        .get(format!("{}/v1/aggregates/account:big", keel.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let account = common::get_text(&c, &format!("{}/v1/aggregates/account:big", keel.url)).await;
     assert!(
         account.contains("\"balance\":18014398509481988"),
         "exact sum of both deposits: {account}"

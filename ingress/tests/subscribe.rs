@@ -178,14 +178,7 @@ async fn served_events(c: &reqwest::Client, url: &str, last: u64) -> Vec<Value> 
 }
 
 async fn metric(c: &reqwest::Client, url: &str, name: &str) -> f64 {
-    let text = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::get_text(c, &format!("{url}/metrics")).await;
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .map_or(0.0, |v| v.trim().parse().unwrap())

@@ -87,6 +87,12 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// The body of `GET url` as text (a test's failure when the request fails).
+pub async fn get_text(c: &reqwest::Client, url: &str) -> String {
+    let response = c.get(url).send().await.expect("the GET is answered");
+    response.text().await.expect("a text body")
+}
+
 /// `host:port` of a `http://host:port` URL.
 pub fn address(url: &str) -> String {
     url.trim_start_matches("http://").to_string()
