@@ -376,30 +376,7 @@ struct LedgerJson;
 
 impl DomainJson for LedgerJson {
     fn event_data(&self, event: &Event) -> Option<Value> {
-        use ledger::Event as L;
-        Some(match event.downcast_ref::<L>()? {
-            L::AccountOpened {
-                account,
-                overdraft_limit,
-            } => json!({"account": account.name(), "overdraft_limit": overdraft_limit}),
-            L::Deposited {
-                account,
-                amount,
-                memo,
-            }
-            | L::Withdrew {
-                account,
-                amount,
-                memo,
-            } => json!({"account": account.name(), "amount": amount, "memo": memo}),
-            L::Transferred {
-                from,
-                to,
-                amount,
-                memo,
-            } => json!({"from": from.name(), "to": to.name(), "amount": amount, "memo": memo}),
-            L::AccountClosed { account } => json!({"account": account.name()}),
-        })
+        serde_json::to_value(ledger_data(event.downcast_ref()?)).ok()
     }
 
     fn state_json(&self, state: &State) -> Option<Value> {
@@ -416,16 +393,7 @@ struct InventoryJson;
 
 impl DomainJson for InventoryJson {
     fn event_data(&self, event: &Event) -> Option<Value> {
-        use inventory::Event as I;
-        Some(match event.downcast_ref::<I>()? {
-            I::SkuCreated { sku, on_hand } => json!({"sku": sku.name(), "on_hand": on_hand}),
-            I::Restocked { sku, qty } => json!({"sku": sku.name(), "qty": qty}),
-            I::Reserved { sku, qty, order }
-            | I::Released { sku, qty, order }
-            | I::Shipped { sku, qty, order } => {
-                json!({"sku": sku.name(), "qty": qty, "order": order})
-            }
-        })
+        serde_json::to_value(inventory_data(event.downcast_ref()?)).ok()
     }
 
     fn state_json(&self, state: &State) -> Option<Value> {
@@ -498,110 +466,120 @@ pub fn write_event_json(out: &mut Vec<u8>, event: &CommittedEvent, committed_at:
     let _ = serde_json::to_writer(out, &view);
 }
 
+/// A built-in domain's event `data`: the keys, in order, of `GET /v1/events`. Both the served
+/// `Value` ([`DomainJson::event_data`]) and the subscription hub's bytes ([`DataOf`]) come
+/// from it.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BuiltinData<'a> {
+    Opened {
+        account: &'a str,
+        overdraft_limit: u64,
+    },
+    Moved {
+        account: &'a str,
+        amount: u64,
+        memo: &'a Option<String>,
+    },
+    Transferred {
+        from: &'a str,
+        to: &'a str,
+        amount: u64,
+        memo: &'a Option<String>,
+    },
+    Closed {
+        account: &'a str,
+    },
+    SkuCreated {
+        sku: &'a str,
+        on_hand: u64,
+    },
+    Restocked {
+        sku: &'a str,
+        qty: u64,
+    },
+    Order {
+        sku: &'a str,
+        qty: u64,
+        order: &'a str,
+    },
+}
+
+fn ledger_data(event: &ledger::Event) -> BuiltinData<'_> {
+    use ledger::Event as L;
+    match event {
+        L::AccountOpened {
+            account,
+            overdraft_limit,
+        } => BuiltinData::Opened {
+            account: account.name(),
+            overdraft_limit: *overdraft_limit,
+        },
+        L::Deposited {
+            account,
+            amount,
+            memo,
+        }
+        | L::Withdrew {
+            account,
+            amount,
+            memo,
+        } => BuiltinData::Moved {
+            account: account.name(),
+            amount: *amount,
+            memo,
+        },
+        L::Transferred {
+            from,
+            to,
+            amount,
+            memo,
+        } => BuiltinData::Transferred {
+            from: from.name(),
+            to: to.name(),
+            amount: *amount,
+            memo,
+        },
+        L::AccountClosed { account } => BuiltinData::Closed {
+            account: account.name(),
+        },
+    }
+}
+
+fn inventory_data(event: &inventory::Event) -> BuiltinData<'_> {
+    use inventory::Event as I;
+    match event {
+        I::SkuCreated { sku, on_hand } => BuiltinData::SkuCreated {
+            sku: sku.name(),
+            on_hand: *on_hand,
+        },
+        I::Restocked { sku, qty } => BuiltinData::Restocked {
+            sku: sku.name(),
+            qty: *qty,
+        },
+        I::Reserved { sku, qty, order }
+        | I::Released { sku, qty, order }
+        | I::Shipped { sku, qty, order } => BuiltinData::Order {
+            sku: sku.name(),
+            qty: *qty,
+            order,
+        },
+    }
+}
+
 /// An event's `data` as [`event_data`] gives it, serialized straight from the built-in
-/// domains' types (the same keys in the same order as their `json!` in [`DomainJson`]);
-/// declared domains' events go through their `Value`.
+/// domains' types without a `Value`; declared domains' events go through their `Value`.
 struct DataOf<'a>(&'a Event);
 
 impl Serialize for DataOf<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        #[serde(untagged)]
-        enum Data<'a> {
-            Opened {
-                account: &'a str,
-                overdraft_limit: u64,
-            },
-            Moved {
-                account: &'a str,
-                amount: u64,
-                memo: &'a Option<String>,
-            },
-            Transferred {
-                from: &'a str,
-                to: &'a str,
-                amount: u64,
-                memo: &'a Option<String>,
-            },
-            Closed {
-                account: &'a str,
-            },
-            SkuCreated {
-                sku: &'a str,
-                on_hand: u64,
-            },
-            Restocked {
-                sku: &'a str,
-                qty: u64,
-            },
-            Order {
-                sku: &'a str,
-                qty: u64,
-                order: &'a str,
-            },
-        }
-        use inventory::Event as I;
-        use ledger::Event as L;
-        let data = if let Some(event) = self.0.downcast_ref::<L>() {
-            match event {
-                L::AccountOpened {
-                    account,
-                    overdraft_limit,
-                } => Data::Opened {
-                    account: account.name(),
-                    overdraft_limit: *overdraft_limit,
-                },
-                L::Deposited {
-                    account,
-                    amount,
-                    memo,
-                }
-                | L::Withdrew {
-                    account,
-                    amount,
-                    memo,
-                } => Data::Moved {
-                    account: account.name(),
-                    amount: *amount,
-                    memo,
-                },
-                L::Transferred {
-                    from,
-                    to,
-                    amount,
-                    memo,
-                } => Data::Transferred {
-                    from: from.name(),
-                    to: to.name(),
-                    amount: *amount,
-                    memo,
-                },
-                L::AccountClosed { account } => Data::Closed {
-                    account: account.name(),
-                },
-            }
-        } else if let Some(event) = self.0.downcast_ref::<I>() {
-            match event {
-                I::SkuCreated { sku, on_hand } => Data::SkuCreated {
-                    sku: sku.name(),
-                    on_hand: *on_hand,
-                },
-                I::Restocked { sku, qty } => Data::Restocked {
-                    sku: sku.name(),
-                    qty: *qty,
-                },
-                I::Reserved { sku, qty, order }
-                | I::Released { sku, qty, order }
-                | I::Shipped { sku, qty, order } => Data::Order {
-                    sku: sku.name(),
-                    qty: *qty,
-                    order,
-                },
-            }
+        if let Some(event) = self.0.downcast_ref() {
+            ledger_data(event).serialize(serializer)
+        } else if let Some(event) = self.0.downcast_ref() {
+            inventory_data(event).serialize(serializer)
         } else {
-            return event_data(self.0).serialize(serializer);
-        };
-        data.serialize(serializer)
+            event_data(self.0).serialize(serializer)
+        }
     }
 }
 
