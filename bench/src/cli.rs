@@ -236,6 +236,11 @@ pub struct EngineArgs {
     /// --accounts, each batch reads the accounts it lacks from the checkpoint.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub cache_aggregates_max: u64,
+    /// The shape of the command ids: `counter` (`e-1`, `e-2`, ...: each checkpoint's ids fall
+    /// in a few narrow key ranges) or `random` (32 random hex digits, as UUIDv4 ids are: every
+    /// checkpoint's ids span the whole key space, the command-id index's hardest case).
+    #[arg(long, value_enum, default_value_t = crate::engine_bench::IdShape::Counter)]
+    pub ids: crate::engine_bench::IdShape,
     #[arg(long)]
     pub json: Option<PathBuf>,
     #[arg(long)]

@@ -37,6 +37,27 @@ pub struct EngineConfig {
     pub submissions_max: u64,
     /// Most aggregates the writer keeps in memory (`keel serve --cache-aggregates-max`).
     pub cache_aggregates_max: usize,
+    pub ids: IdShape,
+}
+
+/// How the engine bench makes its command ids.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum IdShape {
+    /// `e-1`, `e-2`, ...
+    #[default]
+    Counter,
+    /// 32 random hex digits (a UUIDv4's randomness).
+    Random,
+}
+
+impl IdShape {
+    fn id(self, rng: &mut StdRng, n: u64) -> String {
+        match self {
+            IdShape::Counter => format!("e-{n}"),
+            IdShape::Random => format!("{:032x}", rng.random::<u128>()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -63,6 +84,9 @@ pub struct EngineReport {
     /// `rocksdb:low`/`rocksdb:high` and the bench's own thread share the other core). Empty
     /// where `/proc` is not readable.
     pub cpu_s_by_thread: BTreeMap<String, f64>,
+    /// Sorted runs of the store's `command_ids` family at the end of the run (each one a bloom
+    /// filter every command-id lookup checks; `keel_store_sorted_runs` on a server).
+    pub command_id_sorted_runs: Option<u64>,
     pub parameters: EngineConfig,
     pub machine: Machine,
     pub git_commit: String,
@@ -128,6 +152,12 @@ pub fn run(
         let measured = measure(&sequencer, config).await?;
         Ok::<_, anyhow::Error>((measured, before, thread_cpu_ticks()))
     });
+    let command_id_sorted_runs = sequencer
+        .reader()
+        .storage()
+        .ok()
+        .and_then(|storage| storage.sorted_runs(keel_engine::Cf::CommandIds).ok())
+        .flatten();
     sequencer.shutdown();
     let ((tallies, elapsed), before, after) = result?;
     let cpu_s_by_thread = after
@@ -153,6 +183,7 @@ pub fn run(
         submissions: tallies.submissions,
         overloaded: tallies.overloaded,
         cpu_s_by_thread,
+        command_id_sorted_runs,
         parameters: config.clone(),
         machine,
         git_commit: git_commit(),
@@ -262,7 +293,7 @@ fn transfers(
             }
             *next_id += 1;
             envelope(
-                Some(format!("e-{next_id}")),
+                Some(config.ids.id(rng, *next_id)),
                 ledger::Command::Transfer {
                     from: account_id(from),
                     to: account_id(to),
@@ -371,6 +402,7 @@ impl EngineReport {
              latency max ms          {:.3}\n\
              rejected items          {}\n\
              overloaded submits      {}\n\
+             command_ids sorted runs {}\n\
              {}\
              data disk               {}\n",
             self.parameters.batch,
@@ -388,6 +420,8 @@ impl EngineReport {
             l.max,
             self.items_rejected,
             self.overloaded,
+            self.command_id_sorted_runs
+                .map_or_else(|| "unknown".to_owned(), |runs| runs.to_string()),
             self.cpu_lines(),
             crate::disk::describe(self.machine.data_disk.as_ref()),
         )

@@ -291,6 +291,7 @@ fn run_engine_command(args: &EngineArgs) -> anyhow::Result<()> {
         seed: args.seed,
         submissions_max: args.max_submissions,
         cache_aggregates_max: usize::try_from(args.cache_aggregates_max).unwrap_or(usize::MAX),
+        ids: args.ids,
     };
     // The disk of the store: the kept store's own, else the parent of the temporary one.
     let store_disk_dir = args.store.as_deref().unwrap_or(&config.dir);

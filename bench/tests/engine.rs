@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use keel_bench::engine_bench::{EngineConfig, run};
+use keel_bench::engine_bench::{EngineConfig, IdShape, run};
 use keel_bench::report::Machine;
 
 #[test]
@@ -21,12 +21,15 @@ fn engine_bench_commits_transfers_and_reports_group_commit() {
         seed: 1,
         submissions_max: 100_000,
         cache_aggregates_max: 1_000_000,
+        ids: IdShape::Random,
     };
     let report = run(&config, Machine::read(None).unwrap(), Some("test".into())).unwrap();
     assert!(report.items_committed > 0);
     assert_eq!(report.items_rejected, 0);
     assert_eq!(report.items_committed, report.submissions * 100);
     assert!(report.commits_per_sec > 0.0);
+    // Random ids: every one fresh, every item committed (a repeat would replay, not commit).
+    assert!(report.command_id_sorted_runs.is_some());
     // A commit holds at least one whole submission.
     assert!(
         report.items_per_commit_mean >= 100.0,
@@ -76,6 +79,7 @@ fn engine_bench_bounds_by_submission_count() {
         seed: 1,
         submissions_max: 5,
         cache_aggregates_max: 1_000_000,
+        ids: IdShape::Counter,
     };
     let started = std::time::Instant::now();
     let report = run(&config, Machine::read(None).unwrap(), None).unwrap();

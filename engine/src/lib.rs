@@ -30,7 +30,7 @@ pub use memory::{FaultPlan, MemoryStorage};
 pub use message::{BatchMessage, decode_batch_message, encode_batch_message};
 pub use outbox::META_PUBLISH_CURSOR;
 pub use record::{BatchHeader, RecordView, RuleSet};
-pub use rocks::{INGEST_DIR, LockProbe, RocksStorage, Verified};
+pub use rocks::{COMMAND_IDS_RUNS_MAX, INGEST_DIR, LockProbe, RocksStorage, Verified};
 pub use storage::{Cf, Storage, StorageError, StorageErrorKind, Visit, WriteSet};
 pub use upgrade::{UpgradeSummary, upgrade_v1};
 
@@ -465,6 +465,12 @@ impl Checkpointer {
             return Err(EngineError::Storage(error));
         }
         self.write(set, mark)
+    }
+
+    /// How many sorted runs a lookup in `cf` may look at ([`Storage::sorted_runs`]), for the
+    /// metrics: `None` when the store does not say or cannot answer.
+    pub fn sorted_runs(&self, cf: Cf) -> Option<u64> {
+        self.storage.sorted_runs(cf).ok().flatten()
     }
 
     /// Writes the puts of `set` (into `state` and `command_ids` only) and the mark `mark`.

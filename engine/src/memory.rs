@@ -28,6 +28,9 @@ struct Inner {
     synced: Tables,
     syncs: u64,
     powered_off: bool,
+    /// What [`Storage::sorted_runs`] answers for `command_ids` (a test's stand-in for an
+    /// LSM tree whose merges fell behind).
+    command_id_runs: Option<u64>,
 }
 
 /// In-memory storage with injectable sync faults.
@@ -57,6 +60,12 @@ impl MemoryStorage {
             }),
             plan: FaultPlan::default(),
         }
+    }
+
+    /// Makes [`Storage::sorted_runs`] of `command_ids` answer `runs` (`None`: no such
+    /// structure, the default).
+    pub fn set_command_id_runs(&self, runs: Option<u64>) {
+        self.lock().command_id_runs = runs;
     }
 
     /// How many syncing writes were attempted.
@@ -195,5 +204,12 @@ impl Storage for MemoryStorage {
 
     fn checkpoint(&self, _dir: &Path) -> Result<(), StorageError> {
         Err(StorageError::Unsupported("checkpoint"))
+    }
+
+    fn sorted_runs(&self, cf: Cf) -> Result<Option<u64>, StorageError> {
+        Ok(match cf {
+            Cf::CommandIds => self.lock().command_id_runs,
+            _ => None,
+        })
     }
 }

@@ -466,6 +466,10 @@ fn cf_options(cf: Cf) -> Options {
             table.set_bloom_filter(10.0, false);
             table.set_whole_key_filtering(true);
             options.set_block_based_table_factory(&table);
+            if cf == Cf::CommandIds {
+                options.set_level_zero_slowdown_writes_trigger(COMMAND_IDS_L0_SLOWDOWN);
+                options.set_level_zero_stop_writes_trigger(COMMAND_IDS_L0_STOP);
+            }
         }
         Cf::Log | Cf::EventIndex | Cf::Meta | Cf::V1Events | Cf::V1Batches => {
             options.set_write_buffer_size(64 << 20)
@@ -473,6 +477,21 @@ fn cf_options(cf: Cf) -> Options {
     }
     options
 }
+
+/// Most sorted runs of `command_ids` a checkpoint adds ids to: above it, the checkpoint thread
+/// waits for RocksDB's compactions (`keel_checkpoint_merge_wait_seconds`), the writer's pending
+/// changes grow to `--checkpoint-pending-max`, then the writer waits for the checkpoint and the
+/// queue answers 503: when the index's compactions fall behind, the back-pressure stays on
+/// Keel's own bounds, and a lookup checks at most this many bloom filters. RocksDB's own
+/// level-0 triggers for the family sit above it ([`COMMAND_IDS_L0_SLOWDOWN`],
+/// [`COMMAND_IDS_L0_STOP`]), because RocksDB slows down or stops *every* write of the store,
+/// the commits included, when one family has too many level-0 files (docs/FORMAT.md).
+pub const COMMAND_IDS_RUNS_MAX: u64 = 24;
+/// RocksDB's level-0 file count at which it slows every write of the store down (its default,
+/// 20, is below [`COMMAND_IDS_RUNS_MAX`]).
+const COMMAND_IDS_L0_SLOWDOWN: i32 = 48;
+/// RocksDB's level-0 file count at which it stops every write of the store (default 36).
+const COMMAND_IDS_L0_STOP: i32 = 64;
 
 impl Storage for RocksStorage {
     fn write(&self, set: &WriteSet, sync: bool) -> Result<(), StorageError> {
@@ -593,6 +612,21 @@ impl Storage for RocksStorage {
 
     fn checkpoint(&self, dir: &Path) -> Result<(), StorageError> {
         Ok(Checkpoint::new(&self.db)?.create_checkpoint(dir)?)
+    }
+
+    fn sorted_runs(&self, cf: Cf) -> Result<Option<u64>, StorageError> {
+        let handle = self.handle(cf)?;
+        let mut runs = 0;
+        // RocksDB answers for the levels the family has (7 by default) and nothing past them.
+        for level in 0.. {
+            let property = format!("rocksdb.num-files-at-level{level}");
+            match self.db.property_int_value_cf(handle, property.as_str())? {
+                None => break,
+                Some(files) if level == 0 => runs += files,
+                Some(files) => runs += u64::from(files > 0),
+            }
+        }
+        Ok(Some(runs))
     }
 }
 

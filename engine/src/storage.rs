@@ -276,4 +276,11 @@ pub trait Storage: Send + Sync {
     fn at_or_before(&self, cf: Cf, key: &[u8]) -> Result<Option<Entry>, StorageError>;
     /// Writes a consistent, openable copy of the store into `dir` (which must not exist).
     fn checkpoint(&self, dir: &Path) -> Result<(), StorageError>;
+    /// How many sorted runs a point lookup in `cf` may have to look at (RocksDB: one per
+    /// level-0 table file, one per other non-empty level); `None` where the store has no such
+    /// structure. What `keel_store_sorted_runs` reports: a family whose runs only grow would make
+    /// every command-id lookup slower.
+    fn sorted_runs(&self, _cf: Cf) -> Result<Option<u64>, StorageError> {
+        Ok(None)
+    }
 }

@@ -608,3 +608,68 @@ fn an_ingestion_survives_a_power_loss_alone_and_a_failed_one_adds_nothing() {
         );
     }
 }
+
+/// `count` ids of ingestion `round` out of `rounds`, interleaved with every other round's, so
+/// that each table spans the family's whole key range as a checkpoint's random ids do.
+fn interleaved_ids(round: u32, rounds: u32, count: u32) -> WriteSet {
+    let mut set = WriteSet::default();
+    for i in 0..count {
+        let n = i * rounds + round;
+        set.put(
+            Cf::CommandIds,
+            format!("id-{n:08}").as_bytes(),
+            &n.to_le_bytes(),
+        );
+    }
+    set
+}
+
+/// Every id `interleaved_ids` gave for `rounds` rounds of `count` is found with its value.
+fn assert_interleaved_ids(storage: &RocksStorage, rounds: u32, count: u32) {
+    let keys: Vec<Vec<u8>> = (0..rounds * count)
+        .map(|n| format!("id-{n:08}").into_bytes())
+        .collect();
+    let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    let found = storage.multi_get(Cf::CommandIds, &refs).unwrap();
+    for (n, value) in found.into_iter().enumerate() {
+        assert_eq!(value, Some((n as u32).to_le_bytes().to_vec()), "id {n}");
+    }
+}
+
+/// Waits (bounded) until the background compactions brought `command_ids` to half of
+/// `COMMAND_IDS_RUNS_MAX` sorted runs or fewer.
+fn wait_for_merged_runs(storage: &RocksStorage, what: &str) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let runs = storage.sorted_runs(Cf::CommandIds).unwrap().unwrap();
+        if runs <= keel_engine::COMMAND_IDS_RUNS_MAX / 2 {
+            return runs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{runs} sorted runs of command_ids {what}: the compactions did not merge them within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn ingested_command_id_tables_are_merged_and_every_id_stays_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = RocksStorage::open(dir.path()).unwrap();
+    assert_eq!(storage.sorted_runs(Cf::CommandIds).unwrap(), Some(0));
+    let rounds = 2 * u32::try_from(keel_engine::COMMAND_IDS_RUNS_MAX).unwrap();
+    for round in 0..rounds {
+        storage
+            .ingest(Cf::CommandIds, &interleaved_ids(round, rounds, 1000))
+            .unwrap();
+    }
+    // Each ingested table overlaps all the others, so each one is a sorted run until merged.
+    let runs = wait_for_merged_runs(&storage, &format!("after {rounds} ingested tables"));
+    assert!(runs >= 1);
+    assert_interleaved_ids(&storage, rounds, 1000);
+    drop(storage);
+    // And across a reopen.
+    let storage = RocksStorage::open(dir.path()).unwrap();
+    assert_interleaved_ids(&storage, rounds, 1000);
+}

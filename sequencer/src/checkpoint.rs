@@ -20,6 +20,7 @@ use std::collections::HashMap;
 /// randomly seeded hasher, foldhash's quality variant (std's SipHash was 15% of the writer's
 /// time in a profile).
 pub(crate) type Map<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -159,6 +160,35 @@ fn prefix(key: &[u8]) -> u64 {
     u64::from_be_bytes(bytes)
 }
 
+/// Before a checkpoint adds command ids: waits while the command-id index has more than
+/// [`keel_engine::COMMAND_IDS_RUNS_MAX`] sorted runs, i.e. until RocksDB's merges caught up,
+/// so that the writer's id lookups check a bounded number of bloom filters and RocksDB never
+/// stalls the commits for the family (see the constant). Meanwhile the writer's pending
+/// changes grow to `--checkpoint-pending-max`, where the writer waits for this checkpoint.
+/// A closing or poisoned write path does not wait (the final checkpoint of a shutdown goes
+/// through; RocksDB's own, higher triggers still hold).
+fn wait_for_merges(checkpointer: &Checkpointer, shared: &Shared) {
+    let started = std::time::Instant::now();
+    let mut waited = false;
+    while checkpointer
+        .sorted_runs(keel_engine::Cf::CommandIds)
+        .is_some_and(|runs| runs > keel_engine::COMMAND_IDS_RUNS_MAX)
+    {
+        if shared.closing.load(Ordering::Acquire) || shared.poisoned.load(Ordering::Acquire) {
+            break;
+        }
+        waited = true;
+        std::thread::sleep(MERGE_POLL);
+    }
+    if waited {
+        metrics::histogram!("keel_checkpoint_merge_wait_seconds")
+            .record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// How often [`wait_for_merges`] looks at the index again.
+const MERGE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// The checkpoint thread: writes each job, then tells the writer which batch is checkpointed.
 /// A failed write poisons the write path (the engine poisoned itself already) and ends it.
 pub(crate) fn run_checkpointer(
@@ -185,6 +215,9 @@ pub(crate) fn run_checkpointer(
                 continue;
             }
         };
+        if !job.ids.is_empty() {
+            wait_for_merges(&checkpointer, &shared);
+        }
         let started = std::time::Instant::now();
         set.clear();
         for (id, aggregate) in &job.states {
@@ -224,6 +257,9 @@ pub(crate) fn run_checkpointer(
         metrics::histogram!("keel_checkpoint_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("keel_checkpoint_bytes").record(bytes as f64);
         metrics::gauge!("keel_checkpoint_batch").set(job.mark.batch as f64);
+        if let Some(runs) = checkpointer.sorted_runs(keel_engine::Cf::CommandIds) {
+            metrics::gauge!("keel_store_sorted_runs", "family" => "command_ids").set(runs as f64);
+        }
         tracing::debug!(
             batch = job.mark.batch,
             aggregates = job.states.len(),

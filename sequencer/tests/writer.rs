@@ -791,3 +791,45 @@ async fn model_run(
 async fn a_cache_that_holds_the_store_decides_as_the_model() {
     model_run(Config::default().cache_aggregates_max, 100, 4, 1).await;
 }
+
+/// A command-id index whose merges fell behind (more sorted runs than
+/// `COMMAND_IDS_RUNS_MAX`) holds the checkpoints back, never the commits, until
+/// `--checkpoint-pending-max` makes the writer wait; once the merges caught up the checkpoint is
+/// written.
+#[tokio::test]
+async fn a_checkpoint_waits_for_the_command_id_merges_to_catch_up() {
+    let storage = Arc::new(MemoryStorage::default());
+    storage.set_command_id_runs(Some(keel_engine::COMMAND_IDS_RUNS_MAX + 1));
+    let config = Config {
+        checkpoint_every_batches: 1,
+        linger: Duration::ZERO,
+        ..Config::default()
+    };
+    let s = start(storage.clone(), config);
+    let mut opening = open("a");
+    opening.id = Some("open-a".into());
+    run(&s, vec![opening], false).await;
+    for i in 0..5 {
+        let reply = run(&s, vec![deposit(Some(&format!("d{i}")), "a", 1)], false).await;
+        assert_eq!(codes(&reply), ["committed"]);
+    }
+    // Every batch had ids, so no checkpoint could be written; the commits were answered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.reader().checkpoint_mark().unwrap().batch, 0);
+    assert_eq!(balance(&s, "a"), Some(5));
+
+    storage.set_command_id_runs(Some(keel_engine::COMMAND_IDS_RUNS_MAX));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.reader().checkpoint_mark().unwrap().batch < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint after the merges caught up: mark {:?}",
+            s.reader().checkpoint_mark().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A retry of a checkpointed id still gets its original answer.
+    let reply = run(&s, vec![deposit(Some("d0"), "a", 1)], false).await;
+    assert_eq!(balance(&s, "a"), Some(5));
+    assert!(matches!(reply.results[0], ItemResult::Committed { .. }));
+}
