@@ -87,6 +87,11 @@ pub struct EngineReport {
     /// Sorted runs of the store's `command_ids` family at the end of the run (each one a bloom
     /// filter every command-id lookup checks; `keel_store_sorted_runs` on a server).
     pub command_id_sorted_runs: Option<u64>,
+    /// Memory RocksDB holds for `command_ids`' open tables at the end of the run (their bloom
+    /// filters and indexes, outside any cache), and the ids they hold (RocksDB's estimate):
+    /// the memory per stored id of docs/FORMAT.md, measured (`keel_store_table_readers_bytes`
+    /// on a server).
+    pub command_id_table_readers: Option<TableReaders>,
     pub parameters: EngineConfig,
     pub machine: Machine,
     pub git_commit: String,
@@ -152,12 +157,19 @@ pub fn run(
         let measured = measure(&sequencer, config).await?;
         Ok::<_, anyhow::Error>((measured, before, thread_cpu_ticks()))
     });
-    let command_id_sorted_runs = sequencer
-        .reader()
-        .storage()
-        .ok()
+    let storage = sequencer.reader().storage().ok();
+    let command_id_sorted_runs = storage
+        .as_ref()
         .and_then(|storage| storage.sorted_runs(keel_engine::Cf::CommandIds).ok())
         .flatten();
+    let command_id_table_readers = storage
+        .as_ref()
+        .and_then(|storage| storage.table_readers(keel_engine::Cf::CommandIds).ok())
+        .flatten()
+        .map(|readers| TableReaders {
+            bytes: readers.bytes,
+            ids: readers.keys,
+        });
     sequencer.shutdown();
     let ((tallies, elapsed), before, after) = result?;
     let cpu_s_by_thread = after
@@ -184,10 +196,38 @@ pub fn run(
         overloaded: tallies.overloaded,
         cpu_s_by_thread,
         command_id_sorted_runs,
+        command_id_table_readers,
         parameters: config.clone(),
         machine,
         git_commit: git_commit(),
     })
+}
+
+/// Memory RocksDB holds for a family's open tables ([`keel_engine::TableReaders`]).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct TableReaders {
+    /// Bytes outside any cache: the tables' bloom filters and indexes.
+    pub bytes: u64,
+    /// Ids the family holds (RocksDB's estimate).
+    pub ids: u64,
+}
+
+/// `command_ids`' table metadata in memory, and per stored id: "52.1 MB for 12,000,000 ids
+/// (4.34 B per id)".
+fn table_readers_line(readers: TableReaders) -> String {
+    let per_id = if readers.ids == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({:.2} B per id)",
+            readers.bytes as f64 / readers.ids as f64
+        )
+    };
+    format!(
+        "{:.1} MB for {} ids{per_id}",
+        readers.bytes as f64 / 1e6,
+        crate::report::group(readers.ids as f64)
+    )
 }
 
 /// CPU time (utime + stime, in clock ticks) of this process's threads, summed by thread name,
@@ -403,6 +443,7 @@ impl EngineReport {
              rejected items          {}\n\
              overloaded submits      {}\n\
              command_ids sorted runs {}\n\
+             command_ids in memory   {}\n\
              {}\
              data disk               {}\n",
             self.parameters.batch,
@@ -422,6 +463,8 @@ impl EngineReport {
             self.overloaded,
             self.command_id_sorted_runs
                 .map_or_else(|| "unknown".to_owned(), |runs| runs.to_string()),
+            self.command_id_table_readers
+                .map_or_else(|| "unknown".to_owned(), table_readers_line),
             self.cpu_lines(),
             crate::disk::describe(self.machine.data_disk.as_ref()),
         )

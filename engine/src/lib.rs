@@ -31,7 +31,7 @@ pub use message::{BatchMessage, decode_batch_message, encode_batch_message};
 pub use outbox::META_PUBLISH_CURSOR;
 pub use record::{BatchHeader, RecordView, RuleSet};
 pub use rocks::{COMMAND_IDS_RUNS_MAX, INGEST_DIR, LockProbe, RocksStorage, Verified};
-pub use storage::{Cf, Storage, StorageError, StorageErrorKind, Visit, WriteSet};
+pub use storage::{Cf, Storage, StorageError, StorageErrorKind, TableReaders, Visit, WriteSet};
 pub use upgrade::{UpgradeSummary, upgrade_v1};
 
 use format::{META_CHECKPOINT, META_FORMAT_VERSION, META_RULES_RECORD, META_TIP, seq_key};
@@ -471,6 +471,12 @@ impl Checkpointer {
     /// metrics: `None` when the store does not say or cannot answer.
     pub fn sorted_runs(&self, cf: Cf) -> Option<u64> {
         self.storage.sorted_runs(cf).ok().flatten()
+    }
+
+    /// Memory held for `cf`'s open table files ([`Storage::table_readers`]), for the metrics:
+    /// `None` when the store does not say or cannot answer.
+    pub fn table_readers(&self, cf: Cf) -> Option<TableReaders> {
+        self.storage.table_readers(cf).ok().flatten()
     }
 
     /// Writes the puts of `set` (into `state` and `command_ids` only) and the mark `mark`.

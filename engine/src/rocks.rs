@@ -1,6 +1,6 @@
 //! [`Storage`] over RocksDB: one column family per [`Cf`], every write a single `WriteBatch`.
 
-use crate::storage::{Cf, Entry, Storage, StorageError, Visit, WriteSet};
+use crate::storage::{Cf, Entry, Storage, StorageError, TableReaders, Visit, WriteSet};
 use crate::wal;
 use rocksdb::{
     BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, DBRecoveryMode,
@@ -637,6 +637,20 @@ impl Storage for RocksStorage {
             }
         }
         Ok(Some(runs))
+    }
+
+    fn table_readers(&self, cf: Cf) -> Result<Option<TableReaders>, StorageError> {
+        let handle = self.handle(cf)?;
+        let property = |name: &str| self.db.property_int_value_cf(handle, name);
+        Ok(
+            match (
+                property("rocksdb.estimate-table-readers-mem")?,
+                property("rocksdb.estimate-num-keys")?,
+            ) {
+                (Some(bytes), Some(keys)) => Some(TableReaders { bytes, keys }),
+                _ => None,
+            },
+        )
     }
 }
 

@@ -253,6 +253,16 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 /// Continue or stop a scan.
 pub type Visit<'a> = &'a mut dyn FnMut(&[u8], &[u8]) -> bool;
 
+/// What a store keeps in memory for a family's open table files ([`Storage::table_readers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableReaders {
+    /// Bytes held outside any cache (RocksDB: the files' bloom filters and indexes,
+    /// `rocksdb.estimate-table-readers-mem`).
+    pub bytes: u64,
+    /// The family's keys, estimated (RocksDB: `rocksdb.estimate-num-keys`, memtables included).
+    pub keys: u64,
+}
+
 /// What the engine needs from a store. Implementations are shared between the writer and
 /// readers, so every method takes `&self`.
 pub trait Storage: Send + Sync {
@@ -281,6 +291,13 @@ pub trait Storage: Send + Sync {
     /// structure. What `keel_store_sorted_runs` reports: a family whose runs only grow would make
     /// every command-id lookup slower.
     fn sorted_runs(&self, _cf: Cf) -> Result<Option<u64>, StorageError> {
+        Ok(None)
+    }
+    /// The memory the store holds for `cf`'s open table files, outside any cache, and how many
+    /// keys the family holds; `None` where the store has no such structure. What
+    /// `keel_store_table_readers_bytes` reports: the part of the process's memory that grows
+    /// with the stored command ids (docs/FORMAT.md, "Command ids: memory and retention").
+    fn table_readers(&self, _cf: Cf) -> Result<Option<TableReaders>, StorageError> {
         Ok(None)
     }
 }

@@ -673,3 +673,35 @@ fn ingested_command_id_tables_are_merged_and_every_id_stays_found() {
     let storage = RocksStorage::open(dir.path()).unwrap();
     assert_interleaved_ids(&storage, rounds, 1000);
 }
+
+#[test]
+fn table_readers_report_the_memory_that_grows_with_the_stored_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = RocksStorage::open(dir.path()).unwrap();
+    let empty = storage.table_readers(Cf::CommandIds).unwrap().unwrap();
+    assert_eq!(empty, keel_engine::TableReaders { bytes: 0, keys: 0 });
+    storage
+        .ingest(Cf::CommandIds, &interleaved_ids(0, 2, 20_000))
+        .unwrap();
+    let one = storage.table_readers(Cf::CommandIds).unwrap().unwrap();
+    assert_eq!(one.keys, 20_000);
+    // A table's bloom filter alone is 16 bits per id: at least 2 bytes each.
+    assert!(one.bytes >= 2 * 20_000, "{one:?}");
+    storage
+        .ingest(Cf::CommandIds, &interleaved_ids(1, 2, 20_000))
+        .unwrap();
+    let two = storage.table_readers(Cf::CommandIds).unwrap().unwrap();
+    assert_eq!(two.keys, 40_000);
+    assert!(two.bytes > one.bytes, "{one:?} then {two:?}");
+    // Other families are reported on their own; a store without tables answers `None`.
+    assert_eq!(
+        storage.table_readers(Cf::State).unwrap().map(|r| r.keys),
+        Some(0)
+    );
+    assert_eq!(
+        MemoryStorage::default()
+            .table_readers(Cf::CommandIds)
+            .unwrap(),
+        None
+    );
+}

@@ -531,6 +531,10 @@ async fn health_metrics_and_unknown_routes() {
         "keel_fsync_seconds_bucket",
         "keel_batch_items_bucket",
         "keel_request_seconds_bucket",
+        // Set after each checkpoint, which an idle writer takes within a second.
+        "keel_store_sorted_runs{family=\"command_ids\"}",
+        "keel_store_table_readers_bytes{family=\"command_ids\"}",
+        "keel_store_table_readers_bytes{family=\"state\"}",
     ];
     // The writer records a batch's metrics after it answers, so a scrape right after the
     // answer can precede them: scrape again, at most 50 times 100 ms.

@@ -260,6 +260,15 @@ pub(crate) fn run_checkpointer(
         if let Some(runs) = checkpointer.sorted_runs(keel_engine::Cf::CommandIds) {
             metrics::gauge!("keel_store_sorted_runs", "family" => "command_ids").set(runs as f64);
         }
+        for (cf, family) in [
+            (keel_engine::Cf::CommandIds, "command_ids"),
+            (keel_engine::Cf::State, "state"),
+        ] {
+            if let Some(readers) = checkpointer.table_readers(cf) {
+                metrics::gauge!("keel_store_table_readers_bytes", "family" => family)
+                    .set(readers.bytes as f64);
+            }
+        }
         tracing::debug!(
             batch = job.mark.batch,
             aggregates = job.states.len(),
