@@ -18,7 +18,7 @@
 # Usage: bench/run-scenario.sh NAME [RESULTS_DIR]
 # Knobs (environment, all optional; docs/BENCHMARKING.md explains each):
 #   BENCH_WORKERS BENCH_BATCH BENCH_DURATION BENCH_ACCOUNTS BENCH_SKUS BENCH_MIX
-#   BENCH_PAYLOAD_BYTES BENCH_RATE BENCH_ATOMIC BENCH_REJECT_RATIO BENCH_SEED
+#   BENCH_PAYLOAD_BYTES BENCH_RATE BENCH_ATOMIC BENCH_REJECT_RATIO BENCH_SEED BENCH_IDS
 #   BENCH_SAMPLE_INTERVAL BENCH_MAX_REQUESTS BENCH_DATA_ROOT BENCH_PREFLIGHT FSYNC_MAX_LAT_US
 #   FIO_RUNTIME BENCH_KEEP_DATA BENCH_STOP_TIMEOUT_S BENCH_KIND BENCH_IN_FLIGHT KEEL_SERVE_ARGS
 #   BENCH_DOMAIN KEEL_BIN KEEL_BENCH_BIN BENCH_RUN_ID
@@ -51,6 +51,7 @@ BENCH_RATE=${BENCH_RATE:-}
 BENCH_ATOMIC=${BENCH_ATOMIC:-0}
 BENCH_REJECT_RATIO=${BENCH_REJECT_RATIO:-0}
 BENCH_SEED=${BENCH_SEED:-42}
+BENCH_IDS=${BENCH_IDS:-counter}
 BENCH_SAMPLE_INTERVAL=${BENCH_SAMPLE_INTERVAL:-2s}
 BENCH_MAX_REQUESTS=${BENCH_MAX_REQUESTS:-50000000}
 BENCH_DATA_ROOT=${BENCH_DATA_ROOT:-${TMPDIR:-/tmp}}
@@ -182,7 +183,7 @@ done
   for var in BENCH_WORKERS BENCH_BATCH BENCH_DURATION BENCH_ACCOUNTS BENCH_SKUS BENCH_MIX \
     BENCH_PAYLOAD_BYTES BENCH_RATE BENCH_ATOMIC BENCH_REJECT_RATIO BENCH_SEED BENCH_SAMPLE_INTERVAL \
     BENCH_MAX_REQUESTS BENCH_DATA_ROOT BENCH_PREFLIGHT FSYNC_MAX_LAT_US FIO_RUNTIME KEEL_SERVE_ARGS \
-    BENCH_KIND BENCH_IN_FLIGHT BENCH_DOMAIN BENCH_RUN_ID; do
+    BENCH_KIND BENCH_IN_FLIGHT BENCH_DOMAIN BENCH_RUN_ID BENCH_IDS; do
     echo "$var=${!var}"
   done
 } >"$RESULTS_DIR/scenario.env"
@@ -218,7 +219,8 @@ run_engine() {
   local status=0
   "$KEEL_BENCH_BIN" engine --store "$DATA_DIR" --batch "$BENCH_BATCH" --duration "$BENCH_DURATION" \
     --accounts "$BENCH_ACCOUNTS" --in-flight "$BENCH_IN_FLIGHT" --payload-bytes "$BENCH_PAYLOAD_BYTES" \
-    --seed "$BENCH_SEED" --label "$NAME" --json "$RESULTS_DIR/result.json" "${preflight_args[@]}" \
+    --seed "$BENCH_SEED" --ids "$BENCH_IDS" --label "$NAME" --json "$RESULTS_DIR/result.json" \
+    "${preflight_args[@]}" \
     | tee "$RESULTS_DIR/summary.txt" || status=$?
   [[ $status == 0 ]] || failures+=("engine bench exited $status")
 }
@@ -252,7 +254,7 @@ run_http() {
     --url "$URL" --workers "$BENCH_WORKERS" --batch "$BENCH_BATCH" --duration "$BENCH_DURATION"
     --accounts "$BENCH_ACCOUNTS" --skus "$BENCH_SKUS" --mix "$BENCH_MIX"
     --payload-bytes "$BENCH_PAYLOAD_BYTES" --reject-ratio "$BENCH_REJECT_RATIO" --seed "$BENCH_SEED"
-    --max-requests "$BENCH_MAX_REQUESTS" --label "$NAME"
+    --ids "$BENCH_IDS" --max-requests "$BENCH_MAX_REQUESTS" --label "$NAME"
     --json "$RESULTS_DIR/result.json" --sample-metrics "$RESULTS_DIR/metrics.csv"
     --sample-interval "$BENCH_SAMPLE_INTERVAL" --server-pid "$SERVER_PID" --plot-dir "$RESULTS_DIR"
     --data-dir "$DATA_DIR" "${domain_args[@]}"

@@ -147,6 +147,11 @@ pub struct LoadArgs {
     /// Share of items designed to be rejected (impossible amounts), 0..=1.
     #[arg(long, default_value_t = 0.0)]
     pub reject_ratio: f64,
+    /// The shape of the load's command ids: `counter` (`<run>-w<worker>-<n>`) or `random` (32
+    /// random hex digits, as the UUIDv4 ids `keel_client` sends: every checkpoint's ids span
+    /// the command-id index's whole key space, its hardest case).
+    #[arg(long, value_enum, default_value_t = crate::workload::IdShape::Counter)]
+    pub ids: crate::workload::IdShape,
     /// Seed of every worker's RNG (worker w uses a seed derived from it and w).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -282,6 +287,7 @@ impl LoadArgs {
             seed: self.seed,
             run_id,
             types: CommandTypes::builtin(),
+            ids: self.ids,
         };
         let domain = match &self.domain {
             Some(path) => {

@@ -213,6 +213,7 @@ mod tests {
             seed: 1,
             run_id: "mabcdefg".into(),
             types: CommandTypes::builtin(),
+            ids: crate::workload::IdShape::Counter,
         }
     }
 

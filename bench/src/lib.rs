@@ -220,6 +220,7 @@ fn parameters(args: &LoadArgs, config: &load::LoadConfig, run_id: String) -> Par
         atomic: args.atomic,
         reject_ratio: args.reject_ratio,
         seed: args.seed,
+        ids: args.ids,
         run_id,
         sample_interval_s: args
             .sample_metrics

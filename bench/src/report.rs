@@ -176,6 +176,8 @@ pub struct Parameters {
     pub atomic: bool,
     pub reject_ratio: f64,
     pub seed: u64,
+    /// The shape of the load's command ids (`counter` or `random`).
+    pub ids: crate::workload::IdShape,
     pub run_id: String,
     pub sample_interval_s: Option<f64>,
 }
@@ -247,8 +249,14 @@ impl LoadReport {
             (
                 "run",
                 format!(
-                    "{} worker(s) x batch {}, {mode}, {:.1} s",
-                    p.workers, p.batch, self.duration_s
+                    "{} worker(s) x batch {}, {mode}, {:.1} s{}",
+                    p.workers,
+                    p.batch,
+                    self.duration_s,
+                    match p.ids {
+                        crate::workload::IdShape::Counter => "",
+                        crate::workload::IdShape::Random => ", random command ids",
+                    }
                 ),
             ),
             ("domain", describe_domain(p.domain.as_ref())),

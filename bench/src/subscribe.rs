@@ -388,6 +388,7 @@ fn load_config(args: &SubscribeArgs, base_url: &Url, run_id: String) -> anyhow::
             seed: args.seed,
             run_id,
             types: workload::CommandTypes::builtin(),
+            ids: workload::IdShape::Counter,
         },
         domain: None,
         request_timeout: Duration::from_secs(30),
@@ -597,6 +598,7 @@ mod tests {
             seed: 42,
             run_id: workload::run_id_from_millis(1_796_000_000_000),
             types: workload::CommandTypes::builtin(),
+            ids: workload::IdShape::Counter,
         };
         let mut alone = measured.clone();
         alone.run_id = baseline_run_id(&measured.run_id);

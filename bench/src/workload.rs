@@ -12,6 +12,7 @@
 //! load sends, command by command and parameter by parameter, is [`Workload::sent_commands`],
 //! which a domain file is checked against before anything is sent.
 
+pub use crate::engine_bench::IdShape;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::VecDeque;
@@ -173,6 +174,8 @@ pub struct Workload {
     pub run_id: String,
     /// The `type` each command is sent as.
     pub types: CommandTypes,
+    /// The shape of the load's command ids (setup's are always `<run>-setup-...`).
+    pub ids: IdShape,
 }
 
 impl Workload {
@@ -294,6 +297,15 @@ impl Body {
         );
     }
 
+    /// Starts one command object of `kind` with a command id of 32 hex digits.
+    fn command_random(&mut self, kind: &str, id: u128) {
+        if self.items > 0 {
+            self.text.push(',');
+        }
+        self.items += 1;
+        let _ = write!(self.text, "{{\"type\":\"{kind}\",\"id\":\"{id:032x}\"");
+    }
+
     fn field_str(&mut self, key: &str, value: &str) {
         let _ = write!(self.text, ",\"{key}\":\"{value}\"");
     }
@@ -360,6 +372,34 @@ pub fn setup_bodies(workload: &Workload) -> Vec<String> {
     bodies
 }
 
+/// Where a worker's command ids come from.
+enum IdSource {
+    /// `<run>-w<worker>-<n>`; the next `n`.
+    Counter(u64),
+    /// 32 random hex digits.
+    Random(StdRng),
+}
+
+impl IdSource {
+    /// Starts the next command object of `kind` in `body`, with the next id.
+    fn begin_command(&mut self, body: &mut Body, kind: &str, run: &str, tag: &str) {
+        match self {
+            IdSource::Counter(next) => {
+                body.command(kind, run, tag, *next);
+                *next += 1;
+            }
+            IdSource::Random(rng) => body.command_random(kind, rng.random()),
+        }
+    }
+}
+
+/// FNV-1a of `text`: a stable 64-bit digest (the standard library's hasher may change).
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// One worker's request generator.
 pub struct Generator {
     workload: Workload,
@@ -369,7 +409,7 @@ pub struct Generator {
     rng: StdRng,
     memo: String,
     body: Body,
-    next_command: u64,
+    ids: IdSource,
     next_order: u64,
     /// Reservations this worker knows are committed, oldest first: (sku, order number).
     open: VecDeque<(u64, u64)>,
@@ -391,7 +431,15 @@ impl Generator {
             tag: format!("w{worker}"),
             rng: StdRng::seed_from_u64(seed),
             body: Body::default(),
-            next_command: 0,
+            ids: match workload.ids {
+                IdShape::Counter => IdSource::Counter(0),
+                // Its own generator, so that the requests are the same as with counters, and
+                // seeded with the run id too: a later run on the same store sends other ids
+                // (a repeated id would only be replayed, not committed).
+                IdShape::Random => {
+                    IdSource::Random(StdRng::seed_from_u64(seed ^ fnv1a(&workload.run_id)))
+                }
+            },
             next_order: 0,
             open: VecDeque::new(),
             pending: Vec::new(),
@@ -439,12 +487,6 @@ impl Generator {
         self.pending.clear();
     }
 
-    fn next_id(&mut self) -> u64 {
-        let n = self.next_command;
-        self.next_command += 1;
-        n
-    }
-
     fn transfer(&mut self, reject: bool) {
         let accounts = self.workload.accounts.max(2);
         let from = self.rng.random_range(0..accounts);
@@ -457,12 +499,11 @@ impl Generator {
         } else {
             self.rng.random_range(1..=100)
         };
-        let n = self.next_id();
-        self.body.command(
+        self.ids.begin_command(
+            &mut self.body,
             &self.workload.types.transfer,
             &self.workload.run_id,
             &self.tag,
-            n,
         );
         self.body.field_str("from", &account_name(from));
         self.body.field_str("to", &account_name(to));
@@ -477,7 +518,6 @@ impl Generator {
         let settle = !reject
             && !self.open.is_empty()
             && (self.open.len() >= OPEN_RESERVATIONS_MAX || self.rng.random_bool(0.5));
-        let n = self.next_id();
         if settle && let Some((sku, order)) = self.open.pop_front() {
             let kind = if self.rng.random_bool(0.5) {
                 &self.workload.types.ship
@@ -485,7 +525,8 @@ impl Generator {
                 &self.workload.types.release
             };
             let order = self.order_name(order);
-            self.body.command(kind, &self.workload.run_id, &self.tag, n);
+            self.ids
+                .begin_command(&mut self.body, kind, &self.workload.run_id, &self.tag);
             self.body.field_str("sku", &sku_name(sku));
             self.body.field_str("order", &order);
             self.body.end_command();
@@ -500,11 +541,11 @@ impl Generator {
         let order = self.next_order;
         self.next_order += 1;
         let order_name = self.order_name(order);
-        self.body.command(
+        self.ids.begin_command(
+            &mut self.body,
             &self.workload.types.reserve,
             &self.workload.run_id,
             &self.tag,
-            n,
         );
         self.body.field_str("sku", &sku_name(sku));
         self.body.field_u64("qty", qty);
@@ -552,6 +593,7 @@ mod tests {
             seed: 7,
             run_id: "r1".into(),
             types: CommandTypes::builtin(),
+            ids: IdShape::Counter,
         }
     }
 
@@ -582,6 +624,64 @@ mod tests {
                 ids.insert(c["id"].as_str().unwrap().to_owned()),
                 "ids repeat across requests"
             );
+        }
+    }
+
+    /// The `id` of every command of a body.
+    fn ids_of(body: &str) -> Vec<String> {
+        parse(body)["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn random_ids_are_uuid_sized_hex_unique_and_other_for_another_run() {
+        for mix in [Mix::Ledger, Mix::Inventory, Mix::Mixed] {
+            let random = Workload {
+                ids: IdShape::Random,
+                ..workload(mix)
+            };
+            let mut generator = Generator::new(&random, 0);
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..5 {
+                let body = generator.next_body(100, false).to_owned();
+                // Every reservation confirmed: the inventory mix then ships and releases too.
+                generator.confirm(|_| true);
+                for id in ids_of(&body) {
+                    assert_eq!(id.len(), 32, "{id}");
+                    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+                    assert!(seen.insert(id.clone()), "{id} twice");
+                }
+            }
+            assert_eq!(seen.len(), 500);
+            // The same seed and run: the same ids, and the same requests as with counters
+            // apart from the ids.
+            let again = Generator::new(&random, 0).next_body(100, false).to_owned();
+            let first = Generator::new(&random, 0).next_body(100, false).to_owned();
+            assert_eq!(again, first);
+            let counter = Generator::new(&workload(mix), 0)
+                .next_body(100, false)
+                .to_owned();
+            let strip = |body: &str| {
+                let mut v = parse(body);
+                for c in v["commands"].as_array_mut().unwrap() {
+                    c.as_object_mut().unwrap().remove("id");
+                }
+                v
+            };
+            assert_eq!(strip(&first), strip(&counter), "{mix:?}");
+            assert!(ids_of(&counter)[0].starts_with("r1-w0-"));
+            // Another run on the same store (same seed): other ids.
+            let later = Workload {
+                run_id: "r2".into(),
+                ..random.clone()
+            };
+            let other = Generator::new(&later, 0).next_body(100, false).to_owned();
+            let first_ids: std::collections::HashSet<_> = ids_of(&first).into_iter().collect();
+            assert!(ids_of(&other).iter().all(|id| !first_ids.contains(id)));
         }
     }
 

@@ -51,6 +51,8 @@ fn http_scenario_passes_with_integrity_ok_and_leaves_every_artifact() {
             ("BENCH_DURATION", "2s"),
             ("BENCH_ACCOUNTS", "100"),
             ("BENCH_SAMPLE_INTERVAL", "500ms"),
+            // The ids keel_client sends (UUIDv4-sized random hex), through the whole path.
+            ("BENCH_IDS", "random"),
         ],
     );
     assert!(
@@ -79,6 +81,9 @@ fn http_scenario_passes_with_integrity_ok_and_leaves_every_artifact() {
     let result: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("result.json")).unwrap()).unwrap();
     assert!(result["items_per_sec"].as_f64().unwrap() > 0.0);
+    assert_eq!(result["parameters"]["ids"], "random", "{result}");
+    assert_eq!(result["requests_failed"], 0, "{result}");
+    assert_eq!(result["items_rejected"], 0, "{result}");
     // The temporary store is removed after the audit.
     assert_eq!(
         std::fs::read_dir(data_root.path()).unwrap().count(),
@@ -251,6 +256,7 @@ fn engine_scenario_audits_the_in_process_store() {
             ("BENCH_BATCH", "100"),
             ("BENCH_DURATION", "1s"),
             ("BENCH_ACCOUNTS", "100"),
+            ("BENCH_IDS", "random"),
         ],
     );
     assert!(
@@ -261,6 +267,7 @@ fn engine_scenario_audits_the_in_process_store() {
     let result: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("result.json")).unwrap()).unwrap();
     assert_eq!(result["schema"], "keel-bench.engine.v1");
+    assert_eq!(result["parameters"]["ids"], "random", "{result}");
     assert!(result["items_per_sec"].as_f64().unwrap() > 0.0);
     let audit = std::fs::read_to_string(out.join("audit.txt")).unwrap();
     assert_eq!(audit.lines().last().map(str::trim), Some("INTEGRITY_OK"));
