@@ -376,8 +376,8 @@ pub fn setup_bodies(workload: &Workload) -> Vec<String> {
 enum IdSource {
     /// `<run>-w<worker>-<n>`; the next `n`.
     Counter(u64),
-    /// 32 random hex digits.
-    Random(StdRng),
+    /// 32 random hex digits (boxed: a generator is 320 bytes).
+    Random(Box<StdRng>),
 }
 
 impl IdSource {
@@ -436,9 +436,9 @@ impl Generator {
                 // Its own generator, so that the requests are the same as with counters, and
                 // seeded with the run id too: a later run on the same store sends other ids
                 // (a repeated id would only be replayed, not committed).
-                IdShape::Random => {
-                    IdSource::Random(StdRng::seed_from_u64(seed ^ fnv1a(&workload.run_id)))
-                }
+                IdShape::Random => IdSource::Random(Box::new(StdRng::seed_from_u64(
+                    seed ^ fnv1a(&workload.run_id),
+                ))),
             },
             next_order: 0,
             open: VecDeque::new(),
