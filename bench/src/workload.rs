@@ -287,23 +287,21 @@ impl Body {
 
     /// Starts one command object of `kind` with command id `<run>-<tag>-<n>`.
     fn command(&mut self, kind: &str, run: &str, tag: &str, n: u64) {
-        if self.items > 0 {
-            self.text.push(',');
-        }
-        self.items += 1;
-        let _ = write!(
-            self.text,
-            "{{\"type\":\"{kind}\",\"id\":\"{run}-{tag}-{n}\""
-        );
+        self.open_command(kind, format_args!("{run}-{tag}-{n}"));
     }
 
     /// Starts one command object of `kind` with a command id of 32 hex digits.
     fn command_random(&mut self, kind: &str, id: u128) {
+        self.open_command(kind, format_args!("{id:032x}"));
+    }
+
+    /// Starts one command object of `kind` with command id `id`.
+    fn open_command(&mut self, kind: &str, id: std::fmt::Arguments<'_>) {
         if self.items > 0 {
             self.text.push(',');
         }
         self.items += 1;
-        let _ = write!(self.text, "{{\"type\":\"{kind}\",\"id\":\"{id:032x}\"");
+        let _ = write!(self.text, "{{\"type\":\"{kind}\",\"id\":\"{id}\"");
     }
 
     fn field_str(&mut self, key: &str, value: &str) {
